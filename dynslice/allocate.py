@@ -1,0 +1,416 @@
+"""Per-layer widths from Layer Redundancy (LR) scores: the paper's allocation rule and two budget modes.
+
+Notation (Dumitru et al., 2024): ``SP`` is the target mean slice fraction, ``SB`` the slicing base,
+``0 <= SB <= SP < 1``. LR scores ``r_i`` (higher = more redundant) are min-max normalised to ``n_i`` in [0, 1] and
+
+    FS_i = SB + (SP - SB) · n_i / mean(n)          so that mean(FS) = SP,
+
+``SB = SP`` being SliceGPT's constant slicing. Layer ``i`` then reads a residual stream ``(1 - FS_i)·D`` wide.
+
+Budget modes (``budget=``):
+
+* ``"width"`` (the paper's): the mean slice fraction is ``SP``.
+* ``"params"``: keep the shape ``FS_i = SB + s·n_i`` and solve for ``s`` so that the sliced model has as many
+  parameters as the constant-``SP`` model (same ``round_interval``), counting ``"total"`` (weights plus shortcut
+  matrices) or ``"weights"`` only (``count=``). Needs the architecture (``dims=``).
+
+Rounding modes (``rounding=``, width budget):
+
+* ``"total"`` (default): widths are multiples of ``round_interval`` in ``[round_interval, D]`` and their sum equals
+  ``L · constant_width(D, SP, round_interval)`` (largest-remainder rounding in units of ``round_interval``), so
+  constant and dynamic slicing are compared at equal total width.
+* ``"reference"``: the paper's code (``get_slice_dimension_by_cut_vector`` in ``src/slicegpt/rotate.py`` of
+  RazvanDu/DynamicSlicing, fed by ``experiments/mean_cut_experiment_accuracy_cov_auto.py``), which rounds each
+  ``(1 - FS_i)·D`` to the nearest integer with ``np.round`` (half to even), with no total matching. With
+  ``round_interval > 1`` each width is rounded to the nearest multiple instead. ``round_interval=1`` reproduces
+  the reference exactly (same floating-point operations, in the same order).
+
+The last layer's output and the LM head keep ``D`` unless ``final_width`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from dynslice.jsonio import read_json
+from dynslice.params import ArchDims, ParamCount, sliced_params, sliced_params_continuous
+
+BUDGETS = ("width", "params")
+ROUNDINGS = ("total", "reference")
+COUNTS = ("total", "weights")
+_BISECT_ITERS = 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
+    arr = np.asarray(lr, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"lr: expected a non-empty 1-D sequence of scores, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"lr: score of layer {int(bad[0])} is {arr[bad[0]]}; all scores must be finite")
+    if num_layers is not None and arr.size != num_layers:
+        raise ValueError(f"lr: has {arr.size} scores but the model has {num_layers} layers")
+    return arr
+
+
+def _check_sp_sb(sp: float, sb: float) -> tuple[float, float]:
+    for name, v in (("sp", sp), ("sb", sb)):
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ValueError(f"{name}: {v!r} is not a finite number")
+    if not 0 <= sp < 1:
+        raise ValueError(f"sp: {sp} is outside 0 <= sp < 1")
+    if not 0 <= sb <= sp:
+        raise ValueError(f"sb: {sb} is outside 0 <= sb <= sp ({sp})")
+    return float(sp), float(sb)
+
+
+def _check_int(name: str, v: Any, low: int, high: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < low or (high is not None and v > high):
+        rng = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{name}: {v!r} is not an integer with {rng}")
+    return int(v)
+
+
+def _check_choice(name: str, v: str, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise ValueError(f"{name}: {v!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the allocation rule
+
+
+def normalize_lr(lr: Sequence[float]) -> np.ndarray:
+    """Min-max normalise LR scores to [0, 1]: ``(r - min) / (max - min)``.
+
+    Constant scores (``max == min``) have no shape: the result is all zeros, which :func:`slice_fractions` and
+    :func:`allocate` turn into constant slicing.
+    """
+    arr = _as_lr(lr)
+    lo, hi = arr.min(), arr.max()
+    if hi == lo:
+        return np.zeros_like(arr)
+    return (arr - lo) / (hi - lo)
+
+
+def _is_flat(n: np.ndarray) -> bool:
+    return not np.any(n > 0)
+
+
+def _warn_flat() -> None:
+    warnings.warn("lr: all scores are equal, so there is no redundancy profile; using constant slicing "
+                  "(every FS_i = sp)", RuntimeWarning, stacklevel=3)
+
+
+def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
+    """``FS_i = SB + (SP - SB)·n_i / mean(n)`` with ``n`` the min-max normalised LR; ``mean(FS) = SP``.
+
+    Computed as ``n·(SP - SB) / mean(n) + SB``, the reference code's order of operations.
+
+    Constant LR is *not* an error: it gives constant slicing (every ``FS_i = SP``) with a ``RuntimeWarning``.
+
+    Raises:
+        ValueError: ``sp``/``sb`` outside ``0 <= SB <= SP < 1``; non-finite scores; some ``FS_i >= 1`` (a peaked
+            LR with a small ``SB`` can ask a layer to drop everything) -- the message names the layer.
+    """
+    sp, sb = _check_sp_sb(sp, sb)
+    n = normalize_lr(lr)
+    if _is_flat(n):
+        _warn_flat()
+        return np.full_like(n, sp)
+    fs = n * (sp - sb) / np.mean(n) + sb
+    worst = int(np.argmax(fs))
+    if fs[worst] >= 1:
+        raise ValueError(f"sb: {sb} with sp={sp} gives layer {worst} a slice fraction FS={fs[worst]:.4f} >= 1 "
+                         f"(allowed 0 <= FS_i < 1); raise sb towards sp")
+    return fs
+
+
+def constant_width(hidden: int, sp: float, round_interval: int) -> int:
+    """SliceGPT's width at slice fraction ``sp``: ``int((1-sp)·D)`` rounded down to a multiple of ``round_interval``."""
+    hidden = _check_int("hidden", hidden, 1)
+    round_interval = _check_int("round_interval", round_interval, 1, hidden)
+    sp, _ = _check_sp_sb(sp, 0.0)
+    width = int((1 - sp) * hidden)
+    return width - width % round_interval
+
+
+def sb_grid(sp: float, step: float = 0.02) -> list[float]:
+    """The paper's SB grid: ``SP, SP - step, ...`` down to 0, kept while ``>= 0`` (0 included when on the grid).
+
+    Values are rounded to 10 decimals so that e.g. ``sb_grid(0.3)`` holds 0.28, not 0.27999999999999997.
+    """
+    sp, _ = _check_sp_sb(sp, 0.0)
+    if isinstance(step, bool) or not isinstance(step, Real) or not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step: {step!r} must be a finite number > 0")
+    count = int(math.floor(sp / step + 1e-9)) + 1
+    return [max(0.0, round(sp - k * step, 10)) for k in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rounding
+
+
+def _round_to_total(units: np.ndarray, target: int, high: int) -> np.ndarray:
+    """Integers ``k_i`` in ``[1, high]`` with ``sum(k) = target``, nearest to ``units`` by largest remainder."""
+    k = np.clip(np.floor(units), 1, high).astype(np.int64)
+    while k.sum() < target:
+        gain = np.where(k < high, units - k, -np.inf)
+        k[int(np.argmax(gain))] += 1
+    while k.sum() > target:
+        loss = np.where(k > 1, units - k, np.inf)
+        k[int(np.argmin(loss))] -= 1
+    return k
+
+
+def _round_reference(keep: np.ndarray, hidden: int, round_interval: int) -> np.ndarray:
+    """The reference rounding: ``np.round(keep·D)`` (``round_interval`` 1), else to the nearest multiple."""
+    if round_interval == 1:
+        return np.round(keep * hidden).astype(int)
+    top = hidden // round_interval  # a multiple above D (e.g. D=54, interval 8 -> 56) is not a width
+    return (np.minimum(np.round(keep * hidden / round_interval), top) * round_interval).astype(int)
+
+
+def _round_to_params(units: np.ndarray, high: int, ri: int, cost, target: float) -> np.ndarray:
+    """Integer units whose parameter count ``cost(k·ri)`` is within one layer's rounding step of ``target``.
+
+    Start from the floors (clipped to ``[1, high]``) and drop units while over the target. Then add units in order
+    of largest remainder while the count stays at or below the target; a layer whose next unit would overshoot is
+    set aside and the next one tried. Finally the smallest overshoot replaces the result if it lands closer.
+    """
+    k = np.clip(np.floor(units), 1, high).astype(np.int64)
+    while cost(k * ri) > target:
+        loss = np.where(k > 1, units - k, np.inf)
+        if not np.isfinite(loss).any():
+            return k
+        k[int(np.argmin(loss))] -= 1
+    below = cost(k * ri)
+    open_ = k < high
+    best_over: tuple[float, int] | None = None  # (count, layer) of the smallest overshoot seen
+    while open_.any():
+        i = int(np.argmax(np.where(open_, units - k, -np.inf)))
+        k[i] += 1
+        above = cost(k * ri)
+        if above <= target:
+            below = above
+            open_[i] = k[i] < high
+            continue
+        k[i] -= 1
+        open_[i] = False
+        if best_over is None or above < best_over[0]:
+            best_over = (above, i)
+    if best_over is not None and best_over[0] - target < target - below:
+        k[best_over[1]] += 1
+    return k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the result
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer widths and how they were chosen.
+
+    ``fractions`` are the slice fractions ``FS_i`` before rounding; ``scale`` is the ``s`` in
+    ``FS_i = SB + s·n_i`` (``(SP-SB)/mean(n)`` for the width budget, solved for the params budget, 0 when
+    slicing is constant). ``params`` is the sliced model's count when the architecture was given;
+    ``target_params`` is the constant-``SP`` count that the params budget matched.
+    """
+
+    widths: tuple[int, ...]
+    fractions: tuple[float, ...]
+    sp: float
+    sb: float
+    hidden: int
+    budget: str
+    round_interval: int
+    rounding: str
+    scale: float
+    final_width: int
+    count: str | None = None
+    params: ParamCount | None = None
+    target_params: int | None = None
+
+    @property
+    def effective_fractions(self) -> tuple[float, ...]:
+        """Slice fractions after rounding: ``1 - width_i / D``."""
+        return tuple(1 - w / self.hidden for w in self.widths)
+
+    @property
+    def total_width(self) -> int:
+        return sum(self.widths)
+
+    def to_json(self) -> dict:
+        return {
+            "widths": list(self.widths), "final_width": self.final_width, "hidden": self.hidden,
+            "sp": self.sp, "sb": self.sb, "budget": self.budget, "count": self.count,
+            "round_interval": self.round_interval, "rounding": self.rounding, "scale": self.scale,
+            "fractions": list(self.fractions), "effective_fractions": list(self.effective_fractions),
+            "mean_effective_fraction": float(np.mean(self.effective_fractions)), "total_width": self.total_width,
+            "constant_width": constant_width(self.hidden, self.sp, self.round_interval),
+            "params": None if self.params is None else self.params.to_json(), "target_params": self.target_params,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Allocation:
+        """Inverse of :meth:`to_json` (derived fields are ignored)."""
+        params = obj.get("params")
+        return cls(widths=tuple(int(w) for w in obj["widths"]), fractions=tuple(float(f) for f in obj["fractions"]),
+                   sp=float(obj["sp"]), sb=float(obj["sb"]), hidden=int(obj["hidden"]), budget=obj["budget"],
+                   round_interval=int(obj["round_interval"]), rounding=obj["rounding"], scale=float(obj["scale"]),
+                   final_width=int(obj["final_width"]), count=obj.get("count"),
+                   params=None if params is None else ParamCount(int(params["weights"]), int(params["shortcuts"])),
+                   target_params=obj.get("target_params"))
+
+
+def allocation_to_json(allocation: Allocation) -> dict:
+    """JSON-ready dict of an :class:`Allocation` (same as ``allocation.to_json()``)."""
+    return allocation.to_json()
+
+
+def load_lr(path: str | os.PathLike) -> np.ndarray:
+    """The raw ``"lr"`` scores of an LR JSON file (``{"model", "dataset", "lr": [...], "normalized": [...]}``)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("lr"), list):
+        raise ValueError(f"path: {path} has no 'lr' list of scores")
+    if any(v is None or isinstance(v, bool) or not isinstance(v, Real) for v in obj["lr"]):
+        raise ValueError(f"path: {path} has a non-numeric (or NaN, written as null) entry in 'lr'")
+    return _as_lr(obj["lr"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# allocate
+
+
+def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_interval: int = 8,
+             budget: str = "width", dims: ArchDims | None = None, count: str = "total", rounding: str = "total",
+             num_layers: int | None = None, final_width: int | None = None) -> Allocation:
+    """Per-layer input widths for LR scores ``lr`` at mean slice fraction ``sp`` and slicing base ``sb``.
+
+    Args:
+        lr: one LR score per decoder layer (higher = more redundant = sliced more).
+        sp, sb: ``0 <= sb <= sp < 1``.
+        hidden: the dense width ``D``.
+        round_interval: widths are multiples of it (``rounding="total"``, or ``"reference"`` with values > 1).
+        budget: ``"width"`` (mean FS = SP, the paper) or ``"params"`` (match the constant-SP parameter count).
+        dims: the architecture; needed for ``budget="params"``, and fills ``Allocation.params`` when given.
+        count: what the params budget matches: ``"total"`` (weights plus shortcuts) or ``"weights"``.
+        rounding: ``"total"`` (equal total width to constant slicing) or ``"reference"`` (the paper's code).
+        num_layers: checked against ``len(lr)`` (``dims.layers`` is used when ``dims`` is given).
+        final_width: width of the last layer's output and LM head input (default ``D``), for parameter counts.
+
+    Constant LR is not an error: every layer gets the constant width (a ``RuntimeWarning`` says so).
+
+    Raises:
+        ValueError: every bad argument, with its name and the allowed range; an ``sb`` that would slice a
+            layer entirely; a params budget that no ``s`` with all ``FS_i`` in [0, 1) reaches.
+    """
+    hidden = _check_int("hidden", hidden, 1)
+    round_interval = _check_int("round_interval", round_interval, 1, hidden)
+    _check_choice("budget", budget, BUDGETS)
+    _check_choice("count", count, COUNTS)
+    _check_choice("rounding", rounding, ROUNDINGS)
+    sp, sb = _check_sp_sb(sp, sb)
+    if dims is not None:
+        if not isinstance(dims, ArchDims):
+            raise ValueError(f"dims: expected an ArchDims, got {type(dims).__name__}")
+        if dims.hidden != hidden:
+            raise ValueError(f"hidden: {hidden} differs from dims.hidden ({dims.hidden})")
+        if num_layers is not None and num_layers != dims.layers:
+            raise ValueError(f"num_layers: {num_layers} differs from dims.layers ({dims.layers})")
+        num_layers = dims.layers
+    if num_layers is not None:
+        num_layers = _check_int("num_layers", num_layers, 1)
+    final = hidden if final_width is None else _check_int("final_width", final_width, 1, hidden)
+    scores = _as_lr(lr, num_layers)
+    n_layers = scores.size
+    const = constant_width(hidden, sp, round_interval)
+    if const < 1:
+        raise ValueError(f"sp: {sp} leaves int((1-sp)*{hidden}) < round_interval ({round_interval}) dims; "
+                         f"lower sp or round_interval")
+    common = dict(sp=sp, sb=sb, hidden=hidden, budget=budget, round_interval=round_interval, rounding=rounding,
+                  final_width=final)
+
+    if budget == "params":
+        if dims is None:
+            raise ValueError("dims: budget='params' needs the architecture (dims=ArchDims.from_config(config))")
+        if rounding != "total":
+            raise ValueError("rounding: 'reference' is only defined for budget='width'")
+        return _allocate_params(scores, const, dims, count, common)
+
+    fs = slice_fractions(scores, sp, sb)
+    n = normalize_lr(scores)
+    scale = 0.0 if _is_flat(n) else (sp - sb) / float(np.mean(n))
+    if rounding == "reference":
+        widths = _round_reference(1.0 - fs, hidden, round_interval)
+        thin = np.flatnonzero(widths < 1)
+        if thin.size:
+            raise ValueError(f"sb: {sb} gives layer {int(thin[0])} a width of {int(widths[thin[0]])} after rounding "
+                             f"(allowed 1 <= width <= {hidden}); raise sb towards sp")
+    else:
+        units = (1.0 - fs) * hidden / round_interval
+        widths = _round_to_total(units, n_layers * const // round_interval, hidden // round_interval)
+        widths = widths * round_interval
+    widths_t = tuple(int(w) for w in widths)
+    params = None if dims is None else sliced_params(dims, widths_t, final)
+    return Allocation(widths=widths_t, fractions=tuple(float(f) for f in fs), scale=float(scale),
+                      count=None, params=params, **common)
+
+
+def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str, common: dict) -> Allocation:
+    """The params budget: ``FS_i = SB + s·n_i`` with ``s`` solved so the count matches the constant-SP model."""
+    sp, sb, hidden, ri, final = (common[k] for k in ("sp", "sb", "hidden", "round_interval", "final_width"))
+    n_layers = scores.size
+    target_pc = sliced_params(dims, [const] * n_layers, final)
+    target = target_pc.total if count == "total" else target_pc.weights
+    n = normalize_lr(scores)
+
+    def pick(pc: ParamCount) -> int:
+        return pc.total if count == "total" else pc.weights
+
+    if _is_flat(n) or sb == sp:
+        if _is_flat(n):
+            _warn_flat()
+        widths = (const,) * n_layers
+        return Allocation(widths=widths, fractions=(sp,) * n_layers, scale=0.0, count=count,
+                          params=sliced_params(dims, widths, final), target_params=target, **common)
+
+    def cont(s: float) -> float:
+        return sliced_params_continuous(dims, (1.0 - (sb + s * n)) * hidden, final, count)
+
+    s_hi = (1.0 - sb) / float(n.max())  # FS_i < 1 for every layer iff s < s_hi
+    p_lo, p_hi = cont(s_hi), cont(0.0)
+    if not p_lo < target <= p_hi:
+        raise ValueError(f"sb: {sb} cannot reach the {count} parameter budget {target} of constant sp={sp}: "
+                         f"FS_i = sb + s*n_i with all FS_i in [0, 1) gives counts in ({p_lo:.0f}, {p_hi:.0f}]; "
+                         f"raise sb towards sp")
+    lo, hi = 0.0, s_hi  # cont is decreasing in s: cont(lo) >= target > cont(hi)
+    for _ in range(_BISECT_ITERS):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if cont(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    s = lo
+    fs = sb + s * n
+    units = (1.0 - fs) * hidden / ri
+    k = _round_to_params(units, hidden // ri, ri, lambda w: pick(sliced_params(dims, w.tolist(), final)), target)
+    widths = tuple(int(w) for w in k * ri)
+    return Allocation(widths=widths, fractions=tuple(float(f) for f in fs), scale=float(s), count=count,
+                      params=sliced_params(dims, widths, final), target_params=target, **common)

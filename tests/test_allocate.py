@@ -126,10 +126,10 @@ def test_width_budget_total_matches_constant(lr, spsb, ri, hidden) -> None:
     w = np.array(a.widths)
     assert w.sum() == len(lr) * constant_width(hidden, sp, ri)
     assert np.all(w % ri == 0) and np.all(w >= ri) and np.all(w <= hidden)
-    # away from the lower bound, every layer moves by less than two intervals (floor, then at most one
+    # away from the bounds, every layer moves by less than two intervals (floor, then at most one
     # largest-remainder step, since the constant total is less than one interval per layer below the raw total)
     raw = (1 - np.array(a.fractions)) * hidden
-    if np.all(raw >= 2 * ri):
+    if np.all((raw >= 2 * ri) & (raw <= (hidden // ri - 1) * ri)):
         assert np.all(np.abs(w - raw) < 2 * ri)
 
 

@@ -115,6 +115,14 @@ def test_masks(backend, kind):
         assert torch.equal(h, masked_gram(x, None, backend=backend, config=SMALL))
 
 
+def test_zero_tokens(backend):
+    x = torch.zeros(2, 0, 9, dtype=torch.float16, device=DEVICE)
+    assert torch.equal(masked_gram(x, backend=backend), torch.zeros(9, 9, dtype=torch.float64, device=DEVICE))
+    out = torch.full((9, 9), 2.0, dtype=torch.float64, device=DEVICE)
+    masked_gram(x, torch.zeros(2, 0, dtype=torch.bool, device=DEVICE), out=out, backend=backend)
+    assert (out == 2.0).all()
+
+
 def test_masked_tokens_are_never_read(backend):
     """NaN/inf in padding must not reach the result (no 0·NaN)."""
     x = int_data((2, 19, 20), torch.float32, seed=3)
@@ -240,8 +248,9 @@ def test_interpreter_after_triton_import():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compiles_for_sm90(dtype):
-    """The default configurations build to a cubin for Hopper (no GPU needed), flat and strided addressing."""
+def test_compiles_for_sm90(dtype, monkeypatch):
+    """The default configurations build to a cubin for Hopper (no GPU needed): both addressing modes, both
+    write modes."""
     if not triton_available():
         pytest.skip("triton is not installed")
     triton = pytest.importorskip("triton")
@@ -250,13 +259,15 @@ def test_compiles_for_sm90(dtype):
         from triton.compiler import ASTSource
     except ImportError:
         pytest.skip("this triton has no ASTSource/GPUTarget")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = default_config(dtype)
     fn = triton.jit(gram_mod._masked_gram_tiles)
     ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(x_ptr=ptr, keep_ptr="*u8", out_ptr="*fp64", pairs_ptr="*i32")
-    for flat in (True, False):
-        const = dict(HAS_MASK=True, FLAT=flat, ACCUMULATE=False, IEEE=dtype == torch.float32, WIDEN=False,
+    for flat, accumulate in ((True, False), (False, True)):
+        const = dict(HAS_MASK=True, FLAT=flat, ACCUMULATE=accumulate, IEEE=dtype == torch.float32, WIDEN=False,
                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
                      CHUNK_BLOCKS=cfg.chunk_tokens // cfg.block_t)
         sig.update({k: "constexpr" for k in const})
@@ -336,7 +347,8 @@ def test_bad_input(monkeypatch):
         with pytest.raises(ValueError, match="^backend: 'triton' on CPU"):
             masked_gram(x, backend="triton")
     for kwargs, prefix in ((dict(block_m=24), "block_m:"), (dict(block_t=8), "block_t:"),
-                           (dict(chunk_tokens=40), "chunk_tokens:"), (dict(splits=-1), "splits:")):
+                           (dict(chunk_tokens=40), "chunk_tokens:"), (dict(splits=-1), "splits:"),
+                           (dict(num_warps=3), "num_warps:"), (dict(num_stages=0), "num_stages:")):
         with pytest.raises(ValueError, match=f"^{prefix}"):
             GramConfig(**kwargs)
 

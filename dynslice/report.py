@@ -1,0 +1,301 @@
+"""Tables from run records: the sweep table, best dynamic SB vs constant, automatic SB vs the sweep, zero-shot.
+
+Records are the JSON files :func:`dynslice.pipeline.run` writes. :func:`records_frame` flattens them into a pandas
+DataFrame with one row per run; the headline functions compare rows and return DataFrames; :func:`write_table`
+writes one as Markdown and LaTeX (atomically).
+
+Two comparisons are kept apart and labelled: ``budget == "width"`` is the paper's comparison (dynamic and constant
+slicing at equal *mean width*, i.e. mean slice fraction SP), ``budget == "params"`` compares them at equal
+*parameter count*.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dynslice.config import AUTO
+from dynslice.jsonio import read_json
+
+COMPARISON = {"width": "equal mean width (paper)", "params": "equal parameters"}
+KEY = ["model", "cal_dataset", "budget", "sp"]
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run record (``*.json``) under ``runs_dir``, sorted by path; each gets its ``"path"``."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ValueError(f"runs_dir: {runs_dir} is not a folder of run records")
+    out = []
+    for path in sorted(runs_dir.rglob("*.json")):
+        rec = read_json(path)
+        if not isinstance(rec, dict) or "config" not in rec or "ppl" not in rec:
+            raise ValueError(f"runs_dir: {path} is not a run record (no 'config'/'ppl')")
+        out.append({**rec, "path": str(path)})
+    return out
+
+
+def kind(rec: Mapping[str, Any]) -> str:
+    """``dense``, ``constant`` (SB = SP), ``auto`` (SB searched) or ``dynamic`` (fixed SB < SP)."""
+    cfg = rec["config"]
+    if cfg["sp"] == 0:
+        return "dense"
+    if cfg["sb"] == AUTO:
+        return "auto"
+    return "constant" if math.isclose(cfg["sb"], cfg["sp"]) else "dynamic"
+
+
+def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record: identity (model, cal_dataset, budget, sp, sb, kind), params, ppl_<ds>, acc_<task>."""
+    rows = []
+    for rec in records:
+        cfg = rec["config"]
+        alloc = rec.get("allocation") or {}
+        row: dict[str, Any] = {
+            "model": cfg["model"], "cal_dataset": cfg["cal_dataset"], "budget": cfg["budget"],
+            "sp": float(cfg["sp"]), "sb": float(rec["sb"]), "kind": kind(rec), "zero_shot": bool(cfg["tasks"]),
+            "params": rec["params"]["total"], "params_dense": rec["params"]["dense"],
+            "fraction_removed": rec["params"]["fraction_removed"],
+            "mean_slice": alloc.get("mean_effective_fraction", 0.0),
+            "time_s": sum(float(v) for k, v in rec.get("timings_s", {}).items() if k != "load"),
+            "key": Path(rec["path"]).stem if "path" in rec else "", "path": rec.get("path", ""),
+        }
+        for ds, value in rec["ppl"].items():
+            row[f"ppl_{ds}"] = value
+        for task, res in (rec.get("tasks") or {}).items():
+            row[f"acc_{task}"] = res["value"]
+        if "auto_sb" in rec:
+            row.update(auto_n_evals=rec["auto_sb"]["n_evals"], auto_grid_size=rec["auto_sb"]["grid_size"],
+                       auto_time_s=rec["auto_sb"]["time_s"])
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame.sort_values(["model", "cal_dataset", "sp", "budget", "sb"], ascending=[True, True, True,
+                                                                                             True, False])
+    return frame.reset_index(drop=True)
+
+
+def ppl_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("ppl_")]
+
+
+def acc_columns(frame: pd.DataFrame) -> list[str]:
+    cols = [c for c in frame.columns if c.startswith("acc_") and c != "acc_average"]
+    return cols + (["acc_average"] if "acc_average" in frame.columns else [])
+
+
+def pct_change(new: float, old: float) -> float:
+    """``100·(new - old)/old``: negative means ``new`` is lower (better, for perplexity)."""
+    if old == 0 or not math.isfinite(old):
+        raise ValueError(f"old: {old!r} must be a finite non-zero perplexity")
+    return 100.0 * (new - old) / old
+
+
+# --------------------------------------------------------------------------------------------------- headlines
+def pick_best(rows: pd.DataFrame, col: str) -> pd.Series:
+    """The row with the lowest ``col``; ties go to the larger SB (the rule of :func:`dynslice.sweep.best_dynamic`)."""
+    if rows.empty:
+        raise ValueError(f"rows: no candidate rows to choose the best {col} from")
+    order = sorted(range(len(rows)), key=lambda i: (float(rows[col].iloc[i]), -float(rows["sb"].iloc[i])))
+    return rows.iloc[order[0]]
+
+
+def _constants(frame: pd.DataFrame) -> dict[tuple, pd.Series]:
+    """Constant-slicing rows keyed by (model, cal_dataset, sp); they serve both budgets (SB = SP is the same run)."""
+    out = {}
+    for _, row in frame[frame["kind"] == "constant"].iterrows():
+        key = (row["model"], row["cal_dataset"], row["sp"])
+        if key not in out or (row["zero_shot"] and not out[key]["zero_shot"]):
+            out[key] = row
+    return out
+
+
+def best_vs_constant(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Best fixed-SB dynamic run vs constant slicing per (model, cal_dataset, budget, sp), chosen on ``dataset``.
+
+    Rows: per model, corpus and SP, the paper's comparison (width) first. Columns: the key, ``comparison`` (label
+    of the budget), ``best_sb``, ``params_constant``, ``params_dynamic``,
+    and for every perplexity corpus ``ppl_<ds>_constant``, ``ppl_<ds>_dynamic`` and ``ppl_<ds>_change_pct``
+    (negative = dynamic better). ``n_sb`` counts the dynamic SB values compared. Zero-shot copies of runs are
+    not candidates (they repeat a sweep run with tasks added).
+    """
+    col = f"ppl_{dataset}"
+    if col not in frame.columns:
+        raise ValueError(f"dataset: {dataset!r} has no perplexity in these records ({', '.join(ppl_columns(frame))})")
+    consts = _constants(frame)
+    dyn = frame[(frame["kind"] == "dynamic") & frame[col].notna() & ~frame["zero_shot"]]
+    rows = []
+    for key, group in dyn.groupby(KEY, sort=True):
+        model, cal, budget, sp = key
+        const = consts.get((model, cal, sp))
+        if const is None:
+            continue
+        best = pick_best(group, col)
+        row = {"model": model, "cal_dataset": cal, "budget": budget, "comparison": COMPARISON[budget], "sp": sp,
+               "best_sb": best["sb"], "n_sb": len(group), "params_constant": int(const["params"]),
+               "params_dynamic": int(best["params"])}
+        for pc in ppl_columns(frame):
+            if pd.notna(best.get(pc)) and pd.notna(const.get(pc)):
+                row[f"{pc}_constant"] = const[pc]
+                row[f"{pc}_dynamic"] = best[pc]
+                row[f"{pc}_change_pct"] = pct_change(best[pc], const[pc])
+        rows.append(row)
+    rows.sort(key=lambda r: (r["model"], r["cal_dataset"], r["sp"], list(COMPARISON).index(r["budget"])))
+    return pd.DataFrame(rows)
+
+
+def zero_shot_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Accuracy rows: dense, then per (model, cal_dataset, sp) constant and the zero-shot run(s) of the best SB.
+
+    ``method`` is ``dense``, ``constant`` or ``dynamic (<comparison>)``; ``delta_points`` is the average accuracy
+    minus constant's, in percentage points (100·Δacc).
+    """
+    acc = acc_columns(frame)
+    if not acc:
+        return pd.DataFrame()
+    zs = frame[frame["zero_shot"]]
+    best = best_vs_constant(frame, dataset) if f"ppl_{dataset}" in frame.columns else pd.DataFrame()
+    rows = []
+    for _, row in zs[zs["kind"] == "dense"].iterrows():
+        rows.append({"model": row["model"], "cal_dataset": "", "sp": 0.0, "method": "dense", "sb": None,
+                     "params": int(row["params"]), **{c: row[c] for c in acc}})
+    consts = zs[zs["kind"] == "constant"]
+    for _, c in consts.iterrows():
+        base = {"model": c["model"], "cal_dataset": c["cal_dataset"], "sp": c["sp"]}
+        rows.append({**base, "method": "constant", "sb": c["sp"], "params": int(c["params"]),
+                     **{a: c[a] for a in acc}})
+        for _, b in best[(best["model"] == c["model"]) & (best["cal_dataset"] == c["cal_dataset"])
+                         & (best["sp"] == c["sp"])].iterrows() if not best.empty else []:
+            match = zs[(zs["kind"] == "dynamic") & (zs["model"] == c["model"]) & (zs["budget"] == b["budget"])
+                       & (zs["cal_dataset"] == c["cal_dataset"]) & (zs["sp"] == c["sp"]) & (zs["sb"] == b["best_sb"])]
+            if match.empty:
+                continue
+            d = match.iloc[0]
+            rows.append({**base, "method": f"dynamic ({COMPARISON[b['budget']]})", "sb": d["sb"],
+                         "params": int(d["params"]), **{a: d[a] for a in acc},
+                         "delta_points": 100.0 * (d["acc_average"] - c["acc_average"])
+                         if "acc_average" in acc else None})
+    return pd.DataFrame(rows)
+
+
+def auto_vs_sweep(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Automatic SB vs the sweep's best, per (model, cal_dataset, budget, sp).
+
+    Columns: ``auto_sb``, ``auto_ppl``, ``auto_runs`` (evaluations), ``auto_grid`` (grid size it searched),
+    ``auto_time_s``; ``sweep_sb``, ``sweep_ppl`` (best fixed SB including constant), ``sweep_runs``,
+    ``sweep_time_s`` (summed run times); ``ppl_gap_pct`` = auto vs sweep best (positive = auto worse).
+    """
+    col = f"ppl_{dataset}"
+    autos = frame[frame["kind"] == "auto"]
+    rows = []
+    consts = _constants(frame)
+    for _, a in autos.iterrows():
+        grid = frame[(frame["kind"] == "dynamic") & (frame["model"] == a["model"])
+                     & (frame["cal_dataset"] == a["cal_dataset"]) & (frame["budget"] == a["budget"])
+                     & (frame["sp"] == a["sp"]) & ~frame["zero_shot"]]
+        const = consts.get((a["model"], a["cal_dataset"], a["sp"]))
+        cands = grid if const is None else pd.concat([grid, const.to_frame().T])
+        cands = cands[cands[col].notna()]
+        if cands.empty:
+            continue
+        best = pick_best(cands, col)
+        rows.append({"model": a["model"], "cal_dataset": a["cal_dataset"], "budget": a["budget"],
+                     "comparison": COMPARISON[a["budget"]], "sp": a["sp"],
+                     "auto_sb": a["sb"], "auto_ppl": a[col], "auto_runs": int(a["auto_n_evals"]),
+                     "auto_grid": int(a["auto_grid_size"]), "auto_time_s": float(a["time_s"]),
+                     "sweep_sb": float(best["sb"]), "sweep_ppl": float(best[col]), "sweep_runs": len(cands),
+                     "sweep_time_s": float(cands["time_s"].astype(float).sum()),
+                     "ppl_gap_pct": pct_change(float(a[col]), float(best[col]))})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------------ writers
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if hasattr(value, "item"):  # numpy scalar
+        return _fmt(value.item(), digits)
+    return str(value)
+
+
+def _cells(frame: pd.DataFrame, digits: int | Mapping[str, int]) -> list[list[str]]:
+    def d(col: str) -> int:
+        return digits.get(col, 2) if isinstance(digits, Mapping) else digits
+
+    cols = list(frame.columns)
+    return [[_fmt(v, d(c)) for c, v in zip(cols, row, strict=True)] for row in frame.itertuples(index=False)]
+
+
+def to_markdown(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2) -> str:
+    """A GitHub Markdown table (numbers right-aligned)."""
+    if frame.empty:
+        return "_(no rows)_\n"
+    header = [str(c) for c in frame.columns]
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _cells(frame, digits)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2, caption: str = "",
+             label: str = "") -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    spec = "".join("r" if n else "l" for n in numeric)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(latex_escape(str(c)) for c in frame.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in _cells(frame, digits)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{latex_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_table(frame: pd.DataFrame, stem: str | Path, *, caption: str = "",
+                digits: int | Mapping[str, int] = 2) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (caption as a first line) and ``<stem>.tex``; returns both paths."""
+    stem = Path(stem)
+    md = (f"{caption}\n\n" if caption else "") + to_markdown(frame, digits)
+    label = "tab:" + stem.name.replace("_", "-")
+    return (write_text(stem.with_suffix(".md"), md),
+            write_text(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)))

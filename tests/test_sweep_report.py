@@ -1,0 +1,267 @@
+"""Profiles -> run configs and paths, resume checks, and the report's headline tables, on synthetic records."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+
+from dynslice import report, sweep
+from dynslice.config import RunConfig
+from dynslice.jsonio import read_json, write_json
+from dynslice.params import ArchDims
+
+SMOKE = {
+    "name": "t", "models": [{"spec": "tiny-random"}], "base": {"lr_nsamples": 4, "ppl_datasets": ["wiki", "news"]},
+    "cal_datasets": ["wiki"], "sp": [0.2, 0.3], "sb_step": 0.1, "budgets": ["width", "params"],
+    "auto_sb": {"step": 0.1, "max_evals": 2}, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4},
+}
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_shipped_profiles_load(name):
+    p = sweep.load_profile(name)
+    assert p.name == name
+    configs = sweep.sweep_configs(p)
+    keys = [c.key() for c in configs]
+    assert len(set(keys)) == len(keys)  # no run twice
+    paths = {sweep.result_path(c, "r", name) for c in configs}
+    assert len(paths) == len(configs)
+
+
+def test_sweep_configs_enumerates_the_grid():
+    p = sweep.parse_profile(SMOKE, "t")
+    configs = sweep.sweep_configs(p)
+    dense = [c for c in configs if c.dense]
+    const = [c for c in configs if not c.dense and not c.auto_sb and c.sb == c.sp]
+    dyn = [c for c in configs if not c.dense and not c.auto_sb and c.sb < c.sp]
+    auto = [c for c in configs if c.auto_sb]
+    assert len(dense) == 1 and dense[0].tasks == ("dynslice_cloze",) and dense[0].task_limit == 4
+    assert sorted(c.sp for c in const) == [0.2, 0.3] and all(c.tasks for c in const)
+    # SP 0.2 -> SB 0.1, 0.0; SP 0.3 -> 0.2, 0.1, 0.0; each under two budgets, without tasks
+    assert sorted((c.sp, c.sb, c.budget) for c in dyn) == sorted(
+        (sp, sb, b) for sp, sbs in ((0.2, [0.1, 0.0]), (0.3, [0.2, 0.1, 0.0])) for sb in sbs
+        for b in ("width", "params"))
+    assert not any(c.tasks for c in dyn)
+    assert sorted((c.sp, c.budget) for c in auto) == [(0.2, "params"), (0.2, "width"), (0.3, "params"),
+                                                      (0.3, "width")]
+    assert all(c.auto_sb_step == 0.1 and c.auto_sb_max_evals == 2 for c in auto)
+    assert all(c.lr_nsamples == 4 and c.ppl_datasets == ("wiki", "news") for c in configs)
+    assert [c.key() for c in sweep.sweep_configs(sweep.parse_profile(SMOKE, "t"))] == [c.key() for c in configs]
+
+
+def test_dynamic_sbs_excludes_constant():
+    assert sweep.dynamic_sbs(0.3, 0.1) == [0.2, 0.1, 0.0]
+    assert sweep.dynamic_sbs(0.2, 0.02)[0] == 0.18 and sweep.dynamic_sbs(0.2, 0.02)[-1] == 0.0
+    assert len(sweep.dynamic_sbs(0.2, 0.02)) == 10
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "t.bogus: unknown key"),
+    ({"base": {"lr_nsample": 4}}, "t.base.lr_nsample: unknown key"),
+    ({"base": {"sp": 0.3}}, "t.base.sp: unknown key"),  # swept fields are not set through base
+    ({"base": {"lr_seqlen": 1}}, "lr_seqlen"),
+    ({"sp": [0.3, 1.2]}, "t.sp: 1.2 is outside"),
+    ({"budgets": ["width", "flops"]}, "t.budgets: 'flops'"),
+    ({"cal_datasets": ["wikipedia"]}, "t.cal_datasets: 'wikipedia'"),
+    ({"auto_sb": {"steps": 0.1}}, "t.auto_sb.steps: unknown key"),
+    ({"sb_step": 0}, "t.sb_step: 0 is outside"),
+    ({"models": [{"spec": "tiny-random", "gpu": 1}]}, "t.models[0].gpu: unknown key"),
+])
+def test_bad_profiles_name_the_key(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        sweep.parse_profile({**SMOKE, **change}, "t")
+
+
+def test_missing_required_key():
+    obj = dict(SMOKE)
+    del obj["sp"]
+    with pytest.raises(ValueError, match=r"t\.sp: required"):
+        sweep.parse_profile(obj, "t")
+
+
+def test_unknown_profile_name():
+    with pytest.raises(ValueError, match="profile: 'nope'"):
+        sweep.load_profile("nope")
+
+
+def test_run_name_and_path():
+    cfg = RunConfig(model="meta-llama/Meta-Llama-3-8B", sp=0.3, sb=0.1, budget="params", cal_dataset="ptb")
+    path = sweep.result_path(cfg, "res", "paper")
+    assert path.parts[:4] == ("res", "paper", "runs", "meta-llama--Meta-Llama-3-8B")
+    assert path.name == f"sp0.30-sb0.10-params-calptb-{cfg.key()}.json"
+    assert sweep.run_name(cfg.replace(sb="auto")) == "sp0.30-sbauto-params-calptb"
+    assert sweep.run_name(cfg.replace(sp=0.0, sb=0.0, tasks=("piqa",))) == "dense-zs"
+
+
+def test_is_done(tmp_path):
+    cfg = RunConfig(sp=0.3, sb=0.2)
+    path = tmp_path / "r.json"
+    assert not sweep.is_done(cfg, path)
+    write_json(path, {"config": cfg.to_json(), "ppl": {}})
+    assert sweep.is_done(cfg, path)
+    assert not sweep.is_done(cfg.replace(sb=0.1), path)
+    path.write_text('{"config": ')  # truncated
+    assert not sweep.is_done(cfg, path)
+
+
+def test_run_sweep_skips_finished_runs_without_loading(tmp_path):
+    configs = [RunConfig(model="no-such-model-anywhere", sp=0.3, sb=sb) for sb in (0.3, 0.2)]
+    for c in configs:
+        write_json(sweep.result_path(c, tmp_path, "p"), {"config": c.to_json(), "ppl": {"wiki": 1.0}})
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+    logs = []
+    result = sweep.run_sweep(configs, tmp_path, "p", log=logs.append)  # would fail if it tried to load the model
+    assert result.ran == () and len(result.skipped) == 2
+    assert "skipped 2 already finished" in logs[-1]
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+
+
+@dataclass
+class _LRBench:
+    """Holds a fixed LR score and a real architecture: what :func:`sweep.infeasible_reason` reads."""
+
+    scores: list[float]
+
+    def lr(self, cfg):
+        return {"normalized": self.scores}
+
+    def dims(self):
+        return ArchDims(vocab=100, hidden=64, layers=len(self.scores), intermediate=128, heads=4, kv_heads=2,
+                        head_dim=16, qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
+
+
+def test_infeasible_reason():
+    peaked = _LRBench([0.0, 0.0, 0.0, 1.0])  # mean(n) = 0.25: FS of the last layer = sb + (sp - sb)·4
+    cfg = RunConfig(model="x", sp=0.3, sb=0.0, round_interval=8)
+    assert "FS=1.2" in sweep.infeasible_reason(peaked, cfg)  # 0 + 0.3·4 = 1.2 >= 1
+    assert sweep.infeasible_reason(peaked, cfg.replace(sb=0.2)) is None  # 0.2 + 0.1·4 = 0.6
+    assert sweep.infeasible_reason(peaked, cfg.replace(sb="auto")) is None
+
+
+# ------------------------------------------------------------------------------------------ synthetic records
+def make_record(sp, sb, ppl, params, *, budget="width", tasks=None, cal="wiki", model="m", auto=None,
+                time_s=10.0):
+    cfg = RunConfig(model=model, sp=sp, sb="auto" if auto else sb, budget=budget, cal_dataset=cal,
+                    ppl_datasets=tuple(ppl), tasks=tuple(t for t in (tasks or {}) if t != "average"))
+    rec = {"config": cfg.to_json(), "sp": sp, "sb": sb, "budget": budget,
+           "params": {"dense": 1000, "total": params, "weights": params, "shortcuts": 0,
+                      "fraction_removed": 1 - params / 1000},
+           "ppl": dict(ppl), "tasks": tasks or {}, "timings_s": {"load": 99.0, "slice": time_s}}
+    if sp:
+        rec["allocation"] = {"mean_effective_fraction": sp}
+    if auto:
+        rec["auto_sb"] = {"n_evals": auto[0], "grid_size": auto[1], "time_s": time_s}
+    return rec
+
+
+def acc(*values):
+    out = {f"t{i}": {"metric": "acc", "value": v, "stderr": None} for i, v in enumerate(values)}
+    out["average"] = {"metric": "mean", "value": sum(values) / len(values), "stderr": None}
+    return out
+
+
+@pytest.fixture
+def records():
+    return [
+        make_record(0, 0, {"wiki": 10.0, "news": 20.0}, 1000, tasks=acc(0.8, 0.6)),
+        make_record(0.3, 0.3, {"wiki": 20.0, "news": 40.0}, 700, tasks=acc(0.6, 0.4)),
+        make_record(0.3, 0.2, {"wiki": 18.0, "news": 41.0}, 690),
+        make_record(0.3, 0.1, {"wiki": 16.0, "news": 39.0}, 680),  # best on wiki
+        make_record(0.3, 0.0, {"wiki": 17.0, "news": 30.0}, 670),  # best on news
+        make_record(0.3, 0.2, {"wiki": 19.0, "news": 50.0}, 700, budget="params"),
+        make_record(0.3, 0.1, {"wiki": 19.0, "news": 45.0}, 700, budget="params"),  # tie on wiki with 0.2
+        make_record(0.3, 0.1, {"wiki": 16.0, "news": 39.0}, 680, tasks=acc(0.7, 0.4)),  # zero-shot of best
+        make_record(0.3, 0.2, {"wiki": 19.0, "news": 50.0}, 700, budget="params", tasks=acc(0.5, 0.5)),
+        make_record(0.3, 0.2, {"wiki": 17.5, "news": 35.0}, 690, auto=(3, 16), time_s=30.0),
+    ]
+
+
+def test_records_frame_kinds(records):
+    f = report.records_frame(records)
+    assert sorted(f["kind"].value_counts().items()) == [("auto", 1), ("constant", 1), ("dense", 1), ("dynamic", 7)]
+    assert f.loc[f["kind"] == "dense", "acc_average"].item() == pytest.approx(0.7)
+    assert f.loc[f["kind"] == "auto", "time_s"].item() == 30.0  # load time excluded
+
+
+def test_best_vs_constant(records):
+    f = report.records_frame(records)
+    head = report.best_vs_constant(f, "wiki").set_index("budget")
+    w = head.loc["width"]
+    assert w["best_sb"] == 0.1 and w["n_sb"] == 3 and w["comparison"] == "equal mean width (paper)"
+    assert w["ppl_wiki_change_pct"] == pytest.approx(100 * (16 - 20) / 20)
+    assert w["ppl_news_change_pct"] == pytest.approx(100 * (39 - 40) / 40)
+    assert (w["params_constant"], w["params_dynamic"]) == (700, 680)
+    p = head.loc["params"]
+    assert p["best_sb"] == 0.2  # tie at 19.0: the larger SB
+    assert p["comparison"] == "equal parameters" and p["ppl_wiki_change_pct"] == pytest.approx(-5.0)
+    news = report.best_vs_constant(f, "news").set_index("budget")
+    assert news.loc["width", "best_sb"] == 0.0
+    with pytest.raises(ValueError, match="dataset: 'c4'"):
+        report.best_vs_constant(f, "c4")
+
+
+def test_sweep_and_report_choose_the_same_best(records):
+    f = report.records_frame(records)
+    head = report.best_vs_constant(f, "wiki")
+    best = sweep.best_dynamic(records, "wiki")
+    assert {(k[2], rec["config"]["sb"]) for k, rec in best.items()} == set(zip(head["budget"], head["best_sb"]))
+
+
+def test_zero_shot_configs(records):
+    p = sweep.parse_profile({**SMOKE, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4,
+                                                    "budgets": ["width"]}}, "t")
+    out = sweep.zero_shot_configs(p, records)
+    assert [(c.sp, c.sb, c.budget, c.tasks, c.task_limit) for c in out] == [(0.3, 0.1, "width",
+                                                                              ("dynslice_cloze",), 4)]
+
+
+def test_zero_shot_table(records):
+    f = report.records_frame(records)
+    t = report.zero_shot_table(f, "wiki").set_index("method")
+    assert list(t.index) == ["dense", "constant", "dynamic (equal mean width (paper))", "dynamic (equal parameters)"]
+    assert t.loc["dynamic (equal mean width (paper))", "delta_points"] == pytest.approx(100 * (0.55 - 0.5))
+    assert t.loc["dynamic (equal parameters)", "delta_points"] == pytest.approx(0.0)
+    assert t.loc["dense", "acc_t0"] == 0.8
+
+
+def test_auto_vs_sweep(records):
+    a = report.auto_vs_sweep(report.records_frame(records), "wiki").iloc[0]
+    assert (a["auto_sb"], a["auto_runs"], a["auto_grid"]) == (0.2, 3, 16)
+    assert (a["sweep_sb"], a["sweep_ppl"], a["sweep_runs"]) == (0.1, 16.0, 4)  # 3 dynamic + constant
+    assert a["sweep_time_s"] == pytest.approx(40.0)
+    assert a["ppl_gap_pct"] == pytest.approx(100 * (17.5 - 16) / 16)
+
+
+def test_pct_change():
+    assert report.pct_change(9.0, 10.0) == pytest.approx(-10.0)
+    with pytest.raises(ValueError, match="old"):
+        report.pct_change(1.0, 0.0)
+
+
+def test_markdown_and_latex(tmp_path):
+    frame = pd.DataFrame({"name": ["a_b", "c|d"], "n": [1234567, 2], "x": [1.23456, math.nan]})
+    md = report.to_markdown(frame, digits={"x": 3})
+    assert md.splitlines() == ["| name | n | x |", "|:---|---:|---:|", "| a_b | 1,234,567 | 1.235 |",
+                               r"| c\|d | 2 | – |"]
+    tex = report.to_latex(frame, digits=1, caption="50% of x_y", label="tab:t")
+    assert r"\begin{tabular}{lrr}" in tex and r"a\_b & 1,234,567 & 1.2 \\" in tex
+    assert r"\caption{50\% of x\_y}" in tex and r"c|d & 2 & -- \\" in tex
+    md_path, tex_path = report.write_table(frame, tmp_path / "t" / "tab", caption="Cap")
+    assert md_path.read_text().startswith("Cap\n\n| name")
+    assert tex_path.read_text() == report.to_latex(frame, 2, "Cap", "tab:tab")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tab.md", "tab.tex"]  # no temporary left
+
+
+def test_load_records(tmp_path, records):
+    for i, rec in enumerate(records):
+        write_json(tmp_path / "m" / f"{i:02d}.json", rec)
+    loaded = report.load_records(tmp_path)
+    assert [r["path"] for r in loaded] == sorted(str(p) for p in tmp_path.rglob("*.json"))
+    assert loaded[3]["ppl"] == read_json(tmp_path / "m" / "03.json")["ppl"]
+    write_json(tmp_path / "m" / "zz.json", {"lr": [1]})
+    with pytest.raises(ValueError, match="zz.json is not a run record"):
+        report.load_records(tmp_path)

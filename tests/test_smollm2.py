@@ -19,17 +19,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wiki(smol):
     _, tok = smol
-    cal = data.calibration_batch("wiki", tok, nsamples=8, seqlen=256, seed=0)
-    ev = data.eval_chunks("wiki", tok, seqlen=256, split="test", max_chunks=8)
+    cal = data.calibration_batch("wiki", tok, nsamples=64, seqlen=512, seed=0)
+    ev = data.eval_chunks("wiki", tok, seqlen=512, split="test", max_chunks=8)
     return cal, ev
 
 
 def test_ten_percent_constant_slicing_stays_close_to_dense(smol, wiki):
+    """SmolLM2 is small and sensitive to calibration size at 10%: measured on wiki test (8 × 512 tokens), dense 15.2;
+    width 520 with 8×256 calibration tokens 30.0, 32×256 25.3, 32×512 23.4, 64×512 21.9 (1.44× dense)."""
     model, _ = smol
     cal, ev = wiki
     dense = perplexity(model, ev, batch_size=4)
     width = 520  # 10% of D = 576, on a multiple of 8 (576 * 0.9 = 518.4)
-    sliced = slice_model(copy.deepcopy(model), cal, [width] * 30, batch_size=4, progress=False)
+    sliced = slice_model(copy.deepcopy(model), cal, [width] * 30, batch_size=8, progress=False)
     ppl = perplexity(sliced, ev, batch_size=4)
     assert math.isfinite(dense) and 10 < dense < 60
     assert math.isfinite(ppl) and dense < ppl < 1.5 * dense
@@ -41,7 +43,7 @@ def test_rotation_is_exact_on_smollm2(smol, wiki):
     """Folding + rotating SmolLM2 without slicing keeps its logits (fp32, ≤ 1e-4 × max |logit|)."""
     model, _ = smol
     cal, ev = wiki
-    small = {"input_ids": cal["input_ids"][:2, :64]}
+    small = {"input_ids": cal["input_ids"][:4, :64]}
     rotated = slice_model(copy.deepcopy(model), small, [576] * 30, batch_size=2, progress=False)
     x = ev[:2, :64]
     ref, out = model(input_ids=x).logits, rotated(input_ids=x).logits

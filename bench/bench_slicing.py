@@ -141,17 +141,22 @@ class RssSampler:
         self.interval_s = interval_s
         self.start_bytes = 0
         self.peak_bytes = 0
+        self.peak_at_s = 0.0  # seconds after entering the context
         self.samples = 0
+        self._t0 = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            now = rss_bytes()
+            if now > self.peak_bytes:
+                self.peak_bytes, self.peak_at_s = now, time.perf_counter() - self._t0
             self.samples += 1
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssSampler:
+        self._t0 = time.perf_counter()
         self.start_bytes = self.peak_bytes = rss_bytes()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
@@ -161,7 +166,9 @@ class RssSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, rss_bytes())
+        now = rss_bytes()
+        if now > self.peak_bytes:
+            self.peak_bytes, self.peak_at_s = now, time.perf_counter() - self._t0
 
 
 def mib(n: float) -> float:
@@ -213,6 +220,7 @@ def slice_run(dense: nn.Module, calibration: dict[str, torch.Tensor], widths: li
             "rss_before_copy_mib": mib(rss_before_copy), "rss_baseline_mib": mib(rss_baseline),
             "rss_peak_during_slicing_mib": mib(sampler.peak_bytes),
             "rss_increase_during_slicing_mib": mib(sampler.peak_bytes - rss_baseline),
+            "rss_peak_at_s": round(sampler.peak_at_s, 2),
             "rss_after_slicing_mib": mib(rss_bytes()), "ru_maxrss_mib": mib(max_rss_bytes()),
             "rss_samples": sampler.samples,
         },
@@ -317,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.out, result)
     print(f"floor {floor:.2f} s (passes {', '.join(f'{w:.2f}' for w in walls)})")
     for name, run in runs.items():
-        print(f"{name}: {run['wall_s']:.2f} s = {run['ratio_to_floor']:.2f}x floor (CPU time {run['cpu_ratio_to_floor']:.2f}x); split {run['timings_s']}; "
+        print(f"{name}: {run['wall_s']:.2f} s = {run['ratio_to_floor']:.2f}x floor "
+              f"(CPU time {run['cpu_ratio_to_floor']:.2f}x); split {run['timings_s']}; "
               f"RSS +{run['memory']['rss_increase_during_slicing_mib']} MiB, "
               f"ru_maxrss {run['memory']['ru_maxrss_mib']} MiB")
     print(f"wrote {args.out}")

@@ -180,8 +180,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
             lr = read_json(a.lr)["lr"]
         elif sb != a.sp:
             lr = list(layer_redundancy(model, cal, batch_size=a.batch_size).raw)
-        else:
-            lr = [0.0] * get_adapter(model).num_layers
+        else:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
+            lr = list(range(get_adapter(model).num_layers))
         dims = ArchDims.from_config(model.config)
         alloc = allocate(lr, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
         widths = list(alloc.widths)

@@ -36,7 +36,7 @@ SWEPT_FIELDS = frozenset({"model", "dtype", "device", "sp", "sb", "budget", "cal
 TOP_KEYS = frozenset({"name", "description", "models", "base", "cal_datasets", "lr_datasets", "sp", "sb_step",
                       "budgets", "auto_sb", "zero_shot"})
 MODEL_KEYS = frozenset({"spec", "dtype", "device"})
-AUTO_KEYS = frozenset({"step", "max_evals", "nsamples"})
+AUTO_KEYS = frozenset({"step", "max_evals", "nsamples", "budgets"})
 ZERO_SHOT_KEYS = frozenset({"tasks", "limit", "budgets"})
 
 
@@ -69,6 +69,7 @@ class Profile:
     auto_sb_step: float
     auto_sb_max_evals: int | None
     auto_sb_nsamples: int
+    auto_sb_budgets: tuple[str, ...]
     tasks: tuple[str, ...]
     task_limit: int | None
     zero_shot_budgets: tuple[str, ...]
@@ -177,6 +178,7 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         sp=_fraction_list(f"{name}.sp", top["sp"]), sb_step=float(sb_step), budgets=budgets, auto_sb=auto_on,
         auto_sb_step=float(auto.get("step", defaults.auto_sb_step)), auto_sb_max_evals=auto.get("max_evals"),
         auto_sb_nsamples=auto.get("nsamples", defaults.auto_sb_nsamples),
+        auto_sb_budgets=_str_list(f"{name}.auto_sb.budgets", auto.get("budgets", list(budgets)), BUDGETS),
         tasks=_str_list(f"{name}.zero_shot.tasks", zs.get("tasks", []), empty_ok=True),
         task_limit=zs.get("limit"),
         zero_shot_budgets=_str_list(f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), BUDGETS,
@@ -224,7 +226,7 @@ def sweep_configs(profile: Profile) -> list[RunConfig]:
                     for sb in dynamic_sbs(sp, profile.sb_step):
                         configs.append(profile.base_config(model, sp=sp, sb=sb, budget=budget, cal_dataset=cal))
                 if profile.auto_sb:
-                    for budget in profile.budgets:
+                    for budget in profile.auto_sb_budgets:
                         configs.append(profile.base_config(model, sp=sp, sb=AUTO, budget=budget, cal_dataset=cal))
     return configs
 

@@ -53,6 +53,13 @@ def test_sweep_configs_enumerates_the_grid():
     assert [c.key() for c in sweep.sweep_configs(sweep.parse_profile(SMOKE, "t"))] == [c.key() for c in configs]
 
 
+def test_auto_sb_budgets_and_off():
+    on = sweep.sweep_configs(sweep.parse_profile({**SMOKE, "auto_sb": {"step": 0.05, "budgets": ["width"]}}, "t"))
+    assert [(c.sp, c.budget, c.auto_sb_step) for c in on if c.auto_sb] == [(0.2, "width", 0.05), (0.3, "width", 0.05)]
+    off = sweep.sweep_configs(sweep.parse_profile({**SMOKE, "auto_sb": False}, "t"))
+    assert not any(c.auto_sb for c in off) and len(off) == len(on) - 2
+
+
 def test_dynamic_sbs_excludes_constant():
     assert sweep.dynamic_sbs(0.3, 0.1) == [0.2, 0.1, 0.0]
     assert sweep.dynamic_sbs(0.2, 0.02)[0] == 0.18 and sweep.dynamic_sbs(0.2, 0.02)[-1] == 0.0
@@ -150,7 +157,8 @@ def make_record(sp, sb, ppl, params, *, budget="width", tasks=None, cal="wiki", 
     rec = {"config": cfg.to_json(), "sp": sp, "sb": sb, "budget": budget,
            "params": {"dense": 1000, "total": params, "weights": params, "shortcuts": 0,
                       "fraction_removed": 1 - params / 1000},
-           "ppl": dict(ppl), "tasks": tasks or {}, "timings_s": {"load": 99.0, "slice": time_s}}
+           "ppl": dict(ppl), "tasks": tasks or {},
+           "timings_s": {"load": 99.0, "slice": time_s, "eval": 100.0 if tasks else 2.0}}
     if sp:
         rec["allocation"] = {"mean_effective_fraction": sp}
     if auto:
@@ -184,7 +192,7 @@ def test_records_frame_kinds(records):
     f = report.records_frame(records)
     assert sorted(f["kind"].value_counts().items()) == [("auto", 1), ("constant", 1), ("dense", 1), ("dynamic", 7)]
     assert f.loc[f["kind"] == "dense", "acc_average"].item() == pytest.approx(0.7)
-    assert f.loc[f["kind"] == "auto", "time_s"].item() == 30.0  # load time excluded
+    assert f.loc[f["kind"] == "auto", "time_s"].item() == 32.0  # load time excluded
 
 
 def test_best_vs_constant(records):
@@ -232,7 +240,8 @@ def test_auto_vs_sweep(records):
     a = report.auto_vs_sweep(report.records_frame(records), "wiki").iloc[0]
     assert (a["auto_sb"], a["auto_runs"], a["auto_grid"]) == (0.2, 3, 16)
     assert (a["sweep_sb"], a["sweep_ppl"], a["sweep_runs"]) == (0.1, 16.0, 4)  # 3 dynamic + constant
-    assert a["sweep_time_s"] == pytest.approx(40.0)
+    # 3 grid runs of 10 + 2 s; the constant ran the tasks (eval 100 s): charged 10 + the grid's mean eval 2 s
+    assert a["sweep_time_s"] == pytest.approx(3 * 12.0 + 12.0)
     assert a["ppl_gap_pct"] == pytest.approx(100 * (17.5 - 16) / 16)
 
 

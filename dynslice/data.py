@@ -310,9 +310,10 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
 
 
-def _check_seed(seed: Any) -> None:
+def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed: {seed!r} is outside 0 <= seed < 2**63 (an int)")
+    return seed
 
 
 def _check_int(param: str, value: Any, minimum: int) -> None:
@@ -404,6 +405,18 @@ def _random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, generator:
     return stream[starts[:, None] + torch.arange(seqlen)]
 
 
+def _seeded_windows(name: str, tokenizer, nsamples: int, seqlen: int, split: str,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Validated arguments, then ``nsamples`` random ``seqlen`` windows of the split's stream."""
+    _check_name(name)
+    _check_split(split)
+    _check_int("nsamples", nsamples, 1)
+    _check_int("seqlen", seqlen, 2)
+    stream = token_stream(name, split, tokenizer)
+    _long_enough(stream, name, split, seqlen)
+    return _random_windows(stream, nsamples, seqlen, generator)
+
+
 def calibration_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42, split: str = "train",
                       varied_seqlen: bool = False) -> dict[str, torch.Tensor]:
     """SliceGPT-style calibration data: ``nsamples`` seeded random ``seqlen`` windows of the ``split`` stream.
@@ -412,15 +425,8 @@ def calibration_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: in
     odd-numbered row (1, 3, ...) keeps only its first ``L`` tokens, ``L`` drawn in ``[max(1, seqlen // 4),
     seqlen - 1]``, and is right-padded with the tokenizer's pad id (EOS when it has none) under mask 0.
     """
-    _check_name(name)
-    _check_split(split)
-    _check_int("nsamples", nsamples, 1)
-    _check_int("seqlen", seqlen, 2)
-    _check_seed(seed)
-    stream = token_stream(name, split, tokenizer)
-    _long_enough(stream, name, split, seqlen)
-    generator = torch.Generator().manual_seed(seed)
-    ids = _random_windows(stream, nsamples, seqlen, generator)
+    generator = torch.Generator().manual_seed(_check_seed(seed))
+    ids = _seeded_windows(name, tokenizer, nsamples, seqlen, split, generator)
     mask = torch.ones_like(ids)
     if varied_seqlen:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -452,14 +458,8 @@ def eval_chunks(name: str, tokenizer, seqlen: int, split: str = "test", max_chun
 def random_chunks(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42,
                   split: str = "validation") -> torch.Tensor:
     """The paper's perplexity data: ``nsamples`` seeded random ``seqlen`` windows of the ``split`` stream."""
-    _check_name(name)
-    _check_split(split)
-    _check_int("nsamples", nsamples, 1)
-    _check_int("seqlen", seqlen, 2)
-    _check_seed(seed)
-    stream = token_stream(name, split, tokenizer)
-    _long_enough(stream, name, split, seqlen)
-    return _random_windows(stream, nsamples, seqlen, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(_check_seed(seed))
+    return _seeded_windows(name, tokenizer, nsamples, seqlen, split, generator)
 
 
 def heldout_chunks(name: str, tokenizer, nsamples: int, seqlen: int, *, seed: int = 42, cal_nsamples: int,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -357,23 +358,21 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
     timings = {"capture": 0.0, "forward": 0.0, "pca": 0.0, "rotate": 0.0}
     t0 = time.perf_counter()
 
-    fuse_norms(model, adapter)
-    sig = capture_inputs(model, calibration, batch_size, home, adapter)
-    timings["capture"] += time.perf_counter() - t0
+    with _timed(timings, "capture"):
+        fuse_norms(model, adapter)
+        sig = capture_inputs(model, calibration, batch_size, home, adapter)
 
     # Position 0: the embeddings.
-    t = time.perf_counter()
-    q = _pca(sig.x, sig.masks, device)
-    timings["pca"] += time.perf_counter() - t
-    t = time.perf_counter()
-    q_in = q[:, : widths[0]]
-    emb = adapter.embeddings
-    new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx,
-                           dtype=emb.weight.dtype, device=emb.weight.device)
-    new_emb.weight.copy_((emb.weight.to(device).double() @ q_in).to(emb.weight.dtype))
-    model.model.embed_tokens = new_emb
-    x = [_project(s, q_in, device) for s in sig.x]
-    timings["rotate"] += time.perf_counter() - t
+    with _timed(timings, "pca"):
+        q = _pca(sig.x, sig.masks, device)
+    with _timed(timings, "rotate"):
+        q_in = q[:, : widths[0]]
+        emb = adapter.embeddings
+        new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx,
+                               dtype=emb.weight.dtype, device=emb.weight.device)
+        new_emb.weight.copy_((emb.weight.to(device).double() @ q_in).to(emb.weight.dtype))
+        model.model.embed_tokens = new_emb
+        x = [_project(s, q_in, device) for s in sig.x]
 
     outs = list(widths[1:]) + [final_width]
     bar = tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress)
@@ -385,60 +384,63 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
         d_in, d_out = widths[i], outs[i]
 
         # Attention: reads the rotated stream; writes the mid position, computed once in the dense basis.
-        t = time.perf_counter()
-        for lin in parts.attn_in:
-            _rotate_inputs(lin, q_in)
-        timings["rotate"] += time.perf_counter() - t
+        with _timed(timings, "rotate"):
+            for lin in parts.attn_in:
+                _rotate_inputs(lin, q_in)
         mid = []
-        t = time.perf_counter()
-        for b in range(len(x)):
-            xb = x[b].to(device)
-            a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
-            mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
-            x[b] = None  # free as we go: at most two signals are held
-        timings["forward"] += time.perf_counter() - t
-        t = time.perf_counter()
-        q_mid = _pca(mid, sig.masks, device)[:, :d_in]
-        timings["pca"] += time.perf_counter() - t
+        with _timed(timings, "forward"):
+            for b in range(len(x)):
+                xb = x[b].to(device)
+                a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
+                mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
+                x[b] = None  # free as we go: at most two signals are held
+        with _timed(timings, "pca"):
+            q_mid = _pca(mid, sig.masks, device)[:, :d_in]
 
         # MLP: reads the mid position; writes the next layer's input position.
-        t = time.perf_counter()
-        _rotate_outputs(parts.attn_out, q_mid)
-        for lin in parts.mlp_in:
-            _rotate_inputs(lin, q_mid)
-        timings["rotate"] += time.perf_counter() - t
+        with _timed(timings, "rotate"):
+            _rotate_outputs(parts.attn_out, q_mid)
+            for lin in parts.mlp_in:
+                _rotate_inputs(lin, q_mid)
         out = []
-        t = time.perf_counter()
-        for b in range(len(mid)):
-            m = _project(mid[b], q_mid, device, keep_on_device=True)
-            y = layer.mlp(parts.mlp_norm(m))
-            out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
-            mid[b] = None
-        timings["forward"] += time.perf_counter() - t
+        with _timed(timings, "forward"):
+            for b in range(len(mid)):
+                m = _project(mid[b], q_mid, device, keep_on_device=True)
+                y = layer.mlp(parts.mlp_norm(m))
+                out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
+                mid[b] = None
         last = i == n_layers - 1
-        t = time.perf_counter()
-        if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
-            q_out = torch.eye(d, dtype=torch.float64, device=device)
-        else:
-            q_out = _pca(out, sig.masks, device)[:, :d_out]
-        timings["pca"] += time.perf_counter() - t
+        with _timed(timings, "pca"):
+            if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
+                q_out = torch.eye(d, dtype=torch.float64, device=device)
+            else:
+                q_out = _pca(out, sig.masks, device)[:, :d_out]
 
-        t = time.perf_counter()
-        _rotate_outputs(parts.mlp_out, q_out)
-        new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
-        _set_shortcut(new.attn_shortcut, q_in, q_mid)
-        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
-        adapter.layers[i] = new.to(home)
-        x = out if last else [_project(o, q_out, device) for o in out]
-        del out
-        q_in = q_out
-        timings["rotate"] += time.perf_counter() - t
+        with _timed(timings, "rotate"):
+            _rotate_outputs(parts.mlp_out, q_out)
+            new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
+            _set_shortcut(new.attn_shortcut, q_in, q_mid)
+            _set_shortcut(new.mlp_shortcut, q_mid, q_out)
+            adapter.layers[i] = new.to(home)
+            x = out if last else [_project(o, q_out, device) for o in out]
+            del out
+            q_in = q_out
 
     if final_width < d:
         _rotate_inputs(adapter.lm_head, q_in.to(adapter.lm_head.weight.device))
     model.dynslice_info = SliceInfo(widths, final_width, {k: round(v, 4) for k, v in timings.items()})
     model.dynslice_info.timings_s["total"] = round(time.perf_counter() - t0, 4)
     return model
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str):
+    """Add the wall time of the ``with`` block to ``timings[key]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] += time.perf_counter() - t
 
 
 def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:

@@ -15,7 +15,8 @@ Each is repeated ``--repeats`` times (3) after a warm-up, the models taking turn
 load from other processes hits them alike); the median is reported. A sanity check per model: the
 last cached decode step's logits against a full (cache-free) forward of prompt + generated tokens.
 
-Run: ``python bench/bench_inference.py [--threads 2]``. Writes ``bench/results/inference_cpu.json`` (``--out``).
+Run as a script (it imports helpers from ``bench_slicing.py`` next to it):
+``python bench/bench_inference.py [--threads 2]``. Writes ``bench/results/inference_cpu.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ CONFIGS: tuple[tuple[str, float | None, float | None], ...] = (
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, ids: torch.Tensor):
+def prefill(model: nn.Module, ids: torch.Tensor) -> Any:
     """Forward of the prompt that fills a KV cache; logits of the last position only."""
     return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 

@@ -285,14 +285,81 @@ def allocation_to_json(allocation: Allocation) -> dict:
     return allocation.to_json()
 
 
-def load_lr(path: str | os.PathLike) -> np.ndarray:
-    """The raw ``"lr"`` scores of an LR JSON file (``{"model", "dataset", "lr": [...], "normalized": [...]}``)."""
-    obj = read_json(path)
-    if not isinstance(obj, dict) or not isinstance(obj.get("lr"), list):
-        raise ValueError(f"path: {path} has no 'lr' list of scores")
-    if any(v is None or isinstance(v, bool) or not isinstance(v, Real) for v in obj["lr"]):
-        raise ValueError(f"path: {path} has a non-numeric (or NaN, written as null) entry in 'lr'")
-    return _as_lr(obj["lr"])
+#: Sign that turns each metric's raw score into redundancy (high = redundant = sliced more). ``redundancy`` labels
+#: a vector that is already oriented (a hand-written file, or the ``normalized`` vector of an LR record).
+ORIENTATION: dict[str, float] = {"cosine": 1.0, "redundancy": 1.0, "bi": -1.0, "angular": -1.0}
+
+
+def redundancy_scores(scores: Sequence[float], metric: str) -> np.ndarray:
+    """The one orientation function: raw scores of ``metric`` to min-max normalised redundancy in [0, 1].
+
+    ``cosine`` is redundancy already; ``bi`` (1 - cos) and ``angular`` are distances, so they are negated. The
+    allocator is only ever given this function's output.
+    """
+    _check_choice("metric", metric, tuple(ORIENTATION))
+    return normalize_lr(ORIENTATION[metric] * _as_lr(scores))
+
+
+@dataclass(frozen=True)
+class LRInput:
+    """An LR input made ready for :func:`allocate`: redundancy-oriented scores plus what the file says."""
+
+    redundancy: tuple[float, ...]
+    metric: str
+    hidden: int | None = None
+    model: str | None = None
+
+
+def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRInput:
+    """Validate a parsed LR record (``dynslice lr``'s JSON, ``{"lr": [...], "metric": ...}`` or a bare list).
+
+    ``metric`` states the metric of a file that does not; a file that states one must agree with it. ``source``
+    names the file in errors.
+    """
+    if metric is not None:
+        _check_choice("metric", metric, tuple(ORIENTATION))
+    if isinstance(obj, list):
+        obj = {"lr": obj}
+    if not isinstance(obj, dict):
+        raise ValueError(f"lr: {source} must hold a list of scores or an object with an 'lr' list")
+    if "lr" not in obj:
+        if "widths" in obj:
+            raise ValueError(f"lr: {source} holds widths (an allocation), not LR scores; pass it as --widths")
+        raise ValueError(f"lr: {source} has no 'lr' list of scores")
+    scores = obj["lr"]
+    if not isinstance(scores, list) or not scores:
+        raise ValueError(f"lr: {source} field 'lr' must be a non-empty list of numbers")
+    for i, v in enumerate(scores):
+        if v is None or isinstance(v, bool) or not isinstance(v, Real):
+            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not a number (NaN is written as null)")
+        if not math.isfinite(v):
+            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not finite")
+    stated = obj.get("metric")
+    if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
+        raise ValueError(f"lr: {source} field metric = {stated!r} is not one of {', '.join(ORIENTATION)}")
+    if stated is None and metric is None:
+        raise ValueError(f"lr: {source} states no metric; add \"metric\" ({', '.join(ORIENTATION)}) to the file "
+                         "or pass --lr-metric")
+    if stated is not None and metric is not None and stated != metric:
+        raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
+    hidden = obj.get("hidden")
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, Integral) or hidden < 1):
+        raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer >= 1")
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"lr: {source} field model = {model!r} must be a string")
+    chosen = stated or metric
+    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden, model)
+
+
+def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:
+    """:func:`lr_input` of an LR JSON file."""
+    return lr_input(read_json(path), metric, source=str(path))
+
+
+def load_lr(path: str | os.PathLike, metric: str | None = None) -> np.ndarray:
+    """Redundancy-oriented, normalised scores (high = redundant) of an LR JSON file, ready for :func:`allocate`."""
+    return np.asarray(read_lr(path, metric).redundancy)
 
 
 # ----------------------------------------------------------------------------------------------------------------

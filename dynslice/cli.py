@@ -1,12 +1,13 @@
 """Command line: ``dynslice lr | allocate | slice | eval | run``.
 
-Every command writes JSON atomically, and on invalid input exits with status 2 and a one-line error that names the
-bad parameter.
+Every command checks its outputs before any work, writes atomically, never replaces a file it did not write, and
+on invalid input exits with status 2 and a one-line error that names the bad parameter (Ctrl-C: status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,127 +15,230 @@ from pathlib import Path
 
 from dynslice.paths import configure_hf_cache
 
+METRIC_CHOICES = ["cosine", "bi", "angular", "redundancy"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (usage is left to ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is outside >= {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model spec: smollm2-135m, a hub id, a folder or a .gguf file")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=_at_least(0), default=42)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynslice", description=__doc__.splitlines()[0])
+    p = _Parser(prog="dynslice", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     lr = sub.add_parser("lr", help="Layer Redundancy score of a dense model")
     _model_args(lr)
     lr.add_argument("--dataset", default="wiki")
-    lr.add_argument("--nsamples", type=int, default=32)
-    lr.add_argument("--seqlen", type=int, default=512)
+    lr.add_argument("--nsamples", type=_at_least(1), default=32)
+    lr.add_argument("--seqlen", type=_at_least(2), default=512)
     lr.add_argument("--metric", default="cosine", choices=["cosine", "bi", "angular"])
     lr.add_argument("--out", required=True)
 
     al = sub.add_parser("allocate", help="per-layer widths from an LR file")
-    al.add_argument("--lr", required=True, help="LR JSON written by `dynslice lr`")
-    al.add_argument("--sp", type=float, required=True)
-    al.add_argument("--sb", type=float, required=True)
+    al.add_argument("--lr", required=True, help="LR JSON written by `dynslice lr`, {\"lr\": [...]} or a bare list")
+    al.add_argument("--lr-metric", default=None, choices=METRIC_CHOICES,
+                    help="metric of a hand-written LR file that does not state one")
+    al.add_argument("--sp", type=_finite, required=True)
+    al.add_argument("--sb", type=_finite, required=True)
     al.add_argument("--round-interval", type=int, default=8)
     al.add_argument("--rounding", default="total", choices=["total", "reference"])
     al.add_argument("--budget", default="width", choices=["width", "params"])
     al.add_argument("--count", default="total", choices=["total", "weights"])
     al.add_argument("--model", default=None, help="model spec (its config is needed for --budget params)")
+    al.add_argument("--hidden", type=_at_least(1), default=None,
+                    help="dense width D, for an LR file that does not record it")
+    al.add_argument("--overwrite", action="store_true", help="replace a previous dynslice record at --out")
     al.add_argument("--out", required=True)
 
     sl = sub.add_parser("slice", help="rotate-and-slice a model and save it")
     _model_args(sl)
     g = sl.add_mutually_exclusive_group(required=True)
     g.add_argument("--widths", help="widths JSON written by `dynslice allocate` (or a JSON list)")
-    g.add_argument("--sp", type=float)
-    sl.add_argument("--sb", type=float, default=None)
+    g.add_argument("--sp", type=_finite)
+    sl.add_argument("--sb", type=_finite, default=None)
     sl.add_argument("--lr", default=None, help="LR JSON; computed on the calibration data when omitted")
+    sl.add_argument("--lr-metric", default=None, choices=METRIC_CHOICES,
+                    help="metric of a hand-written LR file that does not state one")
     sl.add_argument("--round-interval", type=int, default=8)
     sl.add_argument("--budget", default="width", choices=["width", "params"])
     sl.add_argument("--cal-dataset", default="wiki")
-    sl.add_argument("--cal-nsamples", type=int, default=32)
-    sl.add_argument("--cal-seqlen", type=int, default=512)
+    sl.add_argument("--cal-nsamples", type=_at_least(1), default=32)
+    sl.add_argument("--cal-seqlen", type=_at_least(2), default=512)
     sl.add_argument("--out", required=True, help="folder for the sliced model")
 
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _model_args(ev)
     ev.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
-    ev.add_argument("--ppl-seqlen", type=int, default=512)
+    ev.add_argument("--ppl-seqlen", type=_at_least(2), default=512)
     ev.add_argument("--ppl-protocol", default="slicegpt", choices=["slicegpt", "paper"])
-    ev.add_argument("--ppl-max-chunks", type=int, default=None)
-    ev.add_argument("--ppl-nsamples", type=int, default=None)
+    ev.add_argument("--ppl-max-chunks", type=_at_least(1), default=None)
+    ev.add_argument("--ppl-nsamples", type=_at_least(1), default=None)
     ev.add_argument("--tasks", nargs="*", default=[], metavar="T")
-    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--limit", type=_at_least(1), default=None)
     ev.add_argument("--out", required=True)
 
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
     _model_args(rn)
-    rn.add_argument("--sp", type=float, required=True)
+    rn.add_argument("--sp", type=_finite, required=True)
     rn.add_argument("--sb", required=True, help="a number in [0, sp], or 'auto'")
     rn.add_argument("--budget", default="width", choices=["width", "params"])
     rn.add_argument("--count", default="total", choices=["total", "weights"])
     rn.add_argument("--round-interval", type=int, default=8)
     rn.add_argument("--lr-dataset", default="wiki")
-    rn.add_argument("--lr-nsamples", type=int, default=32)
-    rn.add_argument("--lr-seqlen", type=int, default=512)
+    rn.add_argument("--lr-nsamples", type=_at_least(1), default=32)
+    rn.add_argument("--lr-seqlen", type=_at_least(2), default=512)
     rn.add_argument("--lr-metric", default="cosine", choices=["cosine", "bi", "angular"])
     rn.add_argument("--cal-dataset", default="wiki")
-    rn.add_argument("--cal-nsamples", type=int, default=32)
-    rn.add_argument("--cal-seqlen", type=int, default=512)
+    rn.add_argument("--cal-nsamples", type=_at_least(1), default=32)
+    rn.add_argument("--cal-seqlen", type=_at_least(2), default=512)
     rn.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
-    rn.add_argument("--ppl-seqlen", type=int, default=512)
+    rn.add_argument("--ppl-seqlen", type=_at_least(2), default=512)
     rn.add_argument("--ppl-protocol", default="slicegpt", choices=["slicegpt", "paper"])
-    rn.add_argument("--ppl-max-chunks", type=int, default=None)
-    rn.add_argument("--ppl-nsamples", type=int, default=None)
+    rn.add_argument("--ppl-max-chunks", type=_at_least(1), default=None)
+    rn.add_argument("--ppl-nsamples", type=_at_least(1), default=None)
     rn.add_argument("--tasks", nargs="*", default=[], metavar="T")
-    rn.add_argument("--limit", type=int, default=None)
+    rn.add_argument("--limit", type=_at_least(1), default=None)
     rn.add_argument("--save-model", default=None, help="also save the sliced model to this folder")
-    rn.add_argument("--force", action="store_true", help="rerun even if --out already holds this config's record")
+    rn.add_argument("--force", action="store_true",
+                    help="rerun and replace the record even if --out already holds this config's record")
     rn.add_argument("--out", required=True)
     return p
 
 
 def _read_widths(spec: str) -> list[int]:
+    """``--widths``: a JSON list, or a file holding one (bare, or under ``"widths"`` as `allocate` writes it)."""
+    import json
+
     from dynslice.jsonio import read_json
 
     text = spec.strip()
     if text.startswith("["):
-        import json
-
-        return json.loads(text)
-    obj = read_json(spec)
+        try:
+            obj = json.loads(text, parse_constant=lambda c: float(c))
+        except ValueError as e:
+            raise ValueError(f"widths: {text!r} is not a JSON list of integers ({e})") from None
+        where = "the --widths list"
+    else:
+        obj = read_json(spec)
+        where = spec
+    if isinstance(obj, dict) and "widths" not in obj and "lr" in obj:
+        raise ValueError(f"widths: {where} holds LR scores, not widths; pass it as --lr")
     widths = obj.get("widths") if isinstance(obj, dict) else obj
-    if not isinstance(widths, list):
-        raise ValueError(f"widths: {spec} holds no 'widths' list")
+    if not isinstance(widths, list) or not widths:
+        raise ValueError(f"widths: {where} holds no non-empty 'widths' list")
+    for i, w in enumerate(widths):
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer >= 1")
     return widths
+
+
+def _check_model(a: argparse.Namespace, *, dense: bool) -> None:
+    """Validate ``--model``, ``--dtype`` and ``--device`` before any work; ``dense`` refuses sliced models."""
+    from dynslice.models import parse_device, parse_dtype, resolve_spec
+
+    parse_dtype(a.dtype)
+    parse_device(a.device)
+    r = resolve_spec(a.model)
+    if dense and r.kind == "sliced":
+        from dynslice.io import read_sliced_meta
+
+        base = read_sliced_meta(r.location)["base_model"]
+        raise ValueError(f"model: {a.model} is already sliced (from {base}); {a.command} needs a dense model, "
+                         f"such as its base model {base}")
+
+
+def _check_context(model, **seqlens: int | None) -> None:
+    """Refuse sequence lengths beyond the model's context (``max_position_embeddings``)."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    for name, value in seqlens.items():
+        if ctx and value is not None and value > ctx:
+            raise ValueError(f"{name}: {value} is beyond the model's context of {ctx} tokens (allowed 2..{ctx})")
+
+
+def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets: str) -> None:
+    """Dataset and task names, checked before any model is loaded."""
+    from dynslice.data import ALL_DATASETS
+    from dynslice.evaluate import METRIC
+
+    for param, name in datasets.items():
+        if name not in ALL_DATASETS:
+            raise ValueError(f"{param}: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)}")
+    for name in ppl:
+        if name not in ALL_DATASETS:
+            raise ValueError(f"ppl: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)}")
+    unknown = [t for t in tasks if t not in METRIC]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} are not known tasks; known tasks are {', '.join(sorted(METRIC))}")
 
 
 def _cmd_lr(a: argparse.Namespace) -> None:
     from dynslice import data
     from dynslice.jsonio import write_json
     from dynslice.lr import layer_redundancy
-    from dynslice.models import load
+    from dynslice.models import get_adapter, load
+    from dynslice.outputs import check_json_out
 
+    out = check_json_out(a.out, overwrite=a.overwrite)
+    _check_names(dataset=a.dataset)
+    _check_model(a, dense=True)
     model, tok = load(a.model, a.dtype, a.device)
+    _check_context(model, seqlen=a.seqlen)
     batch = data.calibration_batch(a.dataset, tok, a.nsamples, a.seqlen, seed=a.seed)
     t = time.perf_counter()
     score = layer_redundancy(model, batch, metric=a.metric, batch_size=a.batch_size)
-    write_json(a.out, {**score.to_json(), "model": a.model, "dataset": a.dataset, "nsamples": a.nsamples,
-                       "seqlen": a.seqlen, "seed": a.seed, "time_s": round(time.perf_counter() - t, 3)})
+    adapter = get_adapter(model)
+    write_json(out, {**score.to_json(), "model": a.model, "hidden": adapter.hidden_size,
+                     "num_layers": adapter.num_layers, "dataset": a.dataset, "nsamples": a.nsamples,
+                     "seqlen": a.seqlen, "seed": a.seed, "time_s": round(time.perf_counter() - t, 3)})
 
 
 def _cmd_allocate(a: argparse.Namespace) -> None:
-    from dynslice.allocate import allocate
-    from dynslice.jsonio import read_json, write_json
+    from dynslice.allocate import allocate, read_lr
+    from dynslice.jsonio import write_json
+    from dynslice.outputs import check_json_out
     from dynslice.params import ArchDims
 
-    lr = read_json(a.lr)
-    if not isinstance(lr, dict) or "lr" not in lr:
-        raise ValueError(f"lr: {a.lr} holds no 'lr' list")
+    out = check_json_out(a.out, overwrite=a.overwrite)
+    lr = read_lr(a.lr, a.lr_metric)
     dims = None
     if a.model is not None:
         from dynslice.models import load_model
@@ -142,85 +246,101 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
         dims = ArchDims.from_config(load_model(a.model).config)
     elif a.budget == "params":
         raise ValueError("model: --budget params needs --model to count parameters")
-    hidden = dims.hidden if dims else int(lr.get("hidden") or _hidden_of(lr["model"]))
-    alloc = allocate(lr["lr"], a.sp, a.sb, hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
-                     count=a.count, rounding=a.rounding)
-    write_json(a.out, {**alloc.to_json(), "lr_file": str(a.lr), "model": lr.get("model")})
-
-
-def _hidden_of(spec: str) -> int:
-    from transformers import AutoConfig
-
-    from dynslice.models import resolve_spec
-
-    r = resolve_spec(spec)
-    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    return int(AutoConfig.from_pretrained(r.location, **kw).hidden_size)
+    sources = {"--model": dims.hidden if dims else None, "--hidden": a.hidden, f"{a.lr}": lr.hidden}
+    given = {k: v for k, v in sources.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError(f"hidden: the dense width disagrees between {', '.join(f'{k} ({v})' for k, v in given.items())}")
+    if not given:
+        raise ValueError(f"hidden: {a.lr} records no dense width (hidden); pass --model or --hidden")
+    hidden = next(iter(given.values()))
+    alloc = allocate(list(lr.redundancy), a.sp, a.sb, hidden, round_interval=a.round_interval, budget=a.budget,
+                     dims=dims, count=a.count, rounding=a.rounding)
+    write_json(out, {**alloc.to_json(), "lr_file": str(a.lr), "lr_metric": lr.metric,
+                     "model": a.model or lr.model})
 
 
 def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice import data
-    from dynslice.allocate import allocate
+    from dynslice.allocate import allocate, read_lr, redundancy_scores
     from dynslice.io import save_sliced
-    from dynslice.jsonio import read_json
     from dynslice.lr import layer_redundancy
     from dynslice.models import get_adapter, load
+    from dynslice.outputs import check_model_out
     from dynslice.params import ArchDims
     from dynslice.slicing import slice_model
 
+    out = check_model_out(a.out, overwrite=a.overwrite)
+    if a.widths is not None:
+        for flag, value in (("sb", a.sb), ("lr", a.lr), ("lr_metric", a.lr_metric)):
+            if value is not None:
+                raise ValueError(f"{flag}: --{flag.replace('_', '-')} has no effect with --widths (the widths are "
+                                 "given); drop one of them")
+        widths = _read_widths(a.widths)
+    _check_names(cal_dataset=a.cal_dataset)
+    _check_model(a, dense=True)
+    redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
     model, tok = load(a.model, a.dtype, a.device)
+    _check_context(model, cal_seqlen=a.cal_seqlen)
+    dims = ArchDims.from_config(model.config)
+    if redundancy is not None and redundancy.hidden not in (None, dims.hidden):
+        raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
     cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
-    if a.widths is not None:
-        widths = _read_widths(a.widths)
-    else:
+    if a.widths is None:
         sb = a.sp if a.sb is None else a.sb
-        if a.lr is not None:
-            lr = read_json(a.lr)["lr"]
+        if redundancy is not None:
+            scores = list(redundancy.redundancy)
         elif sb != a.sp:
-            lr = list(layer_redundancy(model, cal, batch_size=a.batch_size).raw)
+            score = layer_redundancy(model, cal, batch_size=a.batch_size)
+            scores = list(redundancy_scores(score.raw, score.metric))
         else:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
-            lr = list(range(get_adapter(model).num_layers))
-        dims = ArchDims.from_config(model.config)
-        alloc = allocate(lr, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
+            scores = list(range(get_adapter(model).num_layers))
+        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
         widths = list(alloc.widths)
         extra["allocation"] = alloc.to_json()
     slice_model(model, cal, widths, batch_size=a.batch_size)
-    save_sliced(model, a.out, a.model, tok, extra=extra)
+    save_sliced(model, out, a.model, tok, extra=extra, overwrite=a.overwrite)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.config import RunConfig
     from dynslice.jsonio import write_json
     from dynslice.models import count_parameters, load
+    from dynslice.outputs import check_json_out
     from dynslice.pipeline import evaluate_model, versions
 
+    out = check_json_out(a.out, overwrite=a.overwrite)
+    _check_names(ppl=a.ppl, tasks=a.tasks)
+    _check_model(a, dense=False)
     cfg = RunConfig(model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, sp=0.0, sb=0.0,
                     batch_size=a.batch_size, ppl_datasets=tuple(a.ppl), ppl_seqlen=a.ppl_seqlen,
                     ppl_protocol=a.ppl_protocol, ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples,
                     tasks=tuple(a.tasks), task_limit=a.limit)
     model, tok = load(a.model, a.dtype, a.device)
+    _check_context(model, ppl_seqlen=a.ppl_seqlen)
     t = time.perf_counter()
     ppl, tasks = evaluate_model(model, tok, cfg)
     widths = getattr(getattr(model, "dynslice_info", None), "widths", None)
-    write_json(a.out, {"config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
-                       "versions": versions(), "model": a.model, "ppl": ppl, "tasks": tasks,
-                       "params": {"total": count_parameters(model)},
-                       "widths": None if widths is None else list(widths),
-                       "timings_s": {"eval": round(time.perf_counter() - t, 3)}})
+    write_json(out, {"config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
+                     "versions": versions(), "model": a.model, "ppl": ppl, "tasks": tasks,
+                     "params": {"total": count_parameters(model)},
+                     "widths": None if widths is None else list(widths),
+                     "timings_s": {"eval": round(time.perf_counter() - t, 3)}})
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
     from dynslice.config import AUTO, RunConfig
-    from dynslice.pipeline import run
+    from dynslice.jsonio import read_json
+    from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
+    from dynslice.pipeline import Workbench, run
 
     if a.sb == AUTO:
         sb: float | str = AUTO
     else:
         try:
-            sb = float(a.sb)
-        except ValueError:
+            sb = _finite(a.sb)
+        except argparse.ArgumentTypeError:
             raise ValueError(f"sb: {a.sb!r} is neither a number in [0, sp] nor 'auto'") from None
     cfg = RunConfig(model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb, budget=a.budget,
                     count=a.count, round_interval=a.round_interval, lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
@@ -229,21 +349,47 @@ def _cmd_run(a: argparse.Namespace) -> None:
                     ppl_datasets=tuple(a.ppl), ppl_protocol=a.ppl_protocol, ppl_seqlen=a.ppl_seqlen,
                     ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples, tasks=tuple(a.tasks),
                     task_limit=a.limit, save_dir=a.save_model)
-    run(cfg, a.out, force=a.force)
+    out = Path(a.out) if a.out and a.out.strip() else None
+    done = (out is not None and not a.force and out.is_file() and is_dynslice_record(out)
+            and read_json(out).get("config") == cfg.to_json())
+    if done:
+        return  # this config's record is already there: nothing to do
+    out = check_json_out(a.out, overwrite=a.overwrite or a.force)
+    if a.save_model is not None:
+        check_model_out(a.save_model, overwrite=a.overwrite, param="save_model")
+    _check_names(ppl=a.ppl, tasks=a.tasks, lr_dataset=a.lr_dataset, cal_dataset=a.cal_dataset)
+    _check_model(a, dense=True)
+    bench = Workbench(cfg.model, cfg.dtype, cfg.device)
+    _check_context(bench.model, lr_seqlen=a.lr_seqlen, cal_seqlen=a.cal_seqlen, ppl_seqlen=a.ppl_seqlen)
+    run(cfg, out, bench=bench, force=True)
 
 
 COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval": _cmd_eval, "run": _cmd_run}
 
 
+def _one_line(command: str, kind: str, message: object) -> str:
+    text = " ".join(str(message).split()) or type(message).__name__
+    return f"dynslice {command}: {kind}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dynslice`` command."""
+    """Entry point of the ``dynslice`` command: 0 done, 2 bad input, 1 failure, 130 interrupted."""
     args = _parser().parse_args(argv)
     configure_hf_cache()
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dynslice {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"dynslice {args.command}: interrupted; nothing half-written was left at the output", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(_one_line(args.command, "error", e), file=sys.stderr)
         return 2
+    except Exception as e:  # a failure that is not the input's fault: one line, the traceback on request
+        if os.environ.get("DYNSLICE_DEBUG"):
+            raise
+        print(_one_line(args.command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the "
+                                                 "traceback)"), file=sys.stderr)
+        return 1
     if getattr(args, "out", None):
         print(f"wrote {Path(args.out)}")
     return 0

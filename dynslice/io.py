@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dynslice import __version__
+from dynslice import __version__, outputs
 from dynslice.jsonio import read_json, write_json
 
 SLICED_META = "dynslice.json"
@@ -33,24 +32,26 @@ def _sha256(path: Path) -> str:
 
 
 def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, tokenizer=None,
-                extra: dict | None = None) -> Path:
-    """Write a sliced model to ``out_dir`` (created; replaced atomically if it exists).
+                extra: dict | None = None, *, overwrite: bool = False) -> Path:
+    """Write a sliced model to ``out_dir`` through a temporary folder, then move it in place atomically.
 
     Args:
         model: a model returned by :func:`dynslice.slicing.slice_model` (has ``dynslice_info``).
-        out_dir: target folder; afterwards it is itself a model spec.
+        out_dir: target folder, missing or empty; afterwards it is itself a model spec.
         base_model: the spec the model was sliced from (recorded; its tokenizer is used if none is saved).
         tokenizer: saved beside the weights when given, so the folder is self-contained.
         extra: additional JSON-safe metadata (e.g. sp, sb, calibration) stored under ``"extra"``.
+        overwrite: allow replacing a previous dynslice model folder (never anything else; see
+            :func:`dynslice.outputs.check_model_out`).
     """
     from safetensors.torch import save_file
 
     info = getattr(model, "dynslice_info", None)
     if info is None:
         raise ValueError("model: not a sliced model (no dynslice_info); slice it with dynslice.slicing.slice_model")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    out_dir = outputs.check_model_out(out_dir, overwrite=overwrite)
+    outputs.clean_stale(out_dir)
+    tmp = outputs.temp_folder(out_dir)
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "dynslice": __version__})
@@ -58,6 +59,8 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         dtype = next(model.parameters()).dtype
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                       if p.is_file() and p.name != outputs.INCOMPLETE_MARKER)
         meta = {
             "format_version": FORMAT_VERSION,
             "dynslice_version": __version__,
@@ -69,37 +72,96 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
             "weights": {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)},
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "has_tokenizer": tokenizer is not None,
+            "files": [*files, SLICED_META],
             "extra": extra or {},
         }
         write_json(tmp / SLICED_META, meta)
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            out_dir.rename(backup)
-            tmp.rename(out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        outputs.publish_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
+#: The schema of ``dynslice.json``: field -> (JSON type, required). Checked by :func:`validate_sliced_meta`.
+META_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "format_version": (int, True),
+    "dynslice_version": (str, False),
+    "base_model": (str, True),
+    "architecture": (str, False),
+    "widths": (list, True),
+    "final_width": (int, True),
+    "dtype": (str, False),
+    "weights": (dict, True),
+    "num_parameters": (int, False),
+    "has_tokenizer": (bool, False),
+    "files": (list, False),
+    "extra": (dict, False),
+}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_JSON_TYPE = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def _inside(folder: Path, name: object, field: str, meta_path: Path) -> Path:
+    """``folder / name`` if it names a file inside ``folder`` (no absolute path, no ``..``, no link outside)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ValueError(f"model: {meta_path} field {field} must be a non-empty file name")
+    rel = Path(name)
+    root = folder.resolve()
+    target = (folder / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not target.is_relative_to(root):
+        raise ValueError(f"model: {meta_path} field {field} = {name!r} points outside the model folder {folder}")
+    return folder / rel
+
+
+def validate_sliced_meta(meta: object, folder: Path) -> dict:
+    """Check a parsed ``dynslice.json`` against :data:`META_SCHEMA`; every path must lie inside ``folder``."""
+    meta_path = folder / SLICED_META
+    if not isinstance(meta, dict):
+        raise ValueError(f"model: {meta_path} must hold a JSON object")
+    for key, (kind, required) in META_SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise ValueError(f"model: {meta_path} lacks the field {key!r}")
+            continue
+        v = meta[key]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise ValueError(f"model: {meta_path} field {key} = {v!r} must be {_JSON_TYPE[kind]}")
+    version = meta["format_version"]
+    if not 1 <= version <= FORMAT_VERSION:
+        if version > FORMAT_VERSION:
+            raise ValueError(f"model: {meta_path} has format {version}; this dynslice reads up to "
+                             f"{FORMAT_VERSION}. Upgrade dynslice.")
+        raise ValueError(f"model: {meta_path} field format_version = {version} is outside 1..{FORMAT_VERSION}")
+    widths = meta["widths"]
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"model: {meta_path} field widths must be a non-empty list of integers >= 1")
+    if meta["final_width"] < 1:
+        raise ValueError(f"model: {meta_path} field final_width = {meta['final_width']} must be >= 1")
+    if meta.get("dtype", "float32") not in DTYPE_NAMES:
+        raise ValueError(f"model: {meta_path} field dtype = {meta['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
+    w = meta["weights"]
+    for key, kind in (("file", str), ("bytes", int), ("sha256", str)):
+        if not isinstance(w.get(key), kind) or isinstance(w.get(key), bool):
+            raise ValueError(f"model: {meta_path} field weights.{key} = {w.get(key)!r} must be {_JSON_TYPE[kind]}")
+    if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
+        raise ValueError(f"model: {meta_path} field weights has a negative size or a sha256 that is not 64 hex "
+                         "digits")
+    _inside(folder, w["file"], "weights.file", meta_path)
+    for i, name in enumerate(meta.get("files", [])):
+        _inside(folder, name, f"files[{i}]", meta_path)
+    return meta
+
+
 def read_sliced_meta(path: str | os.PathLike) -> dict:
-    """The ``dynslice.json`` of a saved sliced model, validated."""
+    """The ``dynslice.json`` of a saved sliced model, validated against :data:`META_SCHEMA`."""
     path = Path(path)
+    if outputs.looks_incomplete(path):
+        raise ValueError(f"model: {path} is an incomplete model (a save that was interrupted); save it again")
     meta_path = path / SLICED_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"model: {path} has no {SLICED_META}; it is not a saved sliced model")
-    meta = read_json(meta_path)
-    missing = {"format_version", "widths", "final_width", "base_model", "weights"} - set(meta)
-    if missing:
-        raise ValueError(f"model: {meta_path} lacks {sorted(missing)}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"model: {meta_path} has format {meta['format_version']}; this dynslice reads up to "
-                         f"{FORMAT_VERSION}. Upgrade dynslice.")
-    return meta
+    return validate_sliced_meta(read_json(meta_path), path)
 
 
 def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -117,16 +179,19 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
     path = Path(path)
     meta = read_sliced_meta(path)
-    weights = path / meta["weights"]["file"]
+    weights = _inside(path, meta["weights"]["file"], "weights.file", path / SLICED_META)
     if not weights.is_file():
         raise FileNotFoundError(f"model: {weights} is missing")
     size = weights.stat().st_size
     if size != meta["weights"]["bytes"]:
-        raise ValueError(f"model: {weights} is {size} bytes but {SLICED_META} records {meta['weights']['bytes']}; "
-                         "the file is truncated or from another save")
+        raise ValueError(f"model: {weights} is {size} bytes but {path / SLICED_META} records "
+                         f"{meta['weights']['bytes']}; the file is truncated or from another save")
     if verify and _sha256(weights) != meta["weights"]["sha256"]:
         raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: {path / 'config.json'} could not be read ({str(e).splitlines()[0]})") from None
     saved_dtype = getattr(torch, meta.get("dtype", "float32"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)

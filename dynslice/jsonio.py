@@ -25,8 +25,10 @@ def _clean(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+    from dynslice.outputs import dir_mode, file_mode
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -34,7 +36,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; results are meant to be shared
+        os.chmod(tmp, file_mode())  # mkstemp makes files owner-only; follow the umask like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,7 +47,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, with an error that names the file when it is not valid JSON."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a JSON file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_reject_constant)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text (JSON) file ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); was it truncated?") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); was it truncated?") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    """``NaN``/``Infinity`` are not JSON; Python's reader accepts them unless told otherwise."""
+    raise ValueError(f"{name} is not a JSON number (scores and widths must be finite)")

@@ -16,6 +16,8 @@ by the model's class, never by its name.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +132,7 @@ def get_adapter(model: nn.Module) -> LlamaLikeAdapter:
         if cls in registry:
             return registry[cls](model)
     name = type(model).__name__
-    family = name.removesuffix("ForCausalLM")
+    family = name.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
     why = UNSUPPORTED_REASONS.get(family, "no adapter is registered for this class")
     raise ValueError(
         f"model: unsupported architecture {name} ({why}). Supported: {', '.join(supported_architectures())}."
@@ -176,7 +178,10 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         return ResolvedSpec("gguf", str(path.resolve().parent), path.name)
     if path.is_dir():
         from dynslice.io import SLICED_META
+        from dynslice.outputs import looks_incomplete
 
+        if looks_incomplete(path):
+            raise ValueError(f"model: {spec} is an incomplete model (an interrupted dynslice save); save it again")
         if (path / SLICED_META).is_file():
             return ResolvedSpec("sliced", str(path.resolve()))
         if not (path / "config.json").is_file():
@@ -199,7 +204,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def parse_device(device: str | torch.device) -> torch.device:
     """Validate a device string (``cpu``, ``cuda``, ``cuda:1``); CUDA must be available to be chosen."""
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {device!r} is not cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: {device!r} is not cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -221,7 +229,8 @@ def load_tokenizer(spec: str):
             return AutoTokenizer.from_pretrained(r.location)
         return load_tokenizer(read_sliced_meta(r.location)["base_model"])
     kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(r.location, **kwargs)
+    with _load_errors(spec, r, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(r.location, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -244,6 +253,25 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
     return model
 
 
+@contextmanager
+def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
+    """Turn the errors of a failed ``from_pretrained`` into one clear ``ValueError`` naming the spec."""
+    import struct
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, struct.error, RuntimeError, EnvironmentError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if r.kind == "gguf":
+            msg = f"model: GGUF file {spec.rstrip('/')} could not be read; it is truncated or corrupt ({detail})"
+        elif r.kind == "hub":
+            msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, and could not be "
+                   f"loaded from the Hugging Face hub (offline, or an unknown id?): {detail}")
+        else:
+            msg = f"model: folder {spec} could not be loaded as a model ({what}): {detail}"
+        raise ValueError(msg) from None
+
+
 def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +280,8 @@ def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn
     kwargs: dict = {"dtype": dtype}
     if r.gguf_file:
         kwargs["gguf_file"] = r.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(r.location, **kwargs)
+    with _load_errors(r.location if r.kind == "hub" else str(Path(r.location) / (r.gguf_file or "")), r, "model"):
+        model = AutoModelForCausalLM.from_pretrained(r.location, **kwargs)
     if r.gguf_file:
         # A GGUF-loaded model is dequantised already; drop the marker so it can be saved like any other.
         if hasattr(model.config, "quantization_config"):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dynslice import __version__, data
-from dynslice.allocate import allocate
+from dynslice.allocate import allocate, lr_input
 from dynslice.config import RunConfig
 from dynslice.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.jsonio import read_json, write_json
@@ -139,7 +139,7 @@ def evaluate_model(model: nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[st
 
 def _allocate(bench: Workbench, cfg: RunConfig, sb: float, lr: dict[str, Any]):
     dims = bench.dims()
-    return allocate(lr["normalized"], cfg.sp, sb, dims.hidden, round_interval=cfg.round_interval,
+    return allocate(lr_input(lr).redundancy, cfg.sp, sb, dims.hidden, round_interval=cfg.round_interval,
                     budget=cfg.budget, dims=dims, count=cfg.count, rounding=cfg.rounding)
 
 
@@ -213,7 +213,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, bench: Workbench | Non
         if cfg.save_dir:
             from dynslice.io import save_sliced
 
-            save_sliced(eval_model, cfg.save_dir, cfg.model, bench.tokenizer, extra={"config": cfg.to_json()})
+            save_sliced(eval_model, cfg.save_dir, cfg.model, bench.tokenizer, extra={"config": cfg.to_json()},
+                        overwrite=True)  # only ever replaces a previous dynslice model (checked by the CLI)
     record["params"] = _param_record(bench, widths, eval_model)
     t = time.perf_counter()
     record["ppl"], record["tasks"] = evaluate_model(eval_model, bench.tokenizer, cfg)

@@ -263,14 +263,14 @@ def infeasible_reason(bench, cfg: RunConfig) -> str | None:
     Only fixed-SB runs are checked (auto-SB never picks an infeasible SB); it needs the LR score, which the run
     computes anyway.
     """
-    from dynslice.allocate import allocate
+    from dynslice.allocate import allocate, lr_input
 
     if cfg.dense or cfg.auto_sb:
         return None
     lr = bench.lr(cfg)
     dims = bench.dims()
     try:
-        allocate(lr["normalized"], cfg.sp, cfg.sb, dims.hidden, round_interval=cfg.round_interval,
+        allocate(lr_input(lr).redundancy, cfg.sp, cfg.sb, dims.hidden, round_interval=cfg.round_interval,
                  budget=cfg.budget, dims=dims, count=cfg.count, rounding=cfg.rounding)
     except ValueError as e:
         return str(e)

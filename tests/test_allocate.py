@@ -316,12 +316,14 @@ def test_json_round_trip_and_determinism(tmp_path) -> None:
 
 
 def test_load_lr(tmp_path) -> None:
-    good = write_json(tmp_path / "lr.json", {"model": "m", "dataset": "d", "lr": [0.5, 0.25, 1.0],
+    good = write_json(tmp_path / "lr.json", {"model": "m", "dataset": "d", "metric": "cosine", "lr": [0.5, 0.25, 1.0],
                                              "normalized": [0.33, 0.0, 1.0]})
-    np.testing.assert_array_equal(load_lr(good), [0.5, 0.25, 1.0])
+    np.testing.assert_allclose(load_lr(good), [1 / 3, 0.0, 1.0])
+    bi = write_json(tmp_path / "bi.json", {"metric": "bi", "lr": [0.5, 0.25, 1.0]})  # a distance: negated
+    np.testing.assert_allclose(load_lr(bi), [2 / 3, 1.0, 0.0])
     missing = write_json(tmp_path / "bad.json", {"model": "m"})
-    with pytest.raises(ValueError, match="^path: .* has no 'lr' list"):
+    with pytest.raises(ValueError, match="^lr: .* has no 'lr' list"):
         load_lr(missing)
-    nan = write_json(tmp_path / "nan.json", {"lr": [0.1, float("nan")]})  # written as null
-    with pytest.raises(ValueError, match="^path: .* non-numeric"):
+    nan = write_json(tmp_path / "nan.json", {"lr": [0.1, float("nan")], "metric": "cosine"})  # written as null
+    with pytest.raises(ValueError, match="^lr: .* not a number"):
         load_lr(nan)

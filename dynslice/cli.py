@@ -214,14 +214,15 @@ def _cmd_lr(a: argparse.Namespace) -> None:
     from dynslice import data
     from dynslice.jsonio import write_json
     from dynslice.lr import layer_redundancy
-    from dynslice.models import get_adapter, load
+    from dynslice.models import get_adapter, load_model, load_tokenizer
     from dynslice.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     _check_names(dataset=a.dataset)
     _check_model(a, dense=True)
-    model, tok = load(a.model, a.dtype, a.device)
+    model = load_model(a.model, a.dtype, a.device)
     _check_context(model, seqlen=a.seqlen)
+    tok = load_tokenizer(a.model)
     batch = data.calibration_batch(a.dataset, tok, a.nsamples, a.seqlen, seed=a.seed)
     t = time.perf_counter()
     score = layer_redundancy(model, batch, metric=a.metric, batch_size=a.batch_size)
@@ -264,7 +265,7 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice.allocate import allocate, read_lr, redundancy_scores
     from dynslice.io import save_sliced
     from dynslice.lr import layer_redundancy
-    from dynslice.models import get_adapter, load
+    from dynslice.models import get_adapter, load_model, load_tokenizer
     from dynslice.outputs import check_model_out
     from dynslice.params import ArchDims
     from dynslice.slicing import slice_model
@@ -279,11 +280,14 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     _check_names(cal_dataset=a.cal_dataset)
     _check_model(a, dense=True)
     redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
-    model, tok = load(a.model, a.dtype, a.device)
+    model = load_model(a.model, a.dtype, a.device)
     _check_context(model, cal_seqlen=a.cal_seqlen)
     dims = ArchDims.from_config(model.config)
     if redundancy is not None and redundancy.hidden not in (None, dims.hidden):
         raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
+    if a.widths is None and redundancy is not None and len(redundancy.redundancy) != dims.layers:
+        raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has {dims.layers} layers")
+    tok = load_tokenizer(a.model)
     cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
@@ -306,7 +310,7 @@ def _cmd_slice(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.config import RunConfig
     from dynslice.jsonio import write_json
-    from dynslice.models import count_parameters, load
+    from dynslice.models import count_parameters, load_model, load_tokenizer
     from dynslice.outputs import check_json_out
     from dynslice.pipeline import evaluate_model, versions
 
@@ -317,8 +321,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
                     batch_size=a.batch_size, ppl_datasets=tuple(a.ppl), ppl_seqlen=a.ppl_seqlen,
                     ppl_protocol=a.ppl_protocol, ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples,
                     tasks=tuple(a.tasks), task_limit=a.limit)
-    model, tok = load(a.model, a.dtype, a.device)
+    model = load_model(a.model, a.dtype, a.device)
     _check_context(model, ppl_seqlen=a.ppl_seqlen)
+    tok = load_tokenizer(a.model)
     t = time.perf_counter()
     ppl, tasks = evaluate_model(model, tok, cfg)
     widths = getattr(getattr(model, "dynslice_info", None), "widths", None)

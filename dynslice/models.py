@@ -260,7 +260,7 @@ def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, ValueError, KeyError, struct.error, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError, struct.error, RuntimeError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
         if r.kind == "gguf":
             msg = f"model: GGUF file {spec.rstrip('/')} could not be read; it is truncated or corrupt ({detail})"

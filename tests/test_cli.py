@@ -13,7 +13,7 @@ from dynslice.cli import main
 
 def _lr_file(tmp_path, lr=(0.5, 0.9, 0.7, 0.8), model="tiny-random"):
     p = tmp_path / "lr.json"
-    p.write_text(json.dumps({"model": model, "dataset": "wiki", "lr": list(lr), "hidden": 64}))
+    p.write_text(json.dumps({"model": model, "dataset": "wiki", "metric": "cosine", "lr": list(lr), "hidden": 64}))
     return p
 
 

@@ -80,6 +80,83 @@ def test_resave_replaces_atomically(tmp_path):
     a = slice_model(copy.deepcopy(model), batch, [48, 40, 32], progress=False)
     b = slice_model(copy.deepcopy(model), batch, [32, 32, 32], progress=False)
     save_sliced(a, tmp_path / "m", "tiny")
-    save_sliced(b, tmp_path / "m", "tiny")
+    with pytest.raises(ValueError, match="--overwrite"):
+        save_sliced(b, tmp_path / "m", "tiny")
+    assert read_sliced_meta(tmp_path / "m")["widths"] == [48, 40, 32]
+    save_sliced(b, tmp_path / "m", "tiny", overwrite=True)
     assert read_sliced_meta(tmp_path / "m")["widths"] == [32, 32, 32]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or backup folder left behind
+
+
+def test_overwrite_never_deletes_foreign_files(tmp_path):
+    """A file the user put into a model folder blocks --overwrite: replacing the folder would delete it."""
+    model = make_tiny_model("llama")
+    a = slice_model(copy.deepcopy(model), make_batch(), [48, 40, 32], progress=False)
+    save_sliced(a, tmp_path / "m", "tiny")
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        save_sliced(a, tmp_path / "m", "tiny", overwrite=True)
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+
+
+def test_permissions_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = slice_model(make_tiny_model("llama"), make_batch(), [48, 40, 32], progress=False)
+    old = os.umask(0o027)
+    try:
+        out = save_sliced(model, tmp_path / "m", "tiny")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+
+
+def test_a_killed_save_is_cleaned_up_and_never_taken_for_a_model(tmp_path):
+    """A temporary folder of a dead process is refused as a model ("incomplete model") and removed by the next save."""
+    from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX
+
+    model = slice_model(make_tiny_model("llama"), make_batch(), [48, 40, 32], progress=False)
+    save_sliced(model, tmp_path / "src", "tiny")
+    dead = tmp_path / f"{TMP_PREFIX}m-999999999"  # no such pid
+    dead.mkdir()
+    for p in (tmp_path / "src").iterdir():
+        if p.name != SLICED_META:
+            (dead / p.name).write_bytes(p.read_bytes())
+    (dead / INCOMPLETE_MARKER).write_text("")
+    with pytest.raises(ValueError, match="incomplete model"):
+        resolve_spec(str(dead))
+    half = tmp_path / "half"
+    dead.rename(half)
+    with pytest.raises(ValueError, match="incomplete model"):
+        load_model(str(half))
+    half.rename(dead)
+    save_sliced(model, tmp_path / "m", "tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "src"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"weights": {"file": "../other/model.safetensors"}}, "outside the model folder"),
+    ({"weights": {"file": "/etc/passwd"}}, "outside the model folder"),
+    ({"format_version": "1"}, "format_version"),
+    ({"format_version": 0}, "format_version"),
+    ({"format_version": 99}, "Upgrade dynslice"),
+    ({"dtype": "float99"}, "dtype"),
+    ({"weights": None}, "weights"),
+    ({"widths": [40, True, 32]}, "widths"),
+    ({"widths": "40"}, "widths"),
+    ({"final_width": 4.5}, "final_width"),
+    ({"files": ["../x"]}, "outside the model folder"),
+])
+def test_metadata_is_validated_against_the_schema(saved, edit, message):
+    _, path, _ = saved
+    meta = json.loads((path / SLICED_META).read_text())
+    for key, value in edit.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key] = {**meta[key], **value}
+        else:
+            meta[key] = value
+    (path / SLICED_META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load_sliced(path)

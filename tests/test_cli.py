@@ -76,3 +76,58 @@ def test_run_end_to_end_on_tiny_random(tmp_path):
 def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "dynslice", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "allocate" in res.stdout
+
+
+@pytest.mark.parametrize("metric", ["cosine", "bi", "angular"])
+def test_lr_allocate_slice_orientation(tmp_path, capsys, metric):
+    """`lr --metric M` -> `allocate` -> `slice --lr`: for every metric the most redundant layer is sliced most.
+
+    For ``cosine`` a high score is redundant; for the distances ``bi`` and ``angular`` a low one is. ``bi`` is
+    ``1 - cosine`` on the same tokens, so it must give exactly the cosine's widths.
+    """
+    lr = tmp_path / f"lr_{metric}.json"
+    assert main(["lr", "--model", "tiny-random", "--metric", metric, "--nsamples", "2", "--seqlen", "16",
+                 "--out", str(lr)]) == 0
+    rec = json.loads(lr.read_text())
+    assert rec["metric"] == metric and rec["hidden"] == 64 and rec["num_layers"] == 4
+    raw = rec["lr"]
+    most_redundant = raw.index(max(raw)) if metric == "cosine" else raw.index(min(raw))
+    least_redundant = raw.index(min(raw)) if metric == "cosine" else raw.index(max(raw))
+    common = ["--sp", "0.3", "--sb", "0.0", "--round-interval", "1"]
+    alloc = tmp_path / f"w_{metric}.json"
+    assert main(["allocate", "--lr", str(lr), *common, "--out", str(alloc)]) == 0  # no hub: hidden is in the file
+    widths = json.loads(alloc.read_text())["widths"]
+    assert widths[most_redundant] == min(widths) < widths[least_redundant] == max(widths)
+    out = tmp_path / f"m_{metric}"
+    assert main(["slice", "--model", "tiny-random", "--lr", str(lr), *common, "--cal-nsamples", "2",
+                 "--cal-seqlen", "16", "--out", str(out)]) == 0
+    assert json.loads((out / "dynslice.json").read_text())["widths"] == widths
+    if metric == "bi":
+        cos = tmp_path / "lr_cos.json"
+        assert main(["lr", "--model", "tiny-random", "--nsamples", "2", "--seqlen", "16", "--out", str(cos)]) == 0
+        assert main(["allocate", "--lr", str(cos), *common, "--out", str(tmp_path / "w_cos.json")]) == 0
+        assert json.loads((tmp_path / "w_cos.json").read_text())["widths"] == widths
+
+
+@pytest.mark.parametrize("content, extra, ok", [
+    ([0.5, 0.9, 0.7, 0.8], ["--lr-metric", "cosine", "--hidden", "64"], True),
+    ({"lr": [0.5, 0.9, 0.7, 0.8], "metric": "cosine"}, ["--model", "tiny-random"], True),
+    ({"lr": [0.1, 0.5, 0.3, 0.2], "metric": "redundancy"}, ["--hidden", "64"], True),
+    ([0.5, 0.9, 0.7, 0.8], ["--lr-metric", "cosine"], "pass --model or --hidden"),
+    ([0.5, 0.9, 0.7, 0.8], ["--hidden", "64"], "states no metric"),
+    ({"lr": [0.5, 0.9, 0.7], "metric": "cosine"}, ["--model", "tiny-random"], "layers"),
+])
+def test_hand_written_lr_files(tmp_path, capsys, content, extra, ok):
+    """A bare list or ``{"lr": [...]}`` is a normal input once the metric and the width are known."""
+    p = tmp_path / "hand.json"
+    p.write_text(json.dumps(content))
+    out = tmp_path / "w.json"
+    rc = main(["allocate", "--lr", str(p), "--sp", "0.3", "--sb", "0.0", "--round-interval", "1", *extra,
+               "--out", str(out)])
+    if ok is True:
+        assert rc == 0
+        widths = json.loads(out.read_text())["widths"]
+        assert widths.index(min(widths)) == 1  # layer 1 is the most redundant in every file above
+    else:
+        err = capsys.readouterr().err
+        assert rc == 2 and ok in err and "Traceback" not in err and not out.exists()

@@ -262,13 +262,13 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
 
 def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice import data
-    from dynslice.allocate import allocate, read_lr, redundancy_scores
+    from dynslice.allocate import _check_sp_sb, allocate, read_lr, redundancy_scores
     from dynslice.io import save_sliced
     from dynslice.lr import layer_redundancy
-    from dynslice.models import get_adapter, load_model, load_tokenizer
+    from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_model_out
     from dynslice.params import ArchDims
-    from dynslice.slicing import slice_model
+    from dynslice.slicing import slice_model, validate_widths
 
     out = check_model_out(a.out, overwrite=a.overwrite)
     if a.widths is not None:
@@ -287,22 +287,31 @@ def _cmd_slice(a: argparse.Namespace) -> None:
         raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
     if a.widths is None and redundancy is not None and len(redundancy.redundancy) != dims.layers:
         raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has {dims.layers} layers")
-    tok = load_tokenizer(a.model)
-    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
-    if a.widths is None:
+
+    def widths_from(scores: list[float]) -> list[int]:
+        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
+        extra["allocation"] = alloc.to_json()
+        return list(alloc.widths)
+
+    sb = None
+    if a.widths is not None:
+        validate_widths(widths, dims.layers, dims.hidden)
+    else:  # allocate now when no LR is to be computed, so that a bad --sp/--sb fails before any work
         sb = a.sp if a.sb is None else a.sb
         if redundancy is not None:
-            scores = list(redundancy.redundancy)
-        elif sb != a.sp:
-            score = layer_redundancy(model, cal, batch_size=a.batch_size)
-            scores = list(redundancy_scores(score.raw, score.metric))
-        else:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
-            scores = list(range(get_adapter(model).num_layers))
-        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
-        widths = list(alloc.widths)
-        extra["allocation"] = alloc.to_json()
+            widths = widths_from(list(redundancy.redundancy))
+        elif sb == a.sp:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
+            widths = widths_from(list(range(dims.layers)))
+        else:
+            _check_sp_sb(a.sp, sb)
+            widths = None
+    tok = load_tokenizer(a.model)
+    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
+    if widths is None:
+        score = layer_redundancy(model, cal, batch_size=a.batch_size)
+        widths = widths_from(list(redundancy_scores(score.raw, score.metric)))
     slice_model(model, cal, widths, batch_size=a.batch_size)
     save_sliced(model, out, a.model, tok, extra=extra, overwrite=a.overwrite)
 
@@ -338,6 +347,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
     from dynslice.config import AUTO, RunConfig
     from dynslice.jsonio import read_json
     from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
+    from dynslice.models import load_model, load_tokenizer
     from dynslice.pipeline import Workbench, run
 
     if a.sb == AUTO:
@@ -364,8 +374,9 @@ def _cmd_run(a: argparse.Namespace) -> None:
         check_model_out(a.save_model, overwrite=a.overwrite, param="save_model")
     _check_names(ppl=a.ppl, tasks=a.tasks, lr_dataset=a.lr_dataset, cal_dataset=a.cal_dataset)
     _check_model(a, dense=True)
-    bench = Workbench(cfg.model, cfg.dtype, cfg.device)
-    _check_context(bench.model, lr_seqlen=a.lr_seqlen, cal_seqlen=a.cal_seqlen, ppl_seqlen=a.ppl_seqlen)
+    model = load_model(cfg.model, cfg.dtype, cfg.device)
+    _check_context(model, lr_seqlen=a.lr_seqlen, cal_seqlen=a.cal_seqlen, ppl_seqlen=a.ppl_seqlen)
+    bench = Workbench(cfg.model, cfg.dtype, cfg.device, _model=model, _tokenizer=load_tokenizer(cfg.model))
     run(cfg, out, bench=bench, force=True)
 
 

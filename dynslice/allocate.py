@@ -320,6 +320,8 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
         _check_choice("metric", metric, tuple(ORIENTATION))
     if isinstance(obj, list):
         obj = {"lr": obj}
+    if isinstance(obj, dict) and "lr" not in obj and "normalized" in obj and "metric" not in obj:
+        obj = {**obj, "lr": obj["normalized"], "metric": "redundancy"}  # an LR record's normalized vector
     if not isinstance(obj, dict):
         raise ValueError(f"lr: {source} must hold a list of scores or an object with an 'lr' list")
     if "lr" not in obj:

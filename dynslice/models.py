@@ -267,6 +267,9 @@ def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
         elif r.kind == "hub":
             msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, and could not be "
                    f"loaded from the Hugging Face hub (offline, or an unknown id?): {detail}")
+        elif "mismatch" in detail and not (Path(r.location) / "dynslice.json").exists():
+            msg = (f"model: folder {spec} is an incomplete model: its weights do not fit its config.json and it has "
+                   "no dynslice.json (a sliced model whose save was interrupted?); save it again")
         else:
             msg = f"model: folder {spec} could not be loaded as a model ({what}): {detail}"
         raise ValueError(msg) from None

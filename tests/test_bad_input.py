@@ -113,6 +113,8 @@ def world(tmp_path_factory) -> Path:
     (half / SLICED_META).unlink()
     (half / INCOMPLETE_MARKER).write_text("")
     _copy_model(half, w / f"{TMP_PREFIX}x-1")
+    old_half = _copy_model(half, w / ".sliced.k2j4x")  # what an older dynslice left behind when killed
+    (old_half / INCOMPLETE_MARKER).unlink()
     # foreign and broken model folders
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -255,6 +257,11 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("run-sliced", "run --model {w}/sliced --sp 0.3 --sb 0.1 --out {w}/o.json", ("already sliced",)),
     ("eval-half", "eval --model {w}/half --out {w}/o.json", ("incomplete model",)),
     ("eval-temp", f"eval --model {{w}}/{TMP_PREFIX}x-1 --out {{w}}/o.json", ("incomplete model",)),
+    ("eval-old-half", "eval --model {w}/.sliced.k2j4x --out {w}/o.json", ("incomplete model",)),
+    ("slice-out-hf-model", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/gpt2",
+     ("not a dynslice model",)),
+    ("run-out-other-record", "run --model tiny-random --sp 0.3 --sb 0.1 --out {w}/record.json", ("--overwrite",)),
+    ("eval-out-record", "eval --model tiny-random --out {w}/record.json", ("--overwrite",)),
     ("slice-half", f"slice --model {{w}}/half --sp 0.3 {CAL} --out {{w}}/m", ("incomplete model",)),
     # --- a saved model's dynslice.json, validated before use
     ("meta-outside", "eval --model {w}/m_outside --out {w}/o.json", ("weights.file", "outside the model folder")),

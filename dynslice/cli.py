@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -388,24 +389,51 @@ def _one_line(command: str, kind: str, message: object) -> str:
     return f"dynslice {command}: {kind}: {text}"
 
 
+def _interrupt_tracker() -> tuple[list[int], object]:
+    """Route SIGINT through a handler that remembers it, so that an interrupt which a library turns into another
+    exception (e.g. one that lands inside an import) is still reported as an interrupt."""
+    seen: list[int] = []
+
+    def on_sigint(signum, _frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: leave the default handler
+        previous = None
+    return seen, previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynslice`` command: 0 done, 2 bad input, 1 failure, 130 interrupted."""
     args = _parser().parse_args(argv)
     configure_hf_cache()
+    seen, previous = _interrupt_tracker()
+    interrupted = f"dynslice {args.command}: interrupted; nothing half-written was left at the output"
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"dynslice {args.command}: interrupted; nothing half-written was left at the output", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        if seen:
+            print(interrupted, file=sys.stderr)
+            return 130
         print(_one_line(args.command, "error", e), file=sys.stderr)
         return 2
     except Exception as e:  # a failure that is not the input's fault: one line, the traceback on request
+        if seen:
+            print(interrupted, file=sys.stderr)
+            return 130
         if os.environ.get("DYNSLICE_DEBUG"):
             raise
         print(_one_line(args.command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the "
                                                  "traceback)"), file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if getattr(args, "out", None):
         print(f"wrote {Path(args.out)}")
     return 0

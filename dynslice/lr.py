@@ -10,7 +10,8 @@ would measure the norm, not the layer.
 
 Options: ShortGPT's Block Influence (``bi = 1 - cos``) and the angular distance (``arccos(cos) / π``), averaged per
 token like the cosine. The ``normalized`` vector is always min-max normalised *redundancy* in [0, 1] (high =
-redundant): the cosine itself, or the negated distance for ``bi`` and ``angular``.
+redundant): the cosine itself, or the negated distance for ``bi`` and ``angular``, as
+:func:`dynslice.allocate.redundancy_scores` (the one orientation function) gives it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynslice.allocate import redundancy_scores
 from dynslice.models import get_adapter
 
 METRICS = ("cosine", "bi", "angular")
@@ -121,5 +123,4 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     raw = (sums / count).tolist()
     if any(not math.isfinite(v) for v in raw):
         raise RuntimeError(f"LR score is not finite: {raw}")
-    redundancy = raw if metric == "cosine" else [-v for v in raw]
-    return LRScore(metric, tuple(raw), tuple(minmax(redundancy)), count)
+    return LRScore(metric, tuple(raw), tuple(redundancy_scores(raw, metric).tolist()), count)

@@ -251,7 +251,8 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
     sources = {"--model": dims.hidden if dims else None, "--hidden": a.hidden, f"{a.lr}": lr.hidden}
     given = {k: v for k, v in sources.items() if v is not None}
     if len(set(given.values())) > 1:
-        raise ValueError(f"hidden: the dense width disagrees between {', '.join(f'{k} ({v})' for k, v in given.items())}")
+        detail = ", ".join(f"{k} ({v})" for k, v in given.items())
+        raise ValueError(f"hidden: the dense width disagrees between {detail}")
     if not given:
         raise ValueError(f"hidden: {a.lr} records no dense width (hidden); pass --model or --hidden")
     hidden = next(iter(given.values()))
@@ -410,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_hf_cache()
     seen, previous = _interrupt_tracker()
-    interrupted = f"dynslice {args.command}: interrupted; nothing half-written was left at the output"
+    # on a line of its own: a progress bar may be half-drawn when Ctrl-C comes
+    interrupted = f"\ndynslice {args.command}: interrupted; nothing half-written was left at the output"
     try:
         COMMANDS[args.command](args)
     except KeyboardInterrupt:

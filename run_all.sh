@@ -104,28 +104,6 @@ if [[ "$TEST" == 1 ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   exec "$PY" -m pytest -q "${PYTEST_ARGS[@]}"
 fi
-# OpenMP threads that wait passively: with busy-waiting (the default), a multi-threaded eigh (SliceGPT's PCA) slows
-# down by 100x as soon as another process holds a core (measured: 10 eigh(576) took 63 s instead of 0.45 s).
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-
-# A private "python3" kernelspec for this interpreter, found first through JUPYTER_PATH (nothing is registered
-# globally); the check below makes sure papermill's kernel is the Python that has dynslice.
-KERNEL_DIR="$DYNSLICE_CACHE/jupyter/kernels/python3"
-mkdir -p "$KERNEL_DIR"
-KERNEL_TMP="$(mktemp "$KERNEL_DIR/.kernel.json.XXXXXX")"
-cat > "$KERNEL_TMP" <<EOF
-{"argv": ["$PY", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
- "display_name": "Python 3 (dynslice)", "language": "python", "metadata": {"debugger": false}}
-EOF
-mv -f "$KERNEL_TMP" "$KERNEL_DIR/kernel.json"  # atomic: concurrent runs never read a half-written spec
-export JUPYTER_PATH="$DYNSLICE_CACHE/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
-KERNEL_PY="$("$PY" -c 'from jupyter_client.kernelspec import KernelSpecManager as K
-print(K().get_kernel_spec("python3").argv[0])')"
-if [[ "$KERNEL_PY" != "$PY" ]]; then
-  echo "run_all.sh: the python3 kernel runs $KERNEL_PY, not $PY (the Python with dynslice)" >&2
-  exit 1
-fi
-
 # ---------------------------------------------------------------------------------------------- the run
 NAME="$("$PY" -c 'import sys
 from dynslice.sweep import load_profile
@@ -148,6 +126,28 @@ fi
 if [[ "$MODE" == publish ]]; then
   exec "$PY" -m dynslice.repro publish "$RESULTS" "$FIGS" "$PUBLISHED"
 fi
+# OpenMP threads that wait passively: with busy-waiting (the default), a multi-threaded eigh (SliceGPT's PCA) slows
+# down by 100x as soon as another process holds a core (measured: 10 eigh(576) took 63 s instead of 0.45 s).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
+# A private "python3" kernelspec for this interpreter, found first through JUPYTER_PATH (nothing is registered
+# globally); the check below makes sure papermill's kernel is the Python that has dynslice.
+KERNEL_DIR="$DYNSLICE_CACHE/jupyter/kernels/python3"
+mkdir -p "$KERNEL_DIR"
+KERNEL_TMP="$(mktemp "$KERNEL_DIR/.kernel.json.XXXXXX")"
+cat > "$KERNEL_TMP" <<EOF
+{"argv": ["$PY", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+ "display_name": "Python 3 (dynslice)", "language": "python", "metadata": {"debugger": false}}
+EOF
+mv -f "$KERNEL_TMP" "$KERNEL_DIR/kernel.json"  # atomic: concurrent runs never read a half-written spec
+export JUPYTER_PATH="$DYNSLICE_CACHE/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+KERNEL_PY="$("$PY" -c 'from jupyter_client.kernelspec import KernelSpecManager as K
+print(K().get_kernel_spec("python3").argv[0])')"
+if [[ "$KERNEL_PY" != "$PY" ]]; then
+  echo "run_all.sh: the python3 kernel runs $KERNEL_PY, not $PY (the Python with dynslice)" >&2
+  exit 1
+fi
+
 case "$RESULTS/" in
   "$HERE/results/published/"*) echo "run_all.sh: --root: $RESULTS is inside the published reference;" \
                                     "runs write elsewhere (default: results/)" >&2; exit 2 ;;

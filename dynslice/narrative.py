@@ -96,7 +96,7 @@ def zero_shot_text(head: pd.DataFrame) -> str:
     for _, r in head[head["acc_delta_points"].notna()].iterrows():
         d = r["acc_delta_points"]
         rel = "more than" if d > PAPER_ACC_GAIN_POINTS else "within" if d > 0 else "against"
-        lines.append(f"- SP {r['sp']:g}: average accuracy {r['acc_dynamic']:.3f} vs {r['acc_constant']:.3f} "
+        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs {r['acc_constant']:.3f} "
                      f"({d:+.1f} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g}).")
     return ("Average zero-shot accuracy, best dynamic SB (by perplexity, never by accuracy) against constant "
             "slicing:\n\n" + "\n".join(lines))
@@ -110,8 +110,12 @@ def headline_text(head: pd.DataFrame, dataset: str) -> str:
     parts = []
     for comparison, g in head.groupby("comparison", sort=False):
         best = g.loc[g[col].idxmin()]
-        parts.append(f"At **{comparison}**, the best gain is {-best[col]:.1f}% lower {dataset} perplexity "
-                     f"(SP {best['sp']:g}, SB {best['best_sb']:g}).")
+        where = f"(SP {best['sp']:g}, SB {best['best_sb']:g})"
+        if best[col] < 0:
+            parts.append(f"At **{comparison}**, the best gain is {-best[col]:.1f}% lower {dataset} perplexity {where}.")
+        else:
+            parts.append(f"At **{comparison}**, dynamic slicing gains nothing: at best {best[col]:+.1f}% {dataset} "
+                         f"perplexity {where}.")
     if "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
         parts.append(f"Average accuracy moves by {head['acc_delta_points'].min():+.1f} to "
                      f"{head['acc_delta_points'].max():+.1f} points.")

@@ -73,9 +73,12 @@ def setup(profile: str, root: str | Path = "results", figures: str | Path = "fig
           force: bool = False) -> Notebook:
     """Load ``profile``, create its output folders, and configure caches, matplotlib, seaborn and pandas."""
     configure_hf_cache()  # before anything imports datasets
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets: text bars
+    for name in ("lm-eval", "lm_eval"):  # its per-call notices would repeat for every zero-shot run
+        logging.getLogger(name).setLevel(logging.ERROR)
     import matplotlib
     import pandas as pd
     import seaborn as sns

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from dynslice.paths import PROJECT_ROOT, configure_hf_cache
@@ -30,7 +29,7 @@ def _abs(path: str | Path) -> Path:
 class Notebook:
     """Where one notebook reads and writes, for one profile."""
 
-    profile: "Profile"
+    profile: Profile
     root: Path      # <root>: holds <profile>/
     results: Path   # <root>/<profile>: runs/, lr/, tables/, executed/
     figures: Path   # <figures>/<profile>: the PDFs

@@ -367,8 +367,8 @@ def write_tables(frame: pd.DataFrame, results: str | Path, dataset: str) -> dict
     acc4 = {c: 4 for c in frame.columns if c.startswith("acc_")} | {"acc_constant": 4, "acc_dynamic": 4}
     specs = {
         "sweep": ("Perplexity of every sweep run (constant: SB = SP)", {"fraction_removed": 4, "mean_slice": 4}),
-        "headline": (f"Best dynamic SB vs constant slicing (SB chosen on {dataset} perplexity): % perplexity "
-                     "change (negative = better) and accuracy points (positive = better)", acc4),
+        "headline": ((f"Best dynamic SB vs constant slicing (SB chosen on {dataset} perplexity): % perplexity "
+                      "change (negative = better) and accuracy points (positive = better)"), acc4),
         "auto_sb": (f"Automatic SB vs the sweep's best (perplexity on {dataset})",
                     {"auto_time_s": 0, "sweep_time_s": 0}),
         "zero_shot": ("Zero-shot accuracy: dense, constant (SB = SP) and best dynamic SB per SP", acc4),

@@ -205,6 +205,9 @@ def start_run(results: str | Path, profile: str, *, resume: bool) -> dict:
                          "--force to delete them and recompute")
     info = {"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], "profile": profile,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
+    if any((results / item).exists() for item in ("runs", "lr")):
+        info["resumed"] = info["started"]  # --resume over records this run did not compute: say so
+        info["note"] = "reused the run records already in the folder"
     write_json(marker, info)
     return info
 

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Reproduce the artifact: run notebooks/0*.ipynb in order with papermill for one profile.
+# Reproduce the artifact: run notebooks/[0-9][0-9]_*.ipynb in order with papermill for one profile, then check
+# every headline number against the published reference.
 #
-#   ./run_all.sh [--profile cpu|smoke|paper] [--force] [--only NN] [--root DIR] [--figures DIR]
-#   ./run_all.sh --test [PYTEST ARGS...]      # set up the environment the same way, then run the tests
+#   ./run_all.sh [--profile cpu|smoke|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a new run, then the check
+#   ./run_all.sh --resume [--only NN]   # continue an interrupted run (finished run records are kept)
+#   ./run_all.sh --force                # delete this profile's previous outputs under --root, then a new run
+#   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
+#   ./run_all.sh --publish              # make the finished run in <root>/<profile> the published reference
+#   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then run the tests
 #
-# Results go to <root>/<profile>/{lr,runs,tables,executed} (default root: results) and figures to
-# <figures>/<profile>/*.pdf (default: figures). Executed notebooks are copies under <root>/<profile>/executed/;
-# the sources are never overwritten. A run stopped halfway resumes: finished run records are skipped.
+# A run writes <root>/<profile>/{RUN.json,lr,runs,tables,executed,*.json} (default root: results, gitignored) and
+# <figures>/<profile>/*.pdf (default: figures). The published reference is results/published/<profile>/ (figures
+# in its figures/); --published DIR compares with (or publishes to) another folder. The check exits 1 naming
+# every number out of tolerance; bad options exit 2. --only NN runs one notebook of the current run (no check).
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
 set -euo pipefail
 
@@ -15,7 +21,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$HERE"
 
 PROFILE=cpu
-FORCE=False
+FORCE=0
+RESUME=0
+MODE=run
+PUBLISHED=""
 ONLY=""
 TEST=0
 PYTEST_ARGS=()
@@ -23,12 +32,16 @@ ROOT="${DYNSLICE_ROOT:-$HERE/results}"
 FIGURES="${DYNSLICE_FIGURES:-$HERE/figures}"
 TORCH_CPU_PIN="torch==2.13.0"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;
     --profile=*) PROFILE="${1#*=}"; shift ;;
-    --force) FORCE=True; shift ;;
+    --force) FORCE=1; shift ;;
+    --resume) RESUME=1; shift ;;
+    --check-only) MODE=check; shift ;;
+    --publish) MODE=publish; shift ;;
+    --published) PUBLISHED="${2:?--published needs a folder}"; shift 2 ;;
     --only) ONLY="${2:?--only needs a notebook number, e.g. 03}"; shift 2 ;;
     --only=*) ONLY="${1#*=}"; shift ;;
     --root) ROOT="${2:?--root needs a folder}"; shift 2 ;;
@@ -41,10 +54,17 @@ done
 if [[ ("$PROFILE" == *.yaml || "$PROFILE" == *.yml) && "$PROFILE" != /* ]]; then
   PROFILE="$CALLER_PWD/$PROFILE"  # a profile file given relative to the caller's folder
 fi
+if [[ "$FORCE" == 1 && "$RESUME" == 1 ]]; then
+  echo "run_all.sh: --force and --resume exclude each other" >&2; exit 2
+fi
 cd "$CALLER_PWD"
 mkdir -p "$ROOT" "$FIGURES"
 ROOT="$(cd "$ROOT" && pwd)"
 FIGURES="$(cd "$FIGURES" && pwd)"
+if [[ -n "$PUBLISHED" ]]; then
+  mkdir -p "$(dirname "$PUBLISHED")"
+  PUBLISHED="$(cd "$(dirname "$PUBLISHED")" && pwd)/$(basename "$PUBLISHED")"
+fi
 cd "$HERE"
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -84,6 +104,28 @@ if [[ "$TEST" == 1 ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   exec "$PY" -m pytest -q "${PYTEST_ARGS[@]}"
 fi
+# ---------------------------------------------------------------------------------------------- the run
+NAME="$("$PY" -c 'import sys
+from dynslice.sweep import load_profile
+try:
+    print(load_profile(sys.argv[1]).name)
+except ValueError as e:
+    print(f"run_all.sh: {e}", file=sys.stderr)
+    sys.exit(2)' "$PROFILE")"
+RESULTS="$ROOT/$NAME"
+FIGS="$FIGURES/$NAME"
+PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"
+repro() { "$PY" -m dynslice.repro "$@"; }
+
+if [[ "$MODE" == check ]]; then
+  if [[ ! -d "$PUBLISHED/runs" ]]; then
+    echo "run_all.sh: --check-only: no published reference for profile $NAME at $PUBLISHED" >&2; exit 2
+  fi
+  exec "$PY" -m dynslice.repro check "$RESULTS" "$PUBLISHED"
+fi
+if [[ "$MODE" == publish ]]; then
+  exec "$PY" -m dynslice.repro publish "$RESULTS" "$FIGS" "$PUBLISHED"
+fi
 # OpenMP threads that wait passively: with busy-waiting (the default), a multi-threaded eigh (SliceGPT's PCA) slows
 # down by 100x as soon as another process holds a core (measured: 10 eigh(576) took 63 s instead of 0.45 s).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
@@ -106,8 +148,24 @@ if [[ "$KERNEL_PY" != "$PY" ]]; then
   exit 1
 fi
 
-# ---------------------------------------------------------------------------------------------- notebooks
-"$PY" - "$PROFILE" "$ROOT" "$FIGURES" "$FORCE" "$ONLY" <<'PYEOF'
+case "$RESULTS/" in
+  "$HERE/results/published/"*) echo "run_all.sh: --root: $RESULTS is inside the published reference;" \
+                                    "runs write elsewhere (default: results/)" >&2; exit 2 ;;
+esac
+mkdir -p "$RESULTS" "$FIGS"
+if [[ "$FORCE" == 1 ]]; then
+  repro clear "$RESULTS" "$FIGS"
+fi
+if [[ "$RESUME" == 1 || -n "$ONLY" ]]; then
+  repro start "$RESULTS" "$NAME" --resume
+else
+  repro start "$RESULTS" "$NAME"
+fi
+
+# Progress bars: off where the code lets the environment decide, and the rest folded to their final line in the
+# executed copies (dynslice.notebook.tidy_streams); the sweep logs one line per run instead.
+export TQDM_DISABLE=1 TQDM_MININTERVAL=30
+"$PY" - "$PROFILE" "$ROOT" "$FIGURES" "$ONLY" "$RESULTS" <<'PYEOF'
 import logging
 import sys
 import time
@@ -116,20 +174,17 @@ from pathlib import Path
 import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
-from dynslice.sweep import load_profile
+from dynslice.notebook import tidy_streams
 
-profile, root, figures, force, only = sys.argv[1:6]
-try:
-    name = load_profile(profile).name
-except ValueError as e:
-    sys.exit(f"run_all.sh: {e}")
+profile, root, figures, only, results = sys.argv[1:6]
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 notebooks = sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
 if only:
     notebooks = [nb for nb in notebooks if nb.name.startswith(only.zfill(2) + "_")]
     if not notebooks:
-        sys.exit(f"run_all.sh: --only {only}: no notebook notebooks/{only.zfill(2)}_*.ipynb")
-executed = Path(root) / name / "executed"
+        print(f"run_all.sh: --only {only}: no notebook notebooks/{only.zfill(2)}_*.ipynb", file=sys.stderr)
+        sys.exit(2)
+executed = Path(results) / "executed"
 executed.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 for nb in notebooks:
@@ -137,10 +192,10 @@ for nb in notebooks:
     print(f"== {nb.name} -> {out}", flush=True)
     t = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb), str(out), parameters={"profile": profile, "root": root, "figures": figures,
-                                                           "force": force == "True"},
+        pm.execute_notebook(str(nb), str(out), parameters={"profile": profile, "root": root, "figures": figures},
                             kernel_name="python3", cwd=str(Path.cwd()), log_output=True, progress_bar=False)
     except PapermillExecutionError as e:
+        tidy_streams(out)
         print(f"\nrun_all.sh: FAILED in {nb.name}, cell [{e.exec_count}] (executed copy: {out})", file=sys.stderr)
         print("---- cell source ----\n" + e.source + "\n---- error ----", file=sys.stderr)
         print(f"{e.ename}: {e.evalue}", file=sys.stderr)
@@ -148,14 +203,26 @@ for nb in notebooks:
     except Exception as e:  # the kernel died (killed, out of memory) or could not start
         print(f"\nrun_all.sh: FAILED in {nb.name}: {type(e).__name__}: {e} (executed copy: {out})", file=sys.stderr)
         sys.exit(1)
+    tidy_streams(out)
     print(f"== {nb.name} done in {time.perf_counter() - t:.0f} s", flush=True)
-results = Path(root) / name
-print(f"\n== written (profile {name}):")
-for folder in (results / "tables", Path(figures) / name):
+print(f"\n== written ({results}):")
+for folder in (Path(results) / "tables", Path(figures) / Path(results).name):
     for p in sorted(folder.glob("*")) if folder.is_dir() else []:
         if p.suffix in (".md", ".tex", ".pdf"):
             print(f"  {p}")
-runs = list((results / "runs").rglob("*.json")) if (results / "runs").is_dir() else []
-print(f"  {len(runs)} run records under {results / 'runs'}")
+runs = list((Path(results) / "runs").rglob("*.json"))
+print(f"  {len(runs)} run records under {Path(results) / 'runs'}")
 print(f"== total time {time.perf_counter() - t0:.0f} s")
 PYEOF
+
+if [[ -n "$ONLY" ]]; then
+  echo "== --only $ONLY: no reproduction check (it needs every notebook); run ./run_all.sh --check-only after"
+  exit 0
+fi
+repro finish "$RESULTS"
+if [[ ! -d "$PUBLISHED/runs" ]]; then
+  echo "== no published reference for profile $NAME at $PUBLISHED: nothing to compare" \
+       "(./run_all.sh --profile $NAME --publish makes this run the reference)"
+  exit 0
+fi
+repro check "$RESULTS" "$PUBLISHED"

@@ -308,3 +308,114 @@ def write_table(frame: pd.DataFrame, stem: str | Path, *, caption: str = "",
     label = "tab:" + stem.name.replace("_", "-")
     return (write_text(stem.with_suffix(".md"), md),
             write_text(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)))
+
+
+# ------------------------------------------------------------------------------------------ the paper's tables
+SWEEP_COLUMNS = ["model", "cal_dataset", "budget", "sp", "sb", "kind", "params", "fraction_removed", "mean_slice"]
+
+
+def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every sweep run (zero-shot copies of dynamic runs left out) with its perplexities."""
+    rows = frame[~frame["zero_shot"] | frame["kind"].isin(["dense", "constant"])]
+    return rows[SWEEP_COLUMNS + ppl_columns(frame)].reset_index(drop=True)
+
+
+def headline_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Best dynamic SB vs constant per SP and comparison: % perplexity change and accuracy points.
+
+    :func:`best_vs_constant` joined with the average accuracies of :func:`zero_shot_table` (``acc_constant``,
+    ``acc_dynamic``, ``acc_delta_points`` = 100·Δ; empty where the best SB ran no tasks).
+    """
+    head = best_vs_constant(frame, dataset)
+    if head.empty:
+        return head
+    acc = zero_shot_table(frame, dataset)
+    if not acc.empty and "acc_average" in acc.columns:
+        key = ["model", "cal_dataset", "sp"]
+        const = acc[acc["method"] == "constant"][key + ["acc_average"]].rename(columns={"acc_average": "acc_constant"})
+        dyn = acc[acc["method"].str.startswith("dynamic")].copy()
+        dyn["comparison"] = dyn["method"].str.slice(len("dynamic ("), -1)
+        dyn = dyn[key + ["comparison", "sb", "acc_average"]].rename(columns={"acc_average": "acc_dynamic",
+                                                                              "sb": "best_sb"})
+        head = head.merge(const, on=key, how="left").merge(dyn, on=key + ["comparison", "best_sb"], how="left")
+        head["acc_delta_points"] = 100 * (head["acc_dynamic"] - head["acc_constant"])
+    keep = ["model", "cal_dataset", "comparison", "sp", "best_sb", "params_constant", "params_dynamic"]
+    keep += [c for c in head.columns if c.endswith("_change_pct")]
+    keep += [c for c in ("acc_constant", "acc_dynamic", "acc_delta_points") if c in head.columns]
+    return head[keep]
+
+
+def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """``frame`` as JSON-ready rows (NaN -> None)."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in frame.astype(object).to_dict(orient="records")]
+
+
+def write_tables(frame: pd.DataFrame, results: str | Path, dataset: str) -> dict[str, pd.DataFrame]:
+    """Write every paper table of ``frame`` under ``<results>/tables`` and the JSON summaries next to it.
+
+    Tables: ``sweep``, ``headline`` (also ``headline.json``), ``auto_sb`` and ``zero_shot`` (also
+    ``zero_shot.json``), each skipped when the records hold no rows for it, so any subset of runs works.
+    Returns the tables by name.
+    """
+    from dynslice.jsonio import write_json
+
+    results = Path(results)
+    tables = results / "tables"
+    out = {"sweep": sweep_table(frame), "headline": headline_table(frame, dataset),
+           "auto_sb": auto_vs_sweep(frame, dataset), "zero_shot": zero_shot_table(frame, dataset)}
+    acc4 = {c: 4 for c in frame.columns if c.startswith("acc_")} | {"acc_constant": 4, "acc_dynamic": 4}
+    specs = {
+        "sweep": ("Perplexity of every sweep run (constant: SB = SP)", {"fraction_removed": 4, "mean_slice": 4}),
+        "headline": ((f"Best dynamic SB vs constant slicing (SB chosen on {dataset} perplexity): % perplexity "
+                      "change (negative = better) and accuracy points (positive = better)"), acc4),
+        "auto_sb": (f"Automatic SB vs the sweep's best (perplexity on {dataset})",
+                    {"auto_time_s": 0, "sweep_time_s": 0}),
+        "zero_shot": ("Zero-shot accuracy: dense, constant (SB = SP) and best dynamic SB per SP", acc4),
+    }
+    for name, table in out.items():
+        if table.empty:
+            continue
+        caption, digits = specs[name]
+        write_table(table, tables / name, caption=caption, digits=digits)
+        if name in ("headline", "zero_shot"):
+            write_json(results / f"{name}.json", _json_rows(table))
+    return out
+
+
+def lr_agreement(scores: Mapping[tuple[str, str], Mapping[str, Any]]) -> pd.DataFrame:
+    """Spearman rank correlation of per-layer LR between every pair of corpora, per model.
+
+    ``scores`` maps ``(model, corpus)`` to an LR file's content (its ``"lr"`` list).
+    """
+    rows = []
+    models = sorted({m for m, _ in scores}, key=list(dict.fromkeys(m for m, _ in scores)).index)
+    for model in models:
+        corpora = [c for m, c in scores if m == model]
+        ranks = pd.DataFrame({c: scores[(model, c)]["lr"] for c in corpora}).rank()
+        corr = ranks.corr()  # Spearman = Pearson on ranks
+        for i, a in enumerate(corpora):
+            for b in corpora[i + 1:]:
+                rows.append({"model": model, "corpus A": a, "corpus B": b, "spearman": float(corr.loc[a, b])})
+    return pd.DataFrame(rows)
+
+
+def allocation_steps(lr_record: Any, sp: float, sb: float, hidden: int, round_interval: int):
+    """The paper's Figure 1 as a table: per layer LR, normalised n, n/mean(n), FS (%), width, slice applied (%).
+
+    ``lr_record`` is an LR record (``dynslice lr``'s JSON) or anything :func:`~dynslice.allocate.lr_input`
+    accepts; its raw scores go through the one orientation function before they reach the allocator.
+    Returns ``(table, allocation)``.
+    """
+    import numpy as np
+
+    from dynslice.allocate import allocate, lr_input, slice_fractions
+
+    inp = lr_input(lr_record)
+    r = np.asarray(lr_record["lr"] if isinstance(lr_record, Mapping) else lr_record, dtype=float)
+    n = np.asarray(inp.redundancy, dtype=float)
+    alloc = allocate(n, sp, sb, hidden, round_interval=round_interval)
+    table = pd.DataFrame({"layer": range(len(r)), "LR": r, "normalised n": n, "n / mean(n)": n / n.mean(),
+                          "FS (%)": 100 * slice_fractions(n, sp, sb), "width": alloc.widths,
+                          "sliced after rounding (%)": 100 * np.array(alloc.effective_fractions)})
+    return table, alloc

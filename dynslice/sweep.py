@@ -317,15 +317,18 @@ def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, f
         if not todo:
             continue
         bench = Workbench(model, dtype, device)
-        for cfg in tqdm(todo, desc=f"runs {model}"):
+        for k, cfg in enumerate(tqdm(todo, desc=f"runs {model}"), 1):
             path = result_path(cfg, root, profile)
             reason = infeasible_reason(bench, cfg)
             if reason is not None:
                 infeasible.append((str(path), reason))
-                log(f"infeasible: {run_name(cfg)}: {reason}")
+                log(f"[{k}/{len(todo)}] infeasible: {run_name(cfg)}: {reason}")
                 continue
-            run(cfg, out=path, bench=bench, force=force)
+            t = time.perf_counter()
+            rec = run(cfg, out=path, bench=bench, force=force)
             ran.append(str(path))
+            ppl = ", ".join(f"{ds} {v:.2f}" for ds, v in rec["ppl"].items())
+            log(f"[{k}/{len(todo)}] {run_name(cfg)}: ppl {ppl} ({time.perf_counter() - t:.0f} s)")
     result = SweepResult(tuple(ran), tuple(skipped), tuple(infeasible), time.perf_counter() - t0)
     log(f"sweep {profile}: ran {len(ran)}, skipped {len(skipped)} already finished, "
         f"{len(infeasible)} infeasible ({result.time_s:.0f} s)")

@@ -1,14 +1,17 @@
 """The reproducible artifact end to end: ./run_all.sh on the smoke profile, into temporary roots.
 
-Checks that every notebook executes under papermill, that every run record validates against the JSON schema,
-that the tables agree with the records, that a second run skips finished work, and that a failing notebook makes
-run_all.sh exit non-zero naming the notebook and the cell.
+Checks that every notebook executes under papermill with inline figures and generated Markdown, that every run
+record validates against the JSON schema, that the tables agree with the records, that an interrupted run resumes
+and a finished one is not silently reused, that the reproduction check passes on identical numbers and fails
+naming a changed one, that --publish makes a run the reference, and that a failing notebook makes run_all.sh exit
+non-zero naming the notebook and the cell.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +24,11 @@ from dynslice.jsonio import read_json
 from dynslice.paths import PROJECT_ROOT
 from dynslice.sweep import load_profile, sweep_configs
 
-NOTEBOOKS = ["01_layer_redundancy", "02_allocation", "03_slicing_sweep", "04_zero_shot", "05_paper_tables"]
+NOTEBOOKS = sorted(p.stem for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = ["fig1_allocation", "headline", "lr_per_layer", "ppl_vs_params", "ppl_vs_sb", "zero_shot"]
 TABLES = ["auto_sb", "headline", "lr_agreement", "sweep", "zero_shot"]
 SCHEMA = PROJECT_ROOT / "dynslice" / "schema" / "run_record.schema.json"
-
-pytestmark = pytest.mark.slow
+PUBLISHED_CPU = PROJECT_ROOT / "results" / "published" / "cpu"
 
 
 def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -57,6 +59,12 @@ def test_sources_have_parameters_and_no_outputs():
                 assert c.outputs == [] and c.execution_count is None, name
 
 
+def _outputs(nb, kind: str) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if (o.get("output_type") == "stream" if kind == "stream" else kind in o.get("data", {}))]
+
+
+@pytest.mark.slow
 def test_every_notebook_executes(smoke):
     results, figures, proc = smoke
     for name in NOTEBOOKS:
@@ -66,7 +74,22 @@ def test_every_notebook_executes(smoke):
         assert not any(o.get("output_type") == "error" for c in code for o in c.outputs), name
         injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert 'profile = "smoke"' in injected[0].source
+        # figures inline as PNG, each followed by a paragraph generated from the results
+        assert len(_outputs(nb, "image/png")) >= 1, name
+        assert len(_outputs(nb, "text/markdown")) >= len(_outputs(nb, "image/png")), name
+        # progress bars folded: no carriage-return redraws, a bounded number of stream lines
+        streams = _outputs(nb, "stream")
+        assert not any("\r" in o.text for o in streams), name
+        assert sum(o.text.count("\n") for o in streams) < 80, name
+    sweep_nb = nbformat.read(results / "executed" / "03_slicing_sweep.ipynb", as_version=4)
+    n_sweep = len(sweep_configs(load_profile("smoke")))
+    log = "".join(o.text for o in _outputs(sweep_nb, "stream"))
+    assert all(f"[{k}/{n_sweep}] " in log for k in range(1, n_sweep + 1))  # one line per run
+    md = "".join(o.data["text/markdown"] for o in _outputs(sweep_nb, "text/markdown"))
+    assert "best SB" in md and "paper's up to 7%" in md
     assert "total time" in proc.stdout
+    assert "no published reference for profile smoke" in proc.stdout
+    assert json.loads((results / "RUN.json").read_text())["status"] == "finished"
     for name in FIGURES:
         pdf = (figures / f"{name}.pdf").read_bytes()
         assert pdf.startswith(b"%PDF") and b"/FontFile2" in pdf, name  # TrueType fonts embedded (fonttype 42)
@@ -79,6 +102,7 @@ def test_every_notebook_executes(smoke):
                for n in NOTEBOOKS)
 
 
+@pytest.mark.slow
 def test_records_validate_against_schema(smoke):
     results, _, _ = smoke
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
@@ -92,6 +116,7 @@ def test_records_validate_against_schema(smoke):
     assert list(validator.iter_errors(broken))
 
 
+@pytest.mark.slow
 def test_headline_matches_records(smoke):
     """The headline's % change recomputed directly from the run JSON files."""
     results, _, _ = smoke
@@ -107,19 +132,52 @@ def test_headline_matches_records(smoke):
         assert row["params_dynamic"] == best["params"]["total"]
 
 
-def test_rerun_skips_finished_work(smoke):
+@pytest.mark.slow
+def test_finished_run_is_not_reused_and_interrupted_run_resumes(smoke):
     results, figures, _ = smoke
+    roots = ["--profile", "smoke", "--root", str(results.parent), "--figures", str(figures.parent)]
+    proc = run_all(*roots)  # a plain rerun must not pass off the old results as a new run
+    assert proc.returncode == 2 and "already holds run" in proc.stderr and "--resume" in proc.stderr
+    # simulate an interruption: the marker says running and one record is missing
+    marker = results / "RUN.json"
+    info = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**info, "status": "running"}))
     runs = sorted((results / "runs").rglob("*.json"))
-    before = {p: p.stat().st_mtime_ns for p in runs}
-    proc = run_all("--profile", "smoke", "--root", str(results.parent), "--figures", str(figures.parent),
-                   "--only", "03")
+    lost = next(p for p in runs if "sb0.10-width" in p.name)
+    kept = {p: p.stat().st_mtime_ns for p in runs if p != lost}
+    lost.unlink()
+    proc = run_all(*roots, "--resume", "--only", "03")
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_sweep = len(sweep_configs(load_profile("smoke")))  # the best-SB zero-shot runs are notebook 04's
-    assert f"ran 0, skipped {n_sweep} already finished" in proc.stdout
+    assert f"ran 1, skipped {n_sweep - 1} already finished" in proc.stdout
+    assert f"run {info['run_id']} (resumed)" in proc.stdout
     assert "03_slicing_sweep" in proc.stdout and "01_layer_redundancy" not in proc.stdout
-    assert before == {p: p.stat().st_mtime_ns for p in sorted((results / "runs").rglob("*.json"))}
+    assert lost.is_file() and kept == {p: p.stat().st_mtime_ns for p in kept}
+    marker.write_text(json.dumps({**info, "status": "finished"}))
 
 
+@pytest.mark.slow
+def test_check_publish_and_check_only(smoke, tmp_path):
+    results, figures, _ = smoke
+    roots = ["--profile", "smoke", "--root", str(results.parent), "--figures", str(figures.parent)]
+    pub = tmp_path / "published" / "smoke"
+    proc = run_all(*roots, "--publish", "--published", str(pub))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (pub / "figures").glob("*.pdf")) == sorted(f"{n}.pdf" for n in FIGURES)
+    assert (pub / "executed" / "03_slicing_sweep.ipynb").is_file() and (pub / "headline.json").is_file()
+    proc = run_all(*roots, "--check-only", "--published", str(pub))
+    assert proc.returncode == 0 and "reproduction check passed" in proc.stdout, proc.stdout[-3000:]
+    # flip the automatic SB's choice in the reference: the check names it
+    auto = next((pub / "runs").rglob("sp0.30-sbauto-width-*.json"))
+    rec = read_json(auto)
+    rec["sb"] = 0.1 if rec["sb"] != 0.1 else 0.2
+    auto.write_text(json.dumps(rec))
+    proc = run_all(*roots, "--check-only", "--published", str(pub))
+    assert proc.returncode == 1
+    assert "tiny-random/sp0.30-sbauto-width-calwiki chosen SB: published" in proc.stdout
+
+
+@pytest.mark.slow
 def test_failing_notebook_is_named(tmp_path):
     profile = tmp_path / "broken.yaml"
     profile.write_text("name: broken\nmodels: [{spec: /nonexistent/model/folder}]\ncal_datasets: [wiki]\n"
@@ -138,3 +196,55 @@ def test_unknown_option_and_profile(tmp_path):
     assert proc.returncode == 2 and "unknown option '--bogus'" in proc.stderr
     proc = run_all("--profile", "nope", "--root", str(tmp_path / "r"), "--figures", str(tmp_path / "f"))
     assert proc.returncode != 0 and "profile: 'nope'" in proc.stderr
+
+
+def _check_published_copy(tmp_path: Path, flip) -> subprocess.CompletedProcess:
+    """Copy the published CPU results twice, flip one number in the reference copy, run --check-only."""
+    fresh, pub = tmp_path / "fresh" / "cpu", tmp_path / "pub" / "cpu"
+    for dest in (fresh, pub):
+        shutil.copytree(PUBLISHED_CPU, dest, ignore=shutil.ignore_patterns("executed", "figures"))
+    flip(pub)
+    return run_all("--profile", "cpu", "--check-only", "--root", str(fresh.parent), "--figures",
+                   str(tmp_path / "f"), "--published", str(pub), timeout=120)
+
+
+def test_check_passes_on_the_published_cpu_results(tmp_path):
+    proc = _check_published_copy(tmp_path, lambda pub: None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "smollm2-135m/dense-zs ppl wiki" in proc.stdout and "rel 0.0001" in proc.stdout
+    assert "reproduction check passed: all" in proc.stdout
+
+
+def test_check_fails_naming_a_flipped_published_number(tmp_path):
+    def flip(pub: Path) -> None:
+        path = next((pub / "runs").rglob("sp0.30-sb0.10-width-calwiki-*.json"))
+        rec = read_json(path)
+        rec["ppl"]["wiki"] *= 1.001  # 0.1%: ten times the perplexity tolerance
+        path.write_text(json.dumps(rec))
+
+    proc = _check_published_copy(tmp_path, flip)
+    assert proc.returncode == 1
+    assert "reproduction check FAILED: 1 of" in proc.stdout
+    assert "  smollm2-135m/sp0.30-sb0.10-width-calwiki ppl wiki: published" in proc.stdout
+
+
+def test_check_fails_naming_a_flipped_headline(tmp_path):
+    def flip(pub: Path) -> None:
+        rows = read_json(pub / "headline.json")
+        rows[0]["acc_delta_points"] += 2.0
+        (pub / "headline.json").write_text(json.dumps(rows))
+
+    proc = _check_published_copy(tmp_path, flip)
+    assert proc.returncode == 1
+    assert "headline smollm2-135m cal wiki SP 0.2 equal mean width (paper) acc points: published" in proc.stdout
+
+
+def test_check_only_and_root_errors(tmp_path):
+    proc = run_all("--profile", "cpu", "--check-only", "--root", str(tmp_path / "none"), "--figures",
+                   str(tmp_path / "f"), timeout=120)
+    assert proc.returncode == 2 and "results:" in proc.stderr and "no runs/" in proc.stderr
+    proc = run_all("--profile", "smoke", "--root", str(PROJECT_ROOT / "results" / "published"), "--figures",
+                   str(tmp_path / "f"), timeout=120)
+    assert proc.returncode == 2 and "inside the published reference" in proc.stderr
+    proc = run_all("--force", "--resume")
+    assert proc.returncode == 2 and "--force and --resume" in proc.stderr

@@ -274,3 +274,70 @@ def test_load_records(tmp_path, records):
     write_json(tmp_path / "m" / "zz.json", {"lr": [1]})
     with pytest.raises(ValueError, match="zz.json is not a run record"):
         report.load_records(tmp_path)
+
+
+# ------------------------------------------------------------------ tables, narrative and check on published data
+PUBLISHED_CPU = sweep.PROFILE_DIR.parent / "results" / "published" / "cpu"
+
+
+@pytest.fixture(scope="module")
+def published_frame():
+    return report.records_frame(report.load_records(PUBLISHED_CPU / "runs"))
+
+
+def test_write_tables_reproduces_the_published_tables(tmp_path, published_frame):
+    """The tables notebook 05 writes, recomputed from the published records, equal the published files."""
+    tables = report.write_tables(published_frame, tmp_path, "wiki")
+    assert set(tables) == {"sweep", "headline", "auto_sb", "zero_shot"}
+    for name in ("headline", "zero_shot"):
+        assert read_json(tmp_path / f"{name}.json") == read_json(PUBLISHED_CPU / f"{name}.json"), name
+    for name in ("sweep", "headline", "auto_sb", "zero_shot"):
+        for ext in ("md", "tex"):
+            assert (tmp_path / "tables" / f"{name}.{ext}").read_text() == \
+                (PUBLISHED_CPU / "tables" / f"{name}.{ext}").read_text(), (name, ext)
+
+
+def test_write_tables_on_a_subset(tmp_path, published_frame):
+    """Any subset of runs works: SP 0.3 only, without the zero-shot copies of the best dynamic SB."""
+    f = published_frame
+    sub = f[f["sp"].isin([0.0, 0.3]) & ~(f["zero_shot"] & (f["kind"] == "dynamic"))]
+    tables = report.write_tables(sub, tmp_path, "wiki")
+    assert list(tables["headline"]["sp"]) == [0.3, 0.3]
+    assert tables["headline"]["acc_delta_points"].isna().all()  # no dynamic run carries the tasks
+    assert list(tables["zero_shot"]["method"]) == ["dense", "constant"]
+    assert read_json(tmp_path / "headline.json")[0]["acc_dynamic"] is None  # NaN written as null
+
+
+def test_narrative_states_the_numbers(published_frame):
+    from dynslice import narrative
+
+    head = report.headline_table(published_frame, "wiki")
+    best = report.best_vs_constant(published_frame, "wiki")
+    text = narrative.sweep_text(best, "wiki")
+    row = best[(head["sp"] == 0.3) & (head["comparison"] == "equal mean width (paper)")].iloc[0]
+    assert f"{row['ppl_wiki_dynamic']:.2f} vs {row['ppl_wiki_constant']:.2f}" in text
+    assert f"{-row['ppl_wiki_change_pct']:.1f}% lower perplexity, more than the paper's up to 7%" in text
+    zs = narrative.zero_shot_text(head)
+    assert "+4.0 points, within the paper's up to 5" in zs  # SP 0.2: 0.42 vs 0.38
+    worse = head.assign(ppl_wiki_change_pct=lambda f: f["ppl_wiki_change_pct"].abs())
+    assert "gains nothing" in narrative.headline_text(worse, "wiki")
+
+
+def test_check_tolerances_and_names(tmp_path):
+    from dynslice import repro
+
+    numbers = repro.headline_numbers(PUBLISHED_CPU)
+    assert numbers["smollm2-135m/dense-zs params"] == ("params", 134515008.0)
+    assert numbers["smollm2-135m/sp0.30-sbauto-width-calwiki chosen SB"][0] == "sb"
+    changed = dict(numbers)
+    name = "smollm2-135m/sp0.20-sb0.10-width-calwiki ppl news"
+    q, v = changed[name]
+    changed[name] = (q, v * (1 + 5e-5))  # inside rel 1e-4
+    assert all(r.status == "ok" for r in repro.compare(numbers, changed))
+    changed[name] = (q, v * (1 + 2e-4))
+    changed["smollm2-135m/dense-zs params"] = ("params", 134515009.0)  # params are exact
+    del changed["smollm2-135m/dense-zs acc average"]
+    rows = {r.name: r.status for r in repro.compare(numbers, changed)}
+    assert rows[name] == "FAIL" and rows["smollm2-135m/dense-zs params"] == "FAIL"
+    assert rows["smollm2-135m/dense-zs acc average"] == "MISSING"
+    assert sum(s != "ok" for s in rows.values()) == 3

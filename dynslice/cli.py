@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--sb", type=float, default=None)
     sl.add_argument("--lr", default=None, help="LR JSON; computed on the calibration data when omitted")
     sl.add_argument("--round-interval", type=int, default=8)
+    sl.add_argument("--rounding", default="total", choices=["total", "reference"])
     sl.add_argument("--budget", default="width", choices=["width", "params"])
     sl.add_argument("--cal-dataset", default="wiki")
     sl.add_argument("--cal-nsamples", type=int, default=32)
@@ -73,21 +74,26 @@ def _parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
     _model_args(rn)
+    rn.set_defaults(dtype=None)  # the protocol's (fp32 for dynslice, fp16 for reference)
     rn.add_argument("--sp", type=float, required=True)
     rn.add_argument("--sb", required=True, help="a number in [0, sp], or 'auto'")
     rn.add_argument("--budget", default="width", choices=["width", "params"])
     rn.add_argument("--count", default="total", choices=["total", "weights"])
-    rn.add_argument("--round-interval", type=int, default=8)
+    rn.add_argument("--protocol", default="dynslice", choices=["dynslice", "reference"],
+                    help="defaults of the settings below (dynslice.protocol); explicit flags win")
+    rn.add_argument("--round-interval", type=int, default=None, help="default: the protocol's (8 or 1)")
+    rn.add_argument("--rounding", default=None, choices=["total", "reference"], help="default: the protocol's")
     rn.add_argument("--lr-dataset", default="wiki")
     rn.add_argument("--lr-nsamples", type=int, default=32)
-    rn.add_argument("--lr-seqlen", type=int, default=512)
+    rn.add_argument("--lr-seqlen", type=int, default=None, help="default: the protocol's (512 or 1024)")
     rn.add_argument("--lr-metric", default="cosine", choices=["cosine", "bi", "angular"])
     rn.add_argument("--cal-dataset", default="wiki")
     rn.add_argument("--cal-nsamples", type=int, default=32)
     rn.add_argument("--cal-seqlen", type=int, default=512)
     rn.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
     rn.add_argument("--ppl-seqlen", type=int, default=512)
-    rn.add_argument("--ppl-protocol", default="slicegpt", choices=["slicegpt", "paper"])
+    rn.add_argument("--ppl-protocol", default=None, choices=["slicegpt", "paper", "documents"],
+                    help="default: the protocol's")
     rn.add_argument("--ppl-max-chunks", type=int, default=None)
     rn.add_argument("--ppl-nsamples", type=int, default=None)
     rn.add_argument("--tasks", nargs="*", default=[], metavar="T")
@@ -183,7 +189,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
         else:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
             lr = list(range(get_adapter(model).num_layers))
         dims = ArchDims.from_config(model.config)
-        alloc = allocate(lr, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
+        alloc = allocate(lr, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
+                         rounding=a.rounding)
         widths = list(alloc.widths)
         extra["allocation"] = alloc.to_json()
     slice_model(model, cal, widths, batch_size=a.batch_size)
@@ -222,8 +229,8 @@ def _cmd_run(a: argparse.Namespace) -> None:
             sb = float(a.sb)
         except ValueError:
             raise ValueError(f"sb: {a.sb!r} is neither a number in [0, sp] nor 'auto'") from None
-    cfg = RunConfig(model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb, budget=a.budget,
-                    count=a.count, round_interval=a.round_interval, lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
+    cfg = RunConfig(model=a.model, protocol=a.protocol, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb,
+                    budget=a.budget, count=a.count, round_interval=a.round_interval, rounding=a.rounding, lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
                     lr_nsamples=a.lr_nsamples, lr_seqlen=a.lr_seqlen, cal_dataset=a.cal_dataset,
                     cal_nsamples=a.cal_nsamples, cal_seqlen=a.cal_seqlen, batch_size=a.batch_size,
                     ppl_datasets=tuple(a.ppl), ppl_protocol=a.ppl_protocol, ppl_seqlen=a.ppl_seqlen,

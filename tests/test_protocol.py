@@ -191,3 +191,13 @@ def test_cli_run_reference_protocol(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main([*argv[:-2], "--protocol", "paper", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_cli_slice_sp_reference_rounding(tmp_path):
+    """`slice --sp --rounding reference --round-interval 1`: each width is round((1 - FS_i) * D), interval 1."""
+    out = tmp_path / "m"
+    assert main(["slice", "--model", "tiny-random", "--sp", "0.3", "--sb", "0.3", "--rounding", "reference",
+                 "--round-interval", "1", "--cal-nsamples", "2", "--cal-seqlen", "32", "--out", str(out)]) == 0
+    meta = json.loads((out / "dynslice.json").read_text())
+    alloc = meta["extra"]["allocation"]
+    assert alloc["rounding"] == "reference" and alloc["widths"] == [round(0.7 * 64)] * 4 == [45] * 4

@@ -29,25 +29,26 @@ from dynslice.protocol import differences
 
 OUT = Path(__file__).resolve().parent / "results" / "protocol_smollm2.json"
 SP = 0.3
-SIZES = dict(model="smollm2-135m", dtype="fp32", device="cpu", seed=42, sp=SP, lr_nsamples=8, cal_nsamples=16,
-             cal_seqlen=256, ppl_seqlen=256, batch_size=4, lr_dataset="wiki", cal_dataset="wiki",
-             ppl_datasets=("wiki",))
+SIZES = {"model": "smollm2-135m", "dtype": "fp32", "device": "cpu", "seed": 42, "sp": SP, "lr_nsamples": 8,
+         "cal_nsamples": 16, "cal_seqlen": 256, "ppl_seqlen": 256, "batch_size": 4, "lr_dataset": "wiki",
+         "cal_dataset": "wiki", "ppl_datasets": ("wiki",)}
 #: ppl sizes per perplexity protocol: 8 consecutive test chunks, or 8 document-joined validation samples.
-PPL = {"slicegpt": dict(ppl_max_chunks=8, ppl_nsamples=None), "documents": dict(ppl_max_chunks=None, ppl_nsamples=8)}
+PPL = {"slicegpt": {"ppl_max_chunks": 8, "ppl_nsamples": None},
+       "documents": {"ppl_max_chunks": None, "ppl_nsamples": 8}}
 #: One switch per deviation (keys match dynslice.protocol.DEVIATIONS' ``effect``).
 SWITCHES = {
-    "lr_data": dict(lr_split="validation", lr_sampler="sliding", lr_seqlen=1024, lr_stride=256),
-    "lr_last_layer": dict(lr_split="validation", lr_sampler="sliding", lr_seqlen=1024, lr_stride=256,
-                          lr_last_layer="final_norm"),
-    "embedding_mean": dict(embedding_mean=True),
-    "cal_sampler": dict(cal_sampler="documents"),
-    "rounding": dict(rounding="reference", round_interval=1),
+    "lr_data": {"lr_split": "validation", "lr_sampler": "sliding", "lr_seqlen": 1024, "lr_stride": 256},
+    "lr_last_layer": {"lr_split": "validation", "lr_sampler": "sliding", "lr_seqlen": 1024, "lr_stride": 256,
+                      "lr_last_layer": "final_norm"},
+    "embedding_mean": {"embedding_mean": True},
+    "cal_sampler": {"cal_sampler": "documents"},
+    "rounding": {"rounding": "reference", "round_interval": 1},
 }
 
 
 def config(protocol: str, **changes) -> RunConfig:
     base = RunConfig(protocol=protocol, **SIZES, sb=0.0)
-    ppl = PPL[base.ppl_protocol if "ppl_protocol" not in changes else changes["ppl_protocol"]]
+    ppl = PPL[changes.get("ppl_protocol", base.ppl_protocol)]
     return RunConfig(**{**base.to_json(), **ppl, **changes})
 
 

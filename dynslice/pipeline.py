@@ -22,10 +22,10 @@ from dynslice.allocate import allocate
 from dynslice.config import RunConfig
 from dynslice.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.jsonio import read_json, write_json
-from dynslice.protocol import differences
 from dynslice.lr import layer_redundancy
 from dynslice.models import count_parameters, get_adapter, load
 from dynslice.params import ArchDims, dense_params, sliced_params
+from dynslice.protocol import differences
 from dynslice.search import find_best_sb
 from dynslice.slicing import slice_model
 

@@ -17,7 +17,13 @@ from dynslice.cli import main
 from dynslice.config import RunConfig
 from dynslice.evaluate import perplexity
 from dynslice.lr import layer_redundancy
-from dynslice.protocol import DEVIATIONS, SETTINGS, defaults, deviations_markdown, differences
+from dynslice.protocol import (
+    DEVIATIONS,
+    SETTINGS,
+    defaults,
+    deviations_markdown,
+    differences,
+)
 from dynslice.slicing import slice_model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,10 @@ def test_cli_run_reference_protocol(tmp_path):
     assert rec["lr"]["split"] == "validation" and rec["lr"]["sampler"] == "sliding" and rec["lr"]["windows"] == 3
     assert rec["allocation"]["rounding"] == "reference" and rec["allocation"]["round_interval"] == 1
     assert rec["ppl"]["wiki"] > 1
+    import jsonschema
+
+    schema = json.loads((Path(data.__file__).parent / "schema" / "run_record.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(rec)
     with pytest.raises(SystemExit) as exc:
         main([*argv[:-2], "--protocol", "paper", "--out", str(out)])
     assert exc.value.code == 2

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--lr-metric", default=None, choices=METRIC_CHOICES,
                     help="metric of a hand-written LR file that does not state one")
     sl.add_argument("--round-interval", type=int, default=8)
+    sl.add_argument("--rounding", default="total", choices=["total", "reference"])
     sl.add_argument("--budget", default="width", choices=["width", "params"])
     sl.add_argument("--cal-dataset", default="wiki")
     sl.add_argument("--cal-nsamples", type=_at_least(1), default=32)
@@ -119,21 +120,26 @@ def _parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
     _model_args(rn)
+    rn.set_defaults(dtype=None)  # the protocol's (fp32 for dynslice, fp16 for reference)
     rn.add_argument("--sp", type=_finite, required=True)
     rn.add_argument("--sb", required=True, help="a number in [0, sp], or 'auto'")
     rn.add_argument("--budget", default="width", choices=["width", "params"])
     rn.add_argument("--count", default="total", choices=["total", "weights"])
-    rn.add_argument("--round-interval", type=int, default=8)
+    rn.add_argument("--protocol", default="dynslice", choices=["dynslice", "reference"],
+                    help="defaults of the settings below (dynslice.protocol); explicit flags win")
+    rn.add_argument("--round-interval", type=int, default=None, help="default: the protocol's (8 or 1)")
+    rn.add_argument("--rounding", default=None, choices=["total", "reference"], help="default: the protocol's")
     rn.add_argument("--lr-dataset", default="wiki")
     rn.add_argument("--lr-nsamples", type=_at_least(1), default=32)
-    rn.add_argument("--lr-seqlen", type=_at_least(2), default=512)
+    rn.add_argument("--lr-seqlen", type=_at_least(2), default=None, help="default: the protocol's (512 or 1024)")
     rn.add_argument("--lr-metric", default="cosine", choices=["cosine", "bi", "angular"])
     rn.add_argument("--cal-dataset", default="wiki")
     rn.add_argument("--cal-nsamples", type=_at_least(1), default=32)
     rn.add_argument("--cal-seqlen", type=_at_least(2), default=512)
     rn.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
     rn.add_argument("--ppl-seqlen", type=_at_least(2), default=512)
-    rn.add_argument("--ppl-protocol", default="slicegpt", choices=["slicegpt", "paper"])
+    rn.add_argument("--ppl-protocol", default=None, choices=["slicegpt", "paper", "documents"],
+                    help="default: the protocol's")
     rn.add_argument("--ppl-max-chunks", type=_at_least(1), default=None)
     rn.add_argument("--ppl-nsamples", type=_at_least(1), default=None)
     rn.add_argument("--tasks", nargs="*", default=[], metavar="T")
@@ -293,7 +299,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
                                    "seed": a.seed}}
 
     def widths_from(scores: list[float]) -> list[int]:
-        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
+        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
+                         rounding=a.rounding)
         extra["allocation"] = alloc.to_json()
         return list(alloc.widths)
 
@@ -359,8 +366,9 @@ def _cmd_run(a: argparse.Namespace) -> None:
             sb = _finite(a.sb)
         except argparse.ArgumentTypeError:
             raise ValueError(f"sb: {a.sb!r} is neither a number in [0, sp] nor 'auto'") from None
-    cfg = RunConfig(model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb, budget=a.budget,
-                    count=a.count, round_interval=a.round_interval, lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
+    cfg = RunConfig(model=a.model, protocol=a.protocol, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb,
+                    budget=a.budget, count=a.count, round_interval=a.round_interval, rounding=a.rounding,
+                    lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
                     lr_nsamples=a.lr_nsamples, lr_seqlen=a.lr_seqlen, cal_dataset=a.cal_dataset,
                     cal_nsamples=a.cal_nsamples, cal_seqlen=a.cal_seqlen, batch_size=a.batch_size,
                     ppl_datasets=tuple(a.ppl), ppl_protocol=a.ppl_protocol, ppl_seqlen=a.ppl_seqlen,
@@ -375,9 +383,10 @@ def _cmd_run(a: argparse.Namespace) -> None:
     if a.save_model is not None:
         check_model_out(a.save_model, overwrite=a.overwrite, param="save_model")
     _check_names(ppl=a.ppl, tasks=a.tasks, lr_dataset=a.lr_dataset, cal_dataset=a.cal_dataset)
+    a.dtype = cfg.dtype  # the protocol's default when --dtype was not given
     _check_model(a, dense=True)
     model = load_model(cfg.model, cfg.dtype, cfg.device)
-    _check_context(model, lr_seqlen=a.lr_seqlen, cal_seqlen=a.cal_seqlen, ppl_seqlen=a.ppl_seqlen)
+    _check_context(model, lr_seqlen=cfg.lr_seqlen, cal_seqlen=cfg.cal_seqlen, ppl_seqlen=cfg.ppl_seqlen)
     bench = Workbench(cfg.model, cfg.dtype, cfg.device, _model=model, _tokenizer=load_tokenizer(cfg.model))
     run(cfg, out, bench=bench, force=True)
 

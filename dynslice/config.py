@@ -17,10 +17,14 @@ class RunConfig:
 
     ``sp = 0`` evaluates the dense model (no LR, no slicing). ``sb = "auto"`` searches the slicing base on held-out
     calibration chunks. Two runs with equal configs produce the same JSON (timings aside).
+
+    ``protocol`` (``dynslice`` or ``reference``, see :mod:`dynslice.protocol`) fills every setting left at
+    ``None`` among :data:`dynslice.protocol.SETTINGS`; a value given explicitly always wins.
     """
 
     model: str = "smollm2-135m"
-    dtype: str = "fp32"
+    protocol: str = "dynslice"
+    dtype: str | None = None
     device: str = "cpu"
     seed: int = 42
     # allocation
@@ -28,17 +32,23 @@ class RunConfig:
     sb: float | str = 0.3
     budget: str = "width"
     count: str = "total"
-    round_interval: int = 8
-    rounding: str = "total"
+    round_interval: int | None = None
+    rounding: str | None = None
     # LR score
     lr_metric: str = "cosine"
     lr_dataset: str = "wiki"
-    lr_nsamples: int = 32
-    lr_seqlen: int = 512
-    # calibration
+    lr_split: str | None = None
+    lr_sampler: str | None = None
+    lr_nsamples: int | None = 32
+    lr_seqlen: int | None = None
+    lr_stride: int | None = None
+    lr_last_layer: str | None = None
+    # calibration and folding
     cal_dataset: str = "wiki"
+    cal_sampler: str | None = None
     cal_nsamples: int = 32
     cal_seqlen: int = 512
+    embedding_mean: bool | None = None
     batch_size: int = 8
     # automatic SB
     auto_sb_step: float = 0.02
@@ -46,7 +56,7 @@ class RunConfig:
     auto_sb_nsamples: int = 8
     # evaluation
     ppl_datasets: tuple[str, ...] = ("wiki",)
-    ppl_protocol: str = "slicegpt"
+    ppl_protocol: str | None = None
     ppl_seqlen: int = 512
     ppl_max_chunks: int | None = None
     ppl_nsamples: int | None = None
@@ -56,6 +66,13 @@ class RunConfig:
     save_dir: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        from dynslice.protocol import PROTOCOLS, defaults
+
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        for name, value in defaults(self.protocol).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         for name in ("ppl_datasets", "tasks"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -74,9 +91,9 @@ class RunConfig:
     def validate(self) -> None:
         """Check every field, raising ``ValueError`` that names the field and its allowed range."""
         from dynslice.allocate import BUDGETS, COUNTS, ROUNDINGS
-        from dynslice.data import ALL_DATASETS
+        from dynslice.data import ALL_DATASETS, SPLITS
         from dynslice.evaluate import PROTOCOLS
-        from dynslice.lr import METRICS
+        from dynslice.lr import LAST_LAYER, METRICS
         from dynslice.models import DTYPES
 
         def check_int(name: str, low: int, optional: bool = False) -> None:
@@ -101,6 +118,17 @@ class RunConfig:
         check_choice("rounding", ROUNDINGS)
         check_choice("lr_metric", METRICS)
         check_choice("ppl_protocol", PROTOCOLS)
+        check_choice("lr_split", SPLITS)
+        check_choice("lr_sampler", ("random", "sliding"))
+        check_choice("lr_last_layer", LAST_LAYER)
+        check_choice("cal_sampler", ("windows", "documents"))
+        if not isinstance(self.embedding_mean, bool):
+            raise ValueError(f"embedding_mean: {self.embedding_mean!r} must be true or false")
+        if self.lr_sampler == "sliding":
+            check_int("lr_stride", 1)
+            check_int("lr_nsamples", 1, optional=True)
+        else:
+            check_int("lr_nsamples", 1)
         for name in ("lr_dataset", "cal_dataset"):
             check_choice(name, ALL_DATASETS)
         for ds in self.ppl_datasets:
@@ -108,7 +136,7 @@ class RunConfig:
                 raise ValueError(f"ppl_datasets: {ds!r} is not one of {', '.join(ALL_DATASETS)}")
         check_int("seed", 0)
         check_int("round_interval", 1)
-        for name in ("lr_nsamples", "cal_nsamples", "batch_size", "auto_sb_nsamples"):
+        for name in ("cal_nsamples", "batch_size", "auto_sb_nsamples"):
             check_int(name, 1)
         for name in ("lr_seqlen", "cal_seqlen", "ppl_seqlen"):
             check_int(name, 2)

@@ -16,6 +16,13 @@ text once (SliceGPT's recipe), caching the ids under ``cache_dir()/tokens``. The
 - :func:`eval_chunks`: the split cut into consecutive non-overlapping chunks (SliceGPT's perplexity protocol);
 - :func:`random_chunks`: seeded random windows of a split (the paper's perplexity protocol).
 
+The ``reference`` protocol (:mod:`dynslice.protocol`) samples as the authors' code does instead:
+
+- :func:`document_batch`: SliceGPT's document-joining sampler (calibration on train, perplexity on validation):
+  non-empty documents joined from a seeded random start until ``seqlen`` tokens, the tokenizer's BOS first;
+- :func:`sliding_window_batch`: every document cut into windows of ``length`` tokens every ``stride`` tokens
+  (the authors' LR windows, short tail windows included), right-padded under mask 0.
+
 All sampling uses ``torch.Generator().manual_seed(seed)`` and all hashing uses SHA-256, so the same arguments
 give identical tensors in every process.
 """
@@ -72,8 +79,9 @@ class HubSource:
 C4_TRAIN_DOCS = 5000
 C4_EVAL_DOCS = 500
 C4_SAMPLE_SEED = 0
-#: PG19 books are ~100k tokens each and the train split holds 28k of them: each split is streamed and only its
-#: first ``PG19_MAX_BOOKS`` books (in the dataset's order) are kept, enough for LR statistics and perplexity.
+#: PG19 books are ~100k tokens each and the train split holds 28k of them: the train and test splits are streamed
+#: and only their first ``PG19_MAX_BOOKS`` books (in the dataset's order) are kept, enough for LR statistics and
+#: perplexity. The validation split (50 books, the authors' LR corpus) is always kept whole.
 PG19_MAX_BOOKS = 20
 #: SliceGPT's split of Alpaca's single train split: 80% train, then the remaining 20% halved (seed 42 both times)
 #: into test (first half) and validation (second half).
@@ -134,7 +142,7 @@ def _load_hub_split(src: HubSource, hub_split: str) -> list[str]:
     files = dict(src.files)
     kwargs: dict[str, Any] = {"name": src.config, "revision": src.revision, "data_dir": src.data_dir,
                               "data_files": {hub_split: files[hub_split]} if files else None}
-    if src.max_docs is None:
+    if src.max_docs is None or hub_split == "validation":
         return list(datasets.load_dataset(src.path, split=hub_split, **kwargs)[src.text_field])
     stream = datasets.load_dataset(src.path, split=hub_split, streaming=True, **kwargs)
     rows = itertools.islice(stream, src.max_docs)
@@ -491,3 +499,110 @@ def heldout_chunks(name: str, tokenizer, nsamples: int, seqlen: int, *, seed: in
                          f"of {name}/{split} avoid the calibration windows")
     pick = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed + 1))[:nsamples].sort().values
     return torch.stack([stream[free[i] * seqlen:(free[i] + 1) * seqlen] for i in pick.tolist()])
+
+
+# ------------------------------------------------------------------------------------- the reference samplers
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text's own tokens (``[bos]`` for Llama-2/3 and Mistral, ``[]`` for
+    SmolLM2)."""
+    with_special = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    if plain and len(with_special) >= len(plain) and with_special[-len(plain):] == plain:
+        return list(with_special[:len(with_special) - len(plain)])
+    return list(with_special[:max(0, len(with_special) - len(plain))])
+
+
+def join_documents(docs: list[str], encode, nsamples: int, seqlen: int, seed: int,
+                   prefix: list[int] | tuple[int, ...] = ()) -> list[list[int]]:
+    """SliceGPT's document-joining sampler on plain lists (the rule :func:`document_batch` applies to a dataset).
+
+    Empty documents are dropped. Until ``nsamples`` samples exist or no document is left: draw a start position
+    uniformly among the remaining documents (``torch.randint`` on a generator seeded once with ``seed``), append
+    that document and the following remaining ones, joined by ``"\\n\\n"`` (each piece encoded on its own by
+    ``encode``, the separator leading every piece but the first), until ``seqlen`` tokens are reached; remove the
+    documents used; keep the sample only when it reached ``seqlen`` tokens. A kept sample is
+    ``(prefix + tokens)[:seqlen]``: the tokenizer's BOS (when it adds one) first, the text cut to fit.
+    """
+    _check_int("nsamples", nsamples, 1)
+    _check_int("seqlen", seqlen, 1)
+    generator = torch.Generator().manual_seed(_check_seed(seed))
+    pool = [d for d in docs if len(d) > 0]
+    out: list[list[int]] = []
+    while len(out) < nsamples and pool:
+        start = int(torch.randint(0, len(pool), (1,), generator=generator))
+        idx, tokens = start, []
+        while len(tokens) < seqlen and idx < len(pool):
+            tokens += list(encode(("" if not tokens else DOC_SEPARATOR) + pool[idx]))
+            idx += 1
+        pool = pool[:start] + pool[idx:]
+        if len(tokens) >= seqlen:
+            out.append((list(prefix) + tokens[:seqlen])[:seqlen])
+    return out
+
+
+def document_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42,
+                   split: str = "train") -> dict[str, torch.Tensor]:
+    """The authors' calibration (``split="train"``) and perplexity (``split="validation"``) samples:
+    :func:`join_documents` over the documents of ``name``/``split`` with the tokenizer's own BOS, as
+    ``input_ids`` and ``attention_mask`` of shape ``(n, seqlen)``, ``n <= nsamples`` (fewer when the split runs
+    out of documents; an error when it yields none)."""
+    _check_name(name)
+    _check_split(split)
+    docs = load_texts(name, split)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    rows = join_documents(docs, encode, nsamples, seqlen, seed, special_prefix(tokenizer))
+    if not rows:
+        raise ValueError(f"seqlen: {seqlen} is longer than the whole {split} split of {name!r}; no sample fits")
+    ids = torch.tensor(rows, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def window_starts(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the authors' LR windows over one document of ``n_tokens`` tokens: a window every
+    ``stride`` tokens from 0 while ``start < n_tokens``, each ``length`` tokens or up to the document's end."""
+    _check_int("length", length, 1)
+    _check_int("stride", stride, 1)
+    return [(s, min(s + length, n_tokens)) for s in range(0, n_tokens, stride)]
+
+
+def evenly_spaced(total: int, n: int | None) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)`` (all of them when ``n`` is None or ``>= total``)."""
+    if n is None or n >= total:
+        return list(range(total))
+    _check_int("nsamples", n, 1)
+    if n == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+
+
+def sliding_window_batch(name: str, tokenizer, length: int, stride: int, split: str = "validation",
+                         nsamples: int | None = None) -> dict[str, torch.Tensor]:
+    """The authors' LR data: each document of ``name``/``split`` tokenised on its own (with the tokenizer's
+    special tokens), cut into :func:`window_starts` windows, right-padded to ``length`` under mask 0.
+
+    ``nsamples`` keeps that many windows, spread evenly over all windows in document order (None: all of them,
+    as the authors do).
+    """
+    _check_name(name)
+    _check_split(split)
+    _check_int("length", length, 1)
+    _check_int("stride", stride, 1)
+    if nsamples is not None:
+        _check_int("nsamples", nsamples, 1)
+    windows: list[list[int]] = []
+    for doc in load_texts(name, split):
+        ids = tokenizer(doc, verbose=False)["input_ids"]
+        windows += [ids[s:e] for s, e in window_starts(len(ids), length, stride)]
+    if not windows:
+        raise ValueError(f"dataset: the {split} split of {name!r} holds no tokens")
+    picked = [windows[i] for i in evenly_spaced(len(windows), nsamples)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(picked), length), int(pad_id), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, w in enumerate(picked):
+        ids[row, :len(w)] = torch.tensor(w, dtype=torch.long)
+        mask[row, :len(w)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -3,7 +3,9 @@
 - :func:`perplexity` scores fixed-length token chunks: exp of the mean next-token negative log-likelihood over
   every predicted token (log-softmax in fp32, sums in fp64, padded tokens left out).
 - :func:`dataset_perplexity` wires it to the named datasets of :mod:`dynslice.data`, with SliceGPT's protocol
-  (consecutive chunks of the test split) or the paper's (random windows of the validation split).
+  (consecutive chunks of the test split), random windows of the validation split (``paper``), or the authors'
+  code (``documents``: SliceGPT's document-joining sampler on the validation split, BOS first, scored as
+  exp of the mean of per-sample mean NLLs, at most 128 samples by default).
 - :func:`zero_shot` runs lm-eval on a model object (dense or sliced) and reports one headline metric per task;
   the offline tasks of :mod:`dynslice.offline_tasks` run with no hub access.
 """
@@ -23,7 +25,10 @@ from dynslice import data
 from dynslice.offline_tasks import OFFLINE_METRIC, OFFLINE_TASKS, build_offline_tasks
 from dynslice.paths import configure_hf_cache
 
-PROTOCOLS = ("slicegpt", "paper")
+PROTOCOLS = ("slicegpt", "paper", "documents")
+REDUCTIONS = ("token", "sample")
+#: The authors' default number of perplexity samples (SliceGPT's ``--ppl-eval-nsamples``).
+DOCUMENTS_NSAMPLES = 128
 
 STANDARD_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "mmlu")
 
@@ -65,8 +70,10 @@ def _check_chunks(chunks: torch.Tensor, attention_mask: torch.Tensor | None, bat
 @torch.no_grad()
 def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
                attention_mask: torch.Tensor | None = None, device: str | torch.device | None = None,
-               desc: str = "ppl") -> float:
+               desc: str = "ppl", reduction: str = "token") -> float:
     """Perplexity of ``model`` on token ``chunks`` (n, seqlen): exp(mean NLL of every predicted next token).
+
+    ``reduction="sample"`` gives the authors' variant instead: exp of the mean over rows of each row's mean NLL.
 
     The log-softmax is taken in fp32 whatever the model's dtype, NLLs are summed in fp64 over all batches and
     divided by the total token count (not an average of per-batch means). With ``attention_mask``, a position
@@ -74,11 +81,14 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
     the model's. The model is put in eval mode and returned to its previous mode afterwards.
     """
     _check_chunks(chunks, attention_mask, batch_size)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {', '.join(REDUCTIONS)}")
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
+    row_means: list[float] = []
     try:
         for start in tqdm(range(0, chunks.shape[0], batch_size), desc=desc, leave=False):
             ids = chunks[start:start + batch_size].to(device)
@@ -91,10 +101,14 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
                     nll = nll[valid[row]]
                 total_nll += nll.double().sum().cpu()
                 total_tokens += int(nll.numel())
+                if nll.numel():
+                    row_means.append(float(nll.double().mean()))
     finally:
         model.train(was_training)
     if total_tokens == 0:
         raise ValueError("attention_mask: no position has a real token following a real token; nothing to score")
+    if reduction == "sample":
+        return math.exp(math.fsum(row_means) / len(row_means))
     return math.exp(float(total_nll) / total_tokens)
 
 
@@ -106,6 +120,9 @@ def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: i
     - ``"slicegpt"``: the test split cut into consecutive ``seqlen`` chunks (at most ``max_chunks``);
       ``nsamples`` must be left unset.
     - ``"paper"``: ``nsamples`` random ``seqlen`` windows of the validation split, drawn with ``seed``;
+      ``max_chunks`` must be left unset.
+    - ``"documents"``: the authors' protocol, at most ``nsamples`` (default :data:`DOCUMENTS_NSAMPLES`) samples
+      of the validation split from :func:`dynslice.data.document_batch`, the mean of per-sample means;
       ``max_chunks`` must be left unset.
     """
     if protocol not in PROTOCOLS:
@@ -120,6 +137,16 @@ def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: i
                                        or max_chunks < 1):
             raise ValueError(f"max_chunks: {max_chunks!r} is outside max_chunks >= 1 (or None for all)")
         chunks = data.eval_chunks(name, tokenizer, seqlen, split="test", max_chunks=max_chunks)
+    elif protocol == "documents":
+        if max_chunks is not None:
+            raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
+                             "for the 'documents' protocol")
+        n = DOCUMENTS_NSAMPLES if nsamples is None else nsamples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"nsamples: {n!r} is outside nsamples >= 1")
+        batch = data.document_batch(name, tokenizer, n, seqlen, seed=seed, split="validation")
+        return perplexity(model, batch["input_ids"], attention_mask=batch["attention_mask"], batch_size=batch_size,
+                          desc=f"ppl {name}/{protocol}", reduction="sample")
     else:
         if max_chunks is not None:
             raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "

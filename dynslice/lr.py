@@ -4,9 +4,11 @@ For decoder layer ``i``, LR_i is the mean over non-pad tokens of ``cos(h_in, h_o
 are the residual stream just before and just after the layer. A layer that barely turns the residual stream is
 redundant, so a high LR means the layer can be sliced more.
 
-Choice documented here: ``h_out`` of the last layer is the raw residual stream leaving it, *before* the model's
-final norm. The final norm rescales every token (and, before folding, reweights channels), so taking its output
-would measure the norm, not the layer.
+Choice documented here: by default (``last_layer="raw"``) ``h_out`` of the last layer is the raw residual stream
+leaving it, *before* the model's final norm. The final norm rescales every token (and, before folding, reweights
+channels), so taking its output would measure the norm, not the layer. ``last_layer="final_norm"`` compares the
+last layer's input with the final norm's output instead, as the authors' code does (it reads HF ``hidden_states``,
+whose last entry is taken after the final norm); it is part of the ``reference`` protocol.
 
 Options: ShortGPT's Block Influence (``bi = 1 - cos``) and the angular distance (``arccos(cos) / π``), averaged per
 token like the cosine. The ``normalized`` vector is always min-max normalised *redundancy* in [0, 1] (high =
@@ -28,6 +30,7 @@ from dynslice.allocate import redundancy_scores
 from dynslice.models import get_adapter
 
 METRICS = ("cosine", "bi", "angular")
+LAST_LAYER = ("raw", "final_norm")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def _token_metric(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch
 
 @torch.no_grad()
 def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric: str = "cosine",
-                     batch_size: int = 8, progress: bool = True) -> LRScore:
+                     batch_size: int = 8, progress: bool = True, last_layer: str = "raw") -> LRScore:
     """LR score of every decoder layer of a dense model over the non-pad tokens of ``batch``.
 
     Args:
@@ -71,7 +74,11 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
         batch: ``{"input_ids": (n × seqlen), "attention_mask": (n × seqlen)}``.
         metric: ``cosine`` (the paper's LR), ``bi`` (ShortGPT, 1 - cos) or ``angular`` (arccos(cos)/π).
         batch_size: sequences per forward.
+        last_layer: ``raw`` (the last layer's own output) or ``final_norm`` (its output after the model's final
+            norm, as HF ``hidden_states[-1]`` gives it).
     """
+    if last_layer not in LAST_LAYER:
+        raise ValueError(f"last_layer: {last_layer!r} is not one of {', '.join(LAST_LAYER)}")
     if metric not in METRICS:
         raise ValueError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -85,6 +92,7 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     adapter = get_adapter(model)
     device = adapter.embeddings.weight.device
     n_layers = adapter.num_layers
+    final_norm = adapter.final_norm
     sums = torch.zeros(n_layers, dtype=torch.float64)
     state: dict = {}
 
@@ -96,6 +104,8 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     def post_hook(idx):
         def hook(_module, _args, _kwargs, output):
             h_out = output[0] if isinstance(output, tuple) else output
+            if last_layer == "final_norm" and idx == n_layers - 1:
+                h_out = final_norm(h_out)
             per_token = _token_metric(state.pop(idx), h_out, metric)
             sums[idx] += (per_token.double() * state["mask"]).sum().cpu()
         return hook

@@ -25,6 +25,7 @@ from dynslice.jsonio import read_json, write_json
 from dynslice.lr import layer_redundancy
 from dynslice.models import count_parameters, get_adapter, load
 from dynslice.params import ArchDims, dense_params, sliced_params
+from dynslice.protocol import differences
 from dynslice.search import find_best_sb
 from dynslice.slicing import slice_model
 
@@ -79,22 +80,34 @@ class Workbench:
         return self._memo[key]
 
     def calibration(self, cfg: RunConfig) -> dict[str, torch.Tensor]:
-        key = ("cal", cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seed)
-        return self._cached(key, lambda: data.calibration_batch(cfg.cal_dataset, self.tokenizer, cfg.cal_nsamples,
-                                                                cfg.cal_seqlen, seed=cfg.seed))
+        """Calibration batch: random windows of the train stream, or the authors' document-joining sampler."""
+        key = ("cal", cfg.cal_dataset, cfg.cal_sampler, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seed)
+        sampler = data.document_batch if cfg.cal_sampler == "documents" else data.calibration_batch
+        return self._cached(key, lambda: sampler(cfg.cal_dataset, self.tokenizer, cfg.cal_nsamples, cfg.cal_seqlen,
+                                                 seed=cfg.seed))
+
+    def lr_batch(self, cfg: RunConfig) -> dict[str, torch.Tensor]:
+        """LR data: random windows of ``lr_split``, or the authors' sliding windows over its documents."""
+        if cfg.lr_sampler == "sliding":
+            return data.sliding_window_batch(cfg.lr_dataset, self.tokenizer, cfg.lr_seqlen, cfg.lr_stride,
+                                             split=cfg.lr_split, nsamples=cfg.lr_nsamples)
+        return data.calibration_batch(cfg.lr_dataset, self.tokenizer, cfg.lr_nsamples, cfg.lr_seqlen, seed=cfg.seed,
+                                      split=cfg.lr_split)
 
     def lr(self, cfg: RunConfig) -> dict[str, Any]:
         """LR score of the dense model (cached per corpus, size, metric and seed); includes its time."""
-        key = ("lr", cfg.lr_dataset, cfg.lr_nsamples, cfg.lr_seqlen, cfg.lr_metric, cfg.seed)
+        key = ("lr", cfg.lr_dataset, cfg.lr_split, cfg.lr_sampler, cfg.lr_nsamples, cfg.lr_seqlen, cfg.lr_stride,
+               cfg.lr_last_layer, cfg.lr_metric, cfg.seed)
 
         def compute():
             t = time.perf_counter()
-            batch = data.calibration_batch(cfg.lr_dataset, self.tokenizer, cfg.lr_nsamples, cfg.lr_seqlen,
-                                           seed=cfg.seed)
-            score = layer_redundancy(self.model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size)
-            return {**score.to_json(), "model": self.model_spec, "dataset": cfg.lr_dataset,
-                    "nsamples": cfg.lr_nsamples, "seqlen": cfg.lr_seqlen, "seed": cfg.seed,
-                    "time_s": time.perf_counter() - t}
+            batch = self.lr_batch(cfg)
+            score = layer_redundancy(self.model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size,
+                                     last_layer=cfg.lr_last_layer)
+            return {**score.to_json(), "model": self.model_spec, "dataset": cfg.lr_dataset, "split": cfg.lr_split,
+                    "sampler": cfg.lr_sampler, "windows": int(batch["input_ids"].shape[0]),
+                    "nsamples": cfg.lr_nsamples, "seqlen": cfg.lr_seqlen, "stride": cfg.lr_stride,
+                    "last_layer": cfg.lr_last_layer, "seed": cfg.seed, "time_s": time.perf_counter() - t}
 
         return self._cached(key, compute)
 
@@ -109,7 +122,8 @@ class Workbench:
     def sliced(self, cfg: RunConfig, widths: list[int]) -> nn.Module:
         """A fresh sliced copy of the dense model (the dense model itself is left untouched)."""
         model = copy.deepcopy(self.model)
-        return slice_model(model, self.calibration(cfg), widths, batch_size=cfg.batch_size, device=cfg.device)
+        return slice_model(model, self.calibration(cfg), widths, batch_size=cfg.batch_size, device=cfg.device,
+                           embedding_mean=cfg.embedding_mean)
 
 
 def _param_record(bench: Workbench, widths: list[int] | None, model: nn.Module) -> dict[str, Any]:
@@ -128,7 +142,7 @@ def _param_record(bench: Workbench, widths: list[int] | None, model: nn.Module) 
 def evaluate_model(model: nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Perplexities on ``cfg.ppl_datasets`` and zero-shot accuracies on ``cfg.tasks``."""
     ppl = {name: dataset_perplexity(model, tokenizer, name, seqlen=cfg.ppl_seqlen, protocol=cfg.ppl_protocol,
-                                    nsamples=cfg.ppl_nsamples if cfg.ppl_protocol == "paper" else None,
+                                    nsamples=None if cfg.ppl_protocol == "slicegpt" else cfg.ppl_nsamples,
                                     max_chunks=cfg.ppl_max_chunks if cfg.ppl_protocol == "slicegpt" else None,
                                     seed=cfg.seed, batch_size=cfg.batch_size)
            for name in cfg.ppl_datasets}
@@ -187,6 +201,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, bench: Workbench | Non
     model = bench.model
     timings["load"] = time.perf_counter() - t
     record: dict[str, Any] = {"record_version": RECORD_VERSION, "config": cfg.to_json(), "versions": versions(),
+                              "protocol": differences(cfg.to_json()),
                               "model": cfg.model, "architecture": type(model).__name__, "sp": cfg.sp,
                               "sb": cfg.sb, "budget": cfg.budget}
     if cfg.dense:
@@ -208,7 +223,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, bench: Workbench | Non
         eval_model = bench.sliced(cfg, widths)
         timings["slice"] = time.perf_counter() - t
         record.update(sb=sb, widths=widths, allocation=alloc.to_json(),
-                      lr={k: lr[k] for k in ("metric", "lr", "normalized", "dataset", "tokens")},
+                      lr={k: lr[k] for k in ("metric", "lr", "normalized", "dataset", "tokens", "split", "sampler",
+                                             "windows", "last_layer")},
                       slice_timings_s=eval_model.dynslice_info.timings_s)
         if cfg.save_dir:
             from dynslice.io import save_sliced

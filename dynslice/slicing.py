@@ -123,6 +123,21 @@ def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> Non
 
 
 @torch.no_grad()
+def subtract_embedding_mean(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Subtract each embedding row's mean over its channels, as SliceGPT's layernorm fusion does (``reference``
+    protocol only). The head is untied first, so it keeps the original rows.
+
+    This is exact for LayerNorm models, whose norms subtract the mean anyway; on RMSNorm models (Llama, Mistral,
+    Qwen2) it changes the function, which is why dynslice leaves it off by default.
+    """
+    adapter = adapter or get_adapter(model)
+    untie_head(model, adapter)
+    w = adapter.embeddings.weight
+    w64 = w.data.double()
+    w.data.copy_((w64 - w64.mean(dim=-1, keepdim=True)).to(w.dtype))
+
+
+@torch.no_grad()
 def untie_head(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
     """Give the LM head its own copy of the embedding matrix (a tied head cannot be rotated separately)."""
     adapter = adapter or get_adapter(model)
@@ -329,7 +344,7 @@ def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.d
 @torch.no_grad()
 def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: Sequence[int], *,
                 final_width: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
-                progress: bool = True) -> nn.Module:
+                progress: bool = True, embedding_mean: bool = False) -> nn.Module:
     """Rotate and slice ``model`` in place so that decoder layer ``i`` reads a residual stream ``widths[i]`` wide.
 
     Args:
@@ -342,6 +357,8 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
         device: where each layer is computed (default: where the model is). The model and all calibration signals
             stay where they are (on the CPU for a CPU model); one layer at a time is moved to ``device``.
         progress: show a tqdm bar over the layers.
+        embedding_mean: first subtract each embedding row's mean (:func:`subtract_embedding_mean`), as SliceGPT
+            does; off by default because it is not exact on RMSNorm models.
 
     Returns:
         The same model object, now sliced, with ``model.dynslice_info`` (:class:`SliceInfo`) attached.
@@ -360,6 +377,8 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
 
     with _timed(timings, "capture"):
         fuse_norms(model, adapter)
+        if embedding_mean:
+            subtract_embedding_mean(model, adapter)
         sig = capture_inputs(model, calibration, batch_size, home, adapter)
 
     # Position 0: the embeddings.

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from dynslice.protocol import BEST_SB_NOTE
+
 #: The paper's headline claims (Dumitru et al., 2024): best dynamic SB vs constant slicing.
 PAPER_PPL_GAIN_PCT = 7.0
 PAPER_ACC_GAIN_POINTS = 5.0
@@ -62,7 +64,7 @@ def sweep_text(head: pd.DataFrame, dataset: str) -> str:
                      f"{r[col + '_dynamic']:.2f} vs {r[col + '_constant']:.2f} for constant slicing: "
                      f"{_claim_ppl(r[col + '_change_pct'])}.")
     return (f"Perplexity on **{dataset}**, best dynamic SB against constant slicing (SB = SP):\n\n"
-            + "\n".join(lines))
+            + "\n".join(lines) + f"\n\n*{BEST_SB_NOTE}*")
 
 
 def params_text(head: pd.DataFrame) -> str:
@@ -127,4 +129,4 @@ def headline_text(head: pd.DataFrame, dataset: str) -> str:
         acc_rel = "more than" if pts > PAPER_ACC_GAIN_POINTS else "within" if pts > 0 else "against"
         claim += f", the accuracy gain {acc_rel} its up to {PAPER_ACC_GAIN_POINTS:g} points"
     parts.append(claim + " (the paper measured much larger models).")
-    return " ".join(parts)
+    return " ".join(parts) + f"\n\n*{BEST_SB_NOTE}*"

@@ -199,22 +199,29 @@ def method_of(key: str) -> str:
 
 
 def allocations(vectors: dict[str, np.ndarray], sp: float, sb: float, dims: ArchDims, budgets: Sequence[str],
-                round_interval: int = 8) -> dict[tuple[str, str], Allocation | str]:
+                round_interval: int = 8, sb_step: float = 0.02) -> dict[tuple[str, str], Allocation | str]:
     """``{(key, budget): Allocation}`` for constant slicing and every score vector at every budget.
 
-    An allocation that cannot meet its budget (e.g. a params budget out of reach at this ``sb``) is the error
-    message instead, so that the experiment records it rather than stopping.
+    A vector that cannot meet its budget at ``sb`` (e.g. inverted LR, whose one peaked layer would have to be
+    sliced entirely) gets the lowest feasible SB of ``sb, sb + sb_step, ...`` below ``sp`` (``Allocation.sb``
+    says which); if none is feasible, the error message stands in for it, so the experiment records it.
     """
     out: dict[tuple[str, str], Allocation | str] = {}
+    grid = [round(sb + k * sb_step, 10) for k in range(int(math.ceil((sp - sb) / sb_step)))]
     for budget in budgets:
         out[("constant", budget)] = allocate(vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval,
                                              budget=budget, dims=dims)
         for key, vec in vectors.items():
-            try:
-                out[(key, budget)] = allocate(vec, sp, sb, dims.hidden, round_interval=round_interval,
-                                              budget=budget, dims=dims)
-            except ValueError as err:
-                out[(key, budget)] = str(err)
+            first_error = None
+            for b in grid:
+                try:
+                    out[(key, budget)] = allocate(vec, sp, b, dims.hidden, round_interval=round_interval,
+                                                  budget=budget, dims=dims)
+                    break
+                except ValueError as err:
+                    first_error = first_error or str(err)
+            else:
+                out[(key, budget)] = first_error or f"sb: no feasible SB below sp={sp}"
     return out
 
 
@@ -404,7 +411,7 @@ def summarize(record: dict[str, Any]) -> list[dict[str, Any]]:
     for (sp, budget, method), rows in groups.items():
         spread = "permutations" if method == "shuffled" else "seeds" if len(rows) > 1 else None
         entry: dict[str, Any] = {"sp": sp, "budget": budget or None, "method": method, "n": len(rows),
-                                 "spread_over": spread, "params": mean_sd([r["params"] for r in rows])["mean"],
+                                 "spread_over": spread, "sb": rows[0].get("sb"), "params": mean_sd([r["params"] for r in rows])["mean"],
                                  "ppl": {d: mean_sd([r["ppl"][d] for r in rows]) for d in rows[0]["ppl"]}}
         tasks = [r for r in rows if r.get("tasks")]
         if tasks:
@@ -528,7 +535,8 @@ def table(record: dict[str, Any]):
 
     rows = []
     for s in record["summary"]:
-        row = {"SP": s["sp"], "budget": s["budget"] or "-", "method": LABELS[s["method"]], "n": s["n"],
+        row = {"SP": s["sp"], "budget": s["budget"] or "-", "method": LABELS[s["method"]],
+               "SB": "" if s.get("sb") is None else f"{s['sb']:.2f}", "n": s["n"],
                "params (M)": f"{s['params'] / 1e6:.2f}"}
         for dname, v in s["ppl"].items():
             row[f"ppl {dname}"] = f"{v['mean']:.2f}" + (f" ± {v['sd']:.2f}" if v["sd"] is not None else "")

@@ -535,7 +535,7 @@ def table(record: dict[str, Any]):
 
     rows = []
     for s in record["summary"]:
-        row = {"SP": s["sp"], "budget": s["budget"] or "-", "method": LABELS[s["method"]],
+        row = {"SP": "" if s["sp"] is None else f"{s['sp']:.2f}", "budget": s["budget"] or "-", "method": LABELS[s["method"]],
                "SB": "" if s.get("sb") is None else f"{s['sb']:.2f}", "n": s["n"],
                "params (M)": f"{s['params'] / 1e6:.2f}"}
         for dname, v in s["ppl"].items():

@@ -157,9 +157,9 @@ def test_config_validation():
         A.AblationConfig.from_dict({"spp": [0.3]})
     with pytest.raises(ValueError, match="permutations"):
         A.AblationConfig(permutations=0)
-    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations.yaml", "cpu")
+    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "cpu")
     assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(A.BUDGETS)
-    assert A.load_config(PROJECT_ROOT / "configs" / "ablations.yaml", "no-such-profile") is None
+    assert A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "no-such-profile") is None
 
 
 TINY = dict(model="tiny-random", cal_nsamples=4, cal_seqlen=64, ppl_seqlen=64, ppl_max_chunks=4, batch_size=4,

@@ -119,6 +119,13 @@ class AblationConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+def settings_path() -> Path:
+    """``configs/ablations/06_ablations.yaml``: the ablation settings of each profile (notebook 06)."""
+    from dynslice.paths import PROJECT_ROOT
+
+    return PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml"
+
+
 def load_config(path: str | Path, profile: str) -> AblationConfig | None:
     """The ``profile`` section of an ablations YAML (``None`` when the profile has none)."""
     import yaml

@@ -514,7 +514,8 @@ def answer(record: dict[str, Any]) -> str:
             s += f"{sh['n']} shuffled LR vectors give {ps:.2f} ± {sds:.2f}, {verdict}. "
         if inv:
             pi = inv["ppl"][d]["mean"]
-            s += f"Inverted LR gives {pi:.2f} ({'worse' if pi > pc else 'better'} than constant). "
+            at = f" at SB {inv['sb']:.2f}, the lowest feasible," if inv.get("sb") not in (None, cfg.sb) else ""
+            s += f"Inverted LR{at} gives {pi:.2f} ({'worse' if pi > pc else 'better'} than constant). "
         for m in ("angular", "bi"):
             g = get[m]
             if g:
@@ -523,8 +524,11 @@ def answer(record: dict[str, Any]) -> str:
         if get["shortgpt"]:
             g = get["shortgpt"]
             row = next(r for r in record["rows"] if r["method"] == "shortgpt" and r["sp"] == sp)
-            s += (f"ShortGPT at the same size deletes {len(row['deleted_layers'])} layer(s) "
-                  f"({', '.join(map(str, row['deleted_layers']))}) and gives {g['ppl'][d]['mean']:.2f}"
+            dl = row["deleted_layers"]
+            s += (f"ShortGPT at the same size deletes "
+                  + (f"{len(dl)} layer(s) ({', '.join(map(str, dl))})" if dl else "no layer (the dense model "
+                     "already fits the budget)")
+                  + f" and gives {g['ppl'][d]['mean']:.2f}"
                   f" ({'better' if g['ppl'][d]['mean'] < pl else 'worse'} than LR slicing).")
         parts.append(s.strip())
     return " ".join(parts)

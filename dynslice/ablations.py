@@ -214,7 +214,7 @@ def allocations(vectors: dict[str, np.ndarray], sp: float, sb: float, dims: Arch
     says which); if none is feasible, the error message stands in for it, so the experiment records it.
     """
     out: dict[tuple[str, str], Allocation | str] = {}
-    grid = [round(sb + k * sb_step, 10) for k in range(int(math.ceil((sp - sb) / sb_step)))]
+    grid = [b for b in (round(sb + k * sb_step, 10) for k in range(math.ceil((sp - sb) / sb_step) + 1)) if b < sp - 1e-9]
     for budget in budgets:
         out[("constant", budget)] = allocate(vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval,
                                              budget=budget, dims=dims)
@@ -525,7 +525,7 @@ def answer(record: dict[str, Any]) -> str:
             g = get["shortgpt"]
             row = next(r for r in record["rows"] if r["method"] == "shortgpt" and r["sp"] == sp)
             dl = row["deleted_layers"]
-            s += (f"ShortGPT at the same size deletes "
+            s += ("ShortGPT at the same size deletes "
                   + (f"{len(dl)} layer(s) ({', '.join(map(str, dl))})" if dl else "no layer (the dense model "
                      "already fits the budget)")
                   + f" and gives {g['ppl'][d]['mean']:.2f}"

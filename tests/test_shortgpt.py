@@ -6,12 +6,17 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_batch, make_tiny_model
+
 from dynslice.lr import layer_redundancy
 from dynslice.models import count_parameters
 from dynslice.params import ArchDims, dense_params
-from dynslice.shortgpt import delete_layers, deletion_order, layers_to_delete, params_after_deletion
+from dynslice.shortgpt import (
+    delete_layers,
+    deletion_order,
+    layers_to_delete,
+    params_after_deletion,
+)
 
 
 def _logits(model, ids):

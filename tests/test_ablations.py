@@ -15,7 +15,7 @@ from conftest import make_batch, make_tiny_model
 
 from dynslice import ablations as A
 from dynslice import data
-from dynslice.allocate import constant_width
+from dynslice.allocate import allocate, constant_width
 from dynslice.evaluate import perplexity
 from dynslice.jsonio import read_json
 from dynslice.lr import layer_redundancy
@@ -84,6 +84,11 @@ def test_inverted_slices_the_least_redundant_most(dims, allocs):
     least, most = int(np.argmin(LR)), int(np.argmax(LR))
     assert inv.widths[least] == min(inv.widths) and inv.widths[most] == max(inv.widths)
     assert lr_alloc.widths[least] == max(lr_alloc.widths) and lr_alloc.widths[most] == min(lr_alloc.widths)
+    # one peaked layer cannot absorb the whole budget at SB 0: the lowest feasible SB on the 0.02 grid is used
+    assert lr_alloc.sb == 0.0 and 0.0 < inv.sb < 0.3
+    with pytest.raises(ValueError, match="sb"):
+        allocate(np.asarray(1.0 - np.asarray(LR)), 0.3, round(inv.sb - 0.02, 10), dims.hidden, budget="params",
+                 dims=dims)
 
 
 def test_shuffled_vectors_are_seeded_permutations():

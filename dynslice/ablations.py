@@ -321,7 +321,9 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
     """Run the whole ablation experiment and return its record; with ``out``, write it atomically.
 
     A record at ``out`` whose ``config`` equals ``cfg`` is returned as it is unless ``force``. ``model`` and
-    ``tokenizer`` may be passed in (a dense model of ``cfg.model``); otherwise they are loaded.
+    ``tokenizer`` may be passed in (a dense model of ``cfg.model``); otherwise they are loaded. With ``out``, every
+    finished evaluation is also checkpointed to ``<out stem>.partial.json``, so a stopped run resumes where it was
+    (same config); the checkpoint is removed once the record is written.
     """
     if out is not None and Path(out).is_file() and not force:
         existing = read_json(out)
@@ -336,14 +338,27 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
     ctx = _Context(cfg, model, tokenizer, dims, eval_chunks)
     cal_sets = disjoint_calibration(cfg.cal_dataset, tokenizer, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seeds,
                                     cfg.window_seed)
+    checkpoint = None if out is None else Path(out).with_name(Path(out).stem + ".partial.json")
+    saved = read_json(checkpoint) if checkpoint is not None and checkpoint.is_file() and not force else {}
+    if saved.get("config") != cfg.to_json():
+        saved = {}
+    done: dict[str, dict[str, Any]] = dict(saved.get("rows", {}))
     # Scores per seed: the LR of seed k comes from seed k's calibration windows; BI and angular from seed 0.
-    scores = [_lr_scores(model, cal_sets[0], ("cosine", "bi", "angular"), cfg.batch_size)]
-    scores += [_lr_scores(model, cal_sets[k], ("cosine",), cfg.batch_size) for k in range(1, cfg.seeds)]
-    rows: list[dict[str, Any]] = []
-    dense = {"method": "dense", "key": "dense", "budget": None, "sp": None, "seed": None,
-             "widths": [dims.hidden] * dims.layers, "params": count_parameters(model),
-             **ctx.evaluate(model, "dense" in cfg.task_methods)}
-    rows.append(dense)
+    scores = saved.get("scores")
+    if scores is None:
+        scores = [_lr_scores(model, cal_sets[0], ("cosine", "bi", "angular"), cfg.batch_size)]
+        scores += [_lr_scores(model, cal_sets[k], ("cosine",), cfg.batch_size) for k in range(1, cfg.seeds)]
+
+    def save(job: str, row: dict[str, Any]) -> None:
+        done[job] = row
+        if checkpoint is not None:
+            write_json(checkpoint, {"config": cfg.to_json(), "scores": scores, "rows": done})
+
+    if "dense" not in done:
+        save("dense", {"method": "dense", "key": "dense", "budget": None, "sp": None, "seed": None,
+                       "widths": [dims.hidden] * dims.layers, "params": count_parameters(model),
+                       **ctx.evaluate(model, "dense" in cfg.task_methods)})
+    rows: list[dict[str, Any]] = [done["dense"]]
 
     jobs: list[tuple[float, str, str, int]] = []  # (sp, key, budget, seed)
     vecs0 = score_vectors({m: s["normalized"] for m, s in scores[0].items()}, cfg.permutations,
@@ -366,20 +381,26 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
                          "infeasible": alloc})
             continue
         with_tasks = seed == 0 and method in cfg.task_methods and budget in cfg.task_budgets
-        result = ctx.sliced_eval(cal_sets[seed], seed, alloc.widths, with_tasks)
-        rows.append({"method": method, "key": key, "budget": budget, "sp": sp, "seed": seed,
-                     "sb": alloc.sb, "widths": list(alloc.widths), **result})
+        job = f"{sp}|{key}|{budget}|{seed}"
+        if job not in done:
+            save(job, {"method": method, "key": key, "budget": budget, "sp": sp, "seed": seed, "sb": alloc.sb,
+                       "widths": list(alloc.widths),
+                       **ctx.sliced_eval(cal_sets[seed], seed, alloc.widths, with_tasks)})
+        rows.append(done[job])
 
     for sp in cfg.sp:  # ShortGPT: delete the lowest-BI layers down to the constant-SP parameter count
         target = sliced_params(dims, list(allocs[(0, sp)][("constant", "params")].widths)).total
         bi = scores[0]["bi"]["lr"]
         drop = layers_to_delete(bi, dims, target)
-        short = delete_layers(copy.deepcopy(model), drop)
-        rows.append({"method": "shortgpt", "key": "shortgpt", "budget": "params", "sp": sp, "seed": 0,
-                     "deleted_layers": drop, "target_params": target, "params": count_parameters(short),
-                     "widths": [dims.hidden] * (dims.layers - len(drop)),
-                     **ctx.evaluate(short, "shortgpt" in cfg.task_methods)})
-        del short
+        job = f"{sp}|shortgpt"
+        if job not in done:
+            short = delete_layers(copy.deepcopy(model), drop)
+            save(job, {"method": "shortgpt", "key": "shortgpt", "budget": "params", "sp": sp, "seed": 0,
+                       "deleted_layers": drop, "target_params": target, "params": count_parameters(short),
+                       "widths": [dims.hidden] * (dims.layers - len(drop)),
+                       **ctx.evaluate(short, "shortgpt" in cfg.task_methods)})
+            del short
+        rows.append(done[job])
 
     record = {"record_version": RECORD_VERSION, "config": cfg.to_json(), "model": cfg.model,
               "dims": dims.to_json(), "dense_params": dense_params(dims),
@@ -392,6 +413,8 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
     record["time_s"] = round(time.perf_counter() - t_start, 1)
     if out is not None:
         write_json(out, record)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
     return record
 
 

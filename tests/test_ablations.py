@@ -226,3 +226,29 @@ def test_run_all_only_06_on_smoke(tmp_path):
     assert rec["answer"] and rec["summary"]
     assert (tmp_path / "r" / "smoke" / "tables" / "ablations.md").is_file()
     assert (tmp_path / "f" / "smoke" / "ablations.pdf").is_file()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    cfg = A.AblationConfig(**{**TINY, "permutations": 1, "seeds": 2, "budgets": ("params",)})
+    out = tmp_path / "ablations.json"
+    real = A._Context.sliced_eval
+    calls = {"n": 0}
+
+    def stop_after_two(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt("stopped")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(A._Context, "sliced_eval", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        A.run(cfg, out, progress=False)
+    partial = read_json(tmp_path / "ablations.partial.json")
+    assert set(partial["rows"]) == {"dense", "0.3|constant|params|0", "0.3|lr|params|0"}
+    assert not out.exists()
+    monkeypatch.setattr(A._Context, "sliced_eval", real)
+    resumed = A.run(cfg, out, progress=False)
+    assert not (tmp_path / "ablations.partial.json").exists()
+    assert resumed["rows"][:3] == [partial["rows"][k] for k in ("dense", "0.3|constant|params|0", "0.3|lr|params|0")]
+    fresh = A.run(cfg, tmp_path / "fresh.json", progress=False)
+    assert read_json(out)["rows"] == fresh["rows"]  # same config -> same numbers, resumed or not

@@ -1,0 +1,254 @@
+"""The ablation experiment (notebook 06): allocations at equal parameters, disjoint calibration, statistics, and
+a full tiny run through the module and through run_all.sh."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch, make_tiny_model
+
+from dynslice import ablations as A
+from dynslice import data
+from dynslice.allocate import allocate, constant_width
+from dynslice.evaluate import perplexity
+from dynslice.jsonio import read_json
+from dynslice.lr import layer_redundancy
+from dynslice.params import ArchDims, sliced_params
+from dynslice.paths import PROJECT_ROOT
+
+LR = [0.0, 0.9, 0.8, 1.0, 0.85, 0.95, 0.7, 0.5]  # normalised, layer 0 least redundant (as on SmolLM2)
+
+
+@pytest.fixture(scope="module")
+def dims() -> ArchDims:
+    """An 8-layer, D=128 Llama with a small vocabulary: every method is feasible at the params budget."""
+    return ArchDims(vocab=96, hidden=128, layers=8, intermediate=264, heads=8, kv_heads=2, head_dim=16,
+                    qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
+
+
+@pytest.fixture(scope="module")
+def allocs(dims):
+    vecs = A.score_vectors({"cosine": LR}, permutations=5, seed=0)
+    return A.allocations(vecs, 0.3, 0.0, dims, A.BUDGETS, round_interval=8)
+
+
+def _one_step(dims, widths, ri=8) -> int:
+    """The largest change in the total count that moving one layer's width by one rounding unit makes."""
+    base = sliced_params(dims, widths).total
+    steps = []
+    for i, w in enumerate(widths):
+        for dw in (-ri, ri):
+            if ri <= w + dw <= dims.hidden:
+                moved = list(widths)
+                moved[i] = w + dw
+                steps.append(abs(sliced_params(dims, moved).total - base))
+    return max(steps)
+
+
+def test_params_budget_matches_constant_within_one_rounding_step(dims, allocs):
+    target = sliced_params(dims, list(allocs[("constant", "params")].widths)).total
+    keys = [k for k in allocs if k[1] == "params" and k[0] != "constant"]
+    assert {A.method_of(k[0]) for k in keys} == {"lr", "first_layer", "shuffled", "inverted"}
+    for key in keys:
+        alloc = allocs[key]
+        assert not isinstance(alloc, str), (key, alloc)
+        assert abs(alloc.params.total - target) <= _one_step(dims, list(alloc.widths)), key
+        assert len(set(alloc.widths)) > 1, key  # really dynamic
+
+
+def test_width_budget_keeps_the_mean_width(dims, allocs):
+    const = constant_width(dims.hidden, 0.3, 8)
+    for key, alloc in allocs.items():
+        if key[1] == "width":
+            assert sum(alloc.widths) == dims.layers * const, key
+
+
+def test_first_layer_only_slices_layer0_at_sb_and_the_rest_equally(dims, allocs):
+    for budget in A.BUDGETS:
+        alloc = allocs[("first_layer", budget)]
+        assert alloc.fractions[0] == pytest.approx(0.0)
+        assert alloc.widths[0] == dims.hidden
+        assert np.ptp(alloc.fractions[1:]) == pytest.approx(0.0)
+        assert alloc.fractions[1] > 0.3
+        assert max(alloc.widths[1:]) - min(alloc.widths[1:]) <= 8  # one rounding unit at most
+
+
+def test_inverted_slices_the_least_redundant_most(dims, allocs):
+    lr_alloc, inv = allocs[("lr", "params")], allocs[("inverted", "params")]
+    least, most = int(np.argmin(LR)), int(np.argmax(LR))
+    assert inv.widths[least] == min(inv.widths) and inv.widths[most] == max(inv.widths)
+    assert lr_alloc.widths[least] == max(lr_alloc.widths) and lr_alloc.widths[most] == min(lr_alloc.widths)
+    # one peaked layer cannot absorb the whole budget at SB 0: the lowest feasible SB on the 0.02 grid is used
+    assert lr_alloc.sb == 0.0 and 0.0 < inv.sb < 0.3
+    with pytest.raises(ValueError, match="sb"):
+        allocate(np.asarray(1.0 - np.asarray(LR)), 0.3, round(inv.sb - 0.02, 10), dims.hidden, budget="params",
+                 dims=dims)
+
+
+def test_shuffled_vectors_are_seeded_permutations():
+    a = A.score_vectors({"cosine": LR}, permutations=5, seed=3)
+    b = A.score_vectors({"cosine": LR}, permutations=5, seed=3)
+    shuffled = [a[f"shuffled/{k}"] for k in range(5)]
+    for k, v in enumerate(shuffled):
+        np.testing.assert_array_equal(v, b[f"shuffled/{k}"])
+        np.testing.assert_array_equal(np.sort(v), np.sort(LR))
+    assert len({tuple(v) for v in shuffled}) == 5
+    c = A.score_vectors({"cosine": LR}, permutations=5, seed=4)
+    assert any(not np.array_equal(c[f"shuffled/{k}"], shuffled[k]) for k in range(5))
+
+
+def test_bi_normalises_to_lr_and_angular_does_not():
+    model = make_tiny_model("llama", layers=4)
+    batch = make_batch()
+    n = {m: layer_redundancy(model, batch, metric=m, progress=False).normalized for m in ("cosine", "bi", "angular")}
+    np.testing.assert_allclose(n["bi"], n["cosine"], atol=1e-9)
+    sim = A.score_similarity({m: {"normalized": v} for m, v in n.items()})
+    assert sim["bi"]["max_abs_diff"] < 1e-9 and sim["angular"]["pearson"] > 0.5
+
+
+def test_disjoint_calibration_windows(smol_tokenizer):
+    sets = A.disjoint_calibration("wiki", smol_tokenizer, nsamples=8, seqlen=64, n_sets=3, seed=42)
+    stream = data.token_stream("wiki", "train", smol_tokenizer)
+    chunks = stream[: stream.numel() // 64 * 64].reshape(-1, 64)
+    used = []
+    for s in sets:
+        assert s["input_ids"].shape == (8, 64) and bool(s["attention_mask"].all())
+        for row in s["input_ids"]:
+            hits = torch.nonzero((chunks == row).all(1)).flatten().tolist()
+            assert hits, "every window is an aligned chunk of the train stream"
+            used.append(hits[0])
+    assert len(set(used)) == len(used) == 24  # no chunk is in two windows
+    again = A.disjoint_calibration("wiki", smol_tokenizer, nsamples=8, seqlen=64, n_sets=3, seed=42)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(sets, again, strict=True))
+    with pytest.raises(ValueError, match="seeds"):
+        A.disjoint_calibration("wiki", smol_tokenizer, nsamples=10 ** 6, seqlen=64, n_sets=3)
+
+
+def test_chunk_nll_gives_the_evaluate_perplexity():
+    model = make_tiny_model("llama", layers=2)
+    chunks = make_batch(n=5, seqlen=20, padded=False)["input_ids"]
+    nll = A.chunk_nll(model, chunks, batch_size=2)
+    assert nll.shape == (5,)
+    assert A.ppl_from_nll(nll, 19) == pytest.approx(perplexity(model, chunks, batch_size=3), rel=1e-6)
+
+
+def test_statistics():
+    from scipy import stats
+
+    a, b = [3.0, 3.2, 3.1, 3.4], [3.3, 3.4, 3.3, 3.9]
+    t = A.paired_t(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert t["t"] == pytest.approx(ref.statistic) and t["p"] == pytest.approx(ref.pvalue)
+    assert A.paired_t([1.0], [2.0])["p"] is None
+    rng = np.random.default_rng(0)
+    base = rng.uniform(500, 700, size=(3, 16))
+    same = A.bootstrap_gap(base, base, 255, 500, 0)
+    assert same["change"] == 0 and same["ci95"] == [0.0, 0.0]
+    better = A.bootstrap_gap(base - 20, base, 255, 500, 0)  # lower NLL on every chunk
+    assert better["ci95"][1] < 0 and better["p_no_gain"] == 0
+    assert better["change"] == pytest.approx(math.expm1(-20 * 16 / (16 * 255)))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="sb"):
+        A.AblationConfig(sp=(0.3,), sb=0.3)
+    with pytest.raises(ValueError, match="unknown"):
+        A.AblationConfig.from_dict({"spp": [0.3]})
+    with pytest.raises(ValueError, match="permutations"):
+        A.AblationConfig(permutations=0)
+    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "cpu")
+    assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(A.BUDGETS)
+    assert A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "no-such-profile") is None
+
+
+TINY = {"model": "tiny-random", "cal_nsamples": 4, "cal_seqlen": 64, "ppl_seqlen": 64, "ppl_max_chunks": 4,
+        "batch_size": 4, "bootstrap": 200, "sp": (0.3,), "sb": 0.2, "seeds": 3, "permutations": 5}
+
+
+def test_full_tiny_run_writes_a_valid_record(tmp_path):
+    cfg = A.AblationConfig(**TINY)
+    out = tmp_path / "ablations.json"
+    rec = A.run(cfg, out, progress=False)
+    disk = read_json(out)
+    assert disk["config"] == cfg.to_json() and disk["answer"] == rec["answer"] and rec["answer"]
+    rows = [r for r in disk["rows"] if not r.get("infeasible")]
+    methods = {r["method"] for r in rows}
+    assert {"dense", "constant", "lr", "bi", "angular", "shuffled", "shortgpt"} <= methods
+    assert all(r["infeasible"].startswith("sb:") for r in disk["rows"] if r.get("infeasible"))
+    seeds = {r["seed"] for r in rows if r["method"] == "constant" and r["budget"] == "params"}
+    assert seeds == {0, 1, 2}
+    for r in rows:
+        assert all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
+        assert len(r["chunk_nll"]["wiki"]) == 4
+    # BI has LR's widths, hence LR's numbers (same seed, same widths: one slicing)
+    lr0 = next(r for r in rows if r["key"] == "lr" and r["budget"] == "width" and r["seed"] == 0)
+    bi0 = next(r for r in rows if r["key"] == "bi" and r["budget"] == "width")
+    assert bi0["widths"] == lr0["widths"] and bi0["ppl"] == lr0["ppl"]
+    short = next(r for r in rows if r["method"] == "shortgpt")
+    assert short["params"] <= short["target_params"]
+    tests = disk["gap_tests"]
+    assert {t["dataset"] for t in tests} == {"wiki", "news"} and all(t["seeds"] == 3 for t in tests)
+    assert {s["method"] for s in disk["summary"]} == methods
+    # a second call with the same config returns the record on disk without recomputing
+    mtime = out.stat().st_mtime_ns
+    assert A.run(cfg, out, progress=False)["rows"] == disk["rows"] and out.stat().st_mtime_ns == mtime
+    md, tex = A.write_tables(disk, tmp_path / "tables" / "ablations")
+    assert "shuffled LR" in md.read_text() and r"\begin{tabular}" in tex.read_text()
+    A.figure(disk).savefig(tmp_path / "ablations.pdf")
+    assert (tmp_path / "ablations.pdf").stat().st_size > 1000
+
+
+def test_notebook_06_is_parameterised_and_clean():
+    import nbformat
+
+    nb = nbformat.read(PROJECT_ROOT / "notebooks" / "06_ablations.ipynb", as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for var in ('profile = "cpu"', 'root = "results"', 'figures = "figures"', "force = False"):
+        assert var in tagged[0].source
+    assert all(c.outputs == [] for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.slow
+def test_run_all_only_06_on_smoke(tmp_path):
+    env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
+    proc = subprocess.run([str(PROJECT_ROOT / "run_all.sh"), "--profile", "smoke", "--only", "06", "--root",
+                           str(tmp_path / "r"), "--figures", str(tmp_path / "f")], cwd=PROJECT_ROOT, env=env,
+                          text=True, capture_output=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = read_json(tmp_path / "r" / "smoke" / "ablations.json")
+    assert rec["answer"] and rec["summary"]
+    assert (tmp_path / "r" / "smoke" / "tables" / "ablations.md").is_file()
+    assert (tmp_path / "f" / "smoke" / "ablations.pdf").is_file()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    cfg = A.AblationConfig(**{**TINY, "permutations": 1, "seeds": 2, "budgets": ("params",)})
+    out = tmp_path / "ablations.json"
+    real = A._Context.sliced_eval
+    calls = {"n": 0}
+
+    def stop_after_two(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt("stopped")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(A._Context, "sliced_eval", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        A.run(cfg, out, progress=False)
+    partial = read_json(tmp_path / "ablations.partial.json")
+    assert set(partial["rows"]) == {"dense", "0.3|constant|params|0", "0.3|lr|params|0"}
+    assert not out.exists()
+    monkeypatch.setattr(A._Context, "sliced_eval", real)
+    resumed = A.run(cfg, out, progress=False)
+    assert not (tmp_path / "ablations.partial.json").exists()
+    assert resumed["rows"][:3] == [partial["rows"][k] for k in ("dense", "0.3|constant|params|0", "0.3|lr|params|0")]
+    fresh = A.run(cfg, tmp_path / "fresh.json", progress=False)
+    assert read_json(out)["rows"] == fresh["rows"]  # same config -> same numbers, resumed or not

@@ -117,24 +117,29 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
     path = Path(path)
     meta = read_sliced_meta(path)
-    weights = path / meta["weights"]["file"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"model: {weights} is missing")
-    size = weights.stat().st_size
-    if size != meta["weights"]["bytes"]:
-        raise ValueError(f"model: {weights} is {size} bytes but {SLICED_META} records {meta['weights']['bytes']}; "
-                         "the file is truncated or from another save")
-    if verify and _sha256(weights) != meta["weights"]["sha256"]:
-        raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
+    files = meta["weights"].get("shards") or [meta["weights"]]  # a streamed save may be sharded
+    for entry in files:
+        weights = path / entry["file"]
+        if not weights.is_file():
+            raise FileNotFoundError(f"model: {weights} is missing")
+        size = weights.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"model: {weights} is {size} bytes but {SLICED_META} records {entry['bytes']}; "
+                             "the file is truncated or from another save")
+        if verify and _sha256(weights) != entry["sha256"]:
+            raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
     config = AutoConfig.from_pretrained(path)
     saved_dtype = getattr(torch, meta.get("dtype", "float32"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
     build_sliced_structure(model, meta["widths"], meta["final_width"])
-    try:
-        state = load_file(weights)
-    except SafetensorError as e:
-        raise ValueError(f"model: {weights} could not be read as safetensors ({e})") from e
+    state = {}
+    for entry in files:
+        weights = path / entry["file"]
+        try:
+            state.update(load_file(weights))
+        except SafetensorError as e:
+            raise ValueError(f"model: {weights} could not be read as safetensors ({e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

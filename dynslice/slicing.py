@@ -69,8 +69,14 @@ def validate_widths(widths: Sequence[int], num_layers: int, hidden: int, name: s
 
 @torch.no_grad()
 def _scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
+    # In place, in w's dtype: one rounding of the exact product, as through float64, without a float64 copy of W
+    # (for an 8B model's head that copy alone would be 4 GB).
     w = linear.weight
-    w.copy_((w.double() * scale.double().to(w.device)).to(w.dtype))
+    scale = scale.to(w.device)
+    if scale.dtype != w.dtype:
+        w.copy_((w.double() * scale.double()).to(w.dtype))
+    else:
+        w.mul_(scale)
 
 
 @torch.no_grad()

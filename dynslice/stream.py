@@ -29,7 +29,7 @@ from dynslice.slicing import (SliceInfo, _scale_inputs, _timed, capture_inputs, 
                               rotate_embedding, slice_embeddings, slice_layer)
 
 INDEX = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 4 << 30  # 4 GiB per output shard, as Hugging Face's save_pretrained does by default
+DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB per output shard: the writer holds at most this much before writing
 
 
 class SafetensorsSource:
@@ -208,7 +208,7 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
         with _timed(timings, "rotate"):
             tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in src
             head = src.get("model.embed_tokens.weight" if tied else "lm_head.weight", torch_dtype)
-            head = (head.float() * final_norm_w.float()).to(torch_dtype)
+            head.mul_(final_norm_w)  # exact as through float64: one rounding of the product
             if final_width < d:
                 head = rotate_embedding(head, q_in, device)
             writer.add("lm_head.weight", head)

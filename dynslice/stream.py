@@ -48,9 +48,11 @@ class SafetensorsSource:
             weight_map = None
         if not files:
             raise FileNotFoundError(f"model: {self.folder} holds no .safetensors weights to stream from")
-        self._handles = {f: safe_open(str(self.folder / f), framework="pt", device="cpu") for f in files}
         if weight_map is None:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
+            weight_map = {}
+            for f in files:
+                with safe_open(str(self.folder / f), framework="pt", device="cpu") as h:
+                    weight_map.update({k: f for k in h.keys()})
         self.weight_map: dict[str, str] = weight_map
         self.nbytes = sum((self.folder / f).stat().st_size for f in files)
 
@@ -61,11 +63,29 @@ class SafetensorsSource:
         """Tensor ``name`` in ``dtype`` (read from the file now)."""
         if name not in self.weight_map:
             raise ValueError(f"model: tensor {name} is missing from {self.folder}")
-        return self._handles[self.weight_map[name]].get_tensor(name).to(dtype)
+        return self.read([name], dtype)[name]
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensors ``names`` in ``dtype``. Each file is mapped only while its tensors are copied out, so its pages
+        do not stay in the process's resident set."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise ValueError(f"model: tensor {missing[0]} is missing from {self.folder}")
+        out: dict[str, torch.Tensor] = {}
+        for f in dict.fromkeys(self.weight_map[n] for n in names):
+            with safe_open(str(self.folder / f), framework="pt", device="cpu") as h:
+                for n in names:
+                    if self.weight_map[n] == f:
+                        t = h.get_tensor(n)
+                        out[n] = t.to(dtype) if t.dtype != dtype else t.clone()
+        return out
 
     def module_state(self, prefix: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The state dict of ``module`` (its keys, without ``prefix``) read from the files."""
-        return {k: self.get(prefix + k, dtype) for k in module.state_dict()}
+        state = self.read([prefix + k for k in module.state_dict()], dtype)
+        return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def is_streamable(folder: str | os.PathLike) -> bool:

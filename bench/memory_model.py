@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "memory_model.json"
 
-#: Real configs (Meta-Llama-3-8B, Mistral-7B-v0.1) with the layer count cut; ``/k`` variants divide the widths.
+#: Real configs (Llama-3.1-8B: Llama-3-8B's shapes with the llama3 rope scaling; Mistral-7B-v0.1) with the layer count cut; ``/k`` variants divide the widths.
 LLAMA3_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
                  bos_token_id=128000, eos_token_id=128001,
                  rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192, "rope_type": "llama3"})

@@ -147,9 +147,7 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     phases: dict[str, int] = {}
     gpu_phases: dict[str, int] = {}
     if mode == "memory":
-        head_copy = v * d * b if s.tied else 0  # untying the head
-        base = dense + head_copy
-        on_gpu_sig = resident
+        base = dense + (v * d * b if s.tied else 0)  # untying the head copies it
         phases["capture+embeddings"] = base + sig + tokens * widths[0] * b + pca + emb_rot + kwargs
         phases["layers"] = base + 2 * sig + pca + rot + fwd * (not gpu) + kwargs
         phases["save"] = output + output  # the state dict's contiguous copies while writing
@@ -160,7 +158,6 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
         elif gpu:
             gpu_phases["layer"] = dense_layer + 2 * rot + pca + fwd + 2 * batch_tokens * d * b
         weights_on, signals_on = ("gpu", "gpu") if (gpu and resident) else ("host", "host")
-        del on_gpu_sig
     else:
         emb = v * d * b
         pending = 0
@@ -226,9 +223,8 @@ def plan(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, dev
         return predict(shapes, nsamples, seqlen, dtype, mode="stream", **kw)
     if device != "cpu":
         resident = predict(shapes, nsamples, seqlen, dtype, mode="memory", resident=True, **kw)
-        if stream == "off" or resident.peak_gpu_bytes <= headroom * gpu_bytes:
-            if resident.peak_gpu_bytes <= headroom * gpu_bytes:
-                return resident
+        if resident.peak_gpu_bytes <= headroom * gpu_bytes:
+            return resident
     in_ram = predict(shapes, nsamples, seqlen, dtype, mode="memory", **kw)
     if stream == "off" or not streamable or in_ram.peak_host_bytes <= headroom * host_bytes:
         return in_ram

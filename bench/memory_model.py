@@ -73,21 +73,27 @@ cal["attention_mask"] = torch.ones_like(cal["input_ids"])
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a["dtype"]]
 base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 t = time.perf_counter()
+device = a.get("device", "cpu")
 if a["mode"] == "stream":
-    dynslice.stream.slice_streaming(a["src"], cal, a["widths"], a["out"], dtype=a["dtype"], progress=False,
-                                    batch_size=a["batch_size"])
+    info = dynslice.stream.slice_streaming(a["src"], cal, a["widths"], a["out"], dtype=a["dtype"], progress=False,
+                                           batch_size=a["batch_size"], device=device)
 else:
-    model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=dtype)
-    dynslice.slicing.slice_model(model, cal, a["widths"], progress=False, batch_size=a["batch_size"])
+    model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=dtype).to(device)
+    info = dynslice.slicing.slice_model(model, cal, a["widths"], progress=False,
+                                        batch_size=a["batch_size"]).dynslice_info
     dynslice.io.save_sliced(model, a["out"], a["src"])
+if device != "cpu":
+    torch.cuda.synchronize()
 wall = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak_bytes": peak - base, "wall_s": wall}))
+gpu = torch.cuda.max_memory_allocated() if device != "cpu" else 0
+print(json.dumps({"peak_bytes": peak - base, "gpu_peak_bytes": gpu, "wall_s": wall, "timings_s": info.timings_s}))
 '''
 
 
-def build_model(cfg: dict, folder: Path, dtype: str, seed: int = 0) -> Path:
-    """Save a random-init model of ``cfg`` (in ``dtype``) to ``folder`` as safetensors, in a subprocess."""
+def build_model(cfg: dict, folder: Path, dtype: str, seed: int = 0, init_device: str = "cpu") -> Path:
+    """Save a random-init model of ``cfg`` (in ``dtype``) to ``folder`` as safetensors, in a subprocess
+    (initialised on ``init_device``: a GPU initialises an 8B model in seconds)."""
     code = (
         "import json, sys, torch\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
         "cfg = json.loads(sys.argv[1]); folder, dtype = sys.argv[2], getattr(torch, sys.argv[3])\n"
@@ -97,6 +103,9 @@ def build_model(cfg: dict, folder: Path, dtype: str, seed: int = 0) -> Path:
         "m.save_pretrained(folder)\n"
     )
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if init_device != "cpu":
+        code = code.replace("m = AutoModelForCausalLM.from_config(c, dtype=dtype)",
+                            f"with torch.device({init_device!r}):\n    m = AutoModelForCausalLM.from_config(c, dtype=dtype)")
     subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(folder), names[dtype], str(seed)], check=True,
                    env=_env())
     return folder
@@ -111,10 +120,11 @@ def _env() -> dict:
 
 
 def measure(src: Path, out: Path, mode: str, widths: list[int], vocab: int, nsamples: int, seqlen: int,
-            dtype: str, batch_size: int = 8, threads: int = 1) -> dict:
-    """Peak RSS rise (bytes above the imported baseline) and wall time of slicing ``src`` in a fresh process."""
+            dtype: str, batch_size: int = 8, threads: int = 1, device: str = "cpu") -> dict:
+    """Peak RSS rise (bytes above the imported baseline), peak GPU memory and wall time of slicing ``src`` in a
+    fresh process (``mode`` "memory": the whole model on ``device``; "stream": layers computed on ``device``)."""
     arg = dict(src=str(src), out=str(out), mode=mode, widths=widths, vocab=vocab, nsamples=nsamples, seqlen=seqlen,
-               dtype=dtype, batch_size=batch_size, threads=threads)
+               dtype=dtype, batch_size=batch_size, threads=threads, device=device)
     r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arg)], check=True, capture_output=True, text=True,
                        env=_env())
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -66,8 +66,9 @@ class SafetensorsSource:
         return self.read([name], dtype)[name]
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Tensors ``names`` in ``dtype``. Each file is mapped only while its tensors are copied out, so its pages
-        do not stay in the process's resident set."""
+        """Tensors ``names`` in ``dtype``. A tensor in the file's dtype stays backed by the file's pages (read when
+        touched, copied when written); its mapping goes when the tensor is freed, so the file does not stay in the
+        process's resident set."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.weight_map]
@@ -79,7 +80,7 @@ class SafetensorsSource:
                 for n in names:
                     if self.weight_map[n] == f:
                         t = h.get_tensor(n)
-                        out[n] = t.to(dtype) if t.dtype != dtype else t.clone()
+                        out[n] = t.to(dtype) if t.dtype != dtype else t  # file-backed until written
         return out
 
     def module_state(self, prefix: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -313,8 +313,6 @@ def _cmd_slice_stream(a: argparse.Namespace) -> None:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    tok = load_tokenizer(a.model)
-    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
     if a.widths is not None:
@@ -331,6 +329,8 @@ def _cmd_slice_stream(a: argparse.Namespace) -> None:
         alloc = allocate(lr, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims)
         widths = list(alloc.widths)
         extra["allocation"] = alloc.to_json()
+    tok = load_tokenizer(a.model)
+    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     slice_streaming(folder, cal, widths, a.out, dtype=a.dtype, base_model=a.model, batch_size=a.batch_size,
                     device=a.device, tokenizer=tok, extra=extra)
 

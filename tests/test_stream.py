@@ -99,3 +99,25 @@ def test_streaming_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         SafetensorsSource(tmp_path / "empty")
+
+
+def test_cli_slice_stream_on_equals_off(tmp_path, smol_tokenizer, capsys):
+    """`dynslice slice --stream on|off` on a local safetensors folder: the plan is printed first, and both
+    folders load to the same logits."""
+    from dynslice.cli import main
+    from dynslice.models import tiny_random_model
+
+    src = tmp_path / "dense"
+    tiny_random_model().save_pretrained(src)
+    smol_tokenizer.save_pretrained(src)
+    common = ["slice", "--model", str(src), "--sp", "0.25", "--cal-nsamples", "4", "--cal-seqlen", "64"]
+    assert main([*common, "--stream", "on", "--out", str(tmp_path / "on")]) == 0
+    assert "plan: stream (weights on disk" in capsys.readouterr().err
+    assert main([*common, "--stream", "off", "--out", str(tmp_path / "off")]) == 0
+    assert "plan: memory (weights on host" in capsys.readouterr().err
+    on, off = load_sliced(tmp_path / "on"), load_sliced(tmp_path / "off")
+    assert read_sliced_meta(tmp_path / "on")["widths"] == read_sliced_meta(tmp_path / "off")["widths"] == [48] * 4
+    ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert _rel(on(input_ids=ids).logits, off(input_ids=ids).logits) <= 1e-5
+    assert main([*common[:-4], "--sb", "0.1", "--stream", "on", "--out", str(tmp_path / "x")]) == 2
+    assert "lr: dynamic widths" in capsys.readouterr().err

@@ -147,14 +147,16 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     phases: dict[str, int] = {}
     gpu_phases: dict[str, int] = {}
     if mode == "memory":
-        base = dense + (v * d * b if s.tied else 0)  # untying the head copies it
-        phases["capture+embeddings"] = base + sig + tokens * widths[0] * b + pca + emb_rot + kwargs
-        phases["layers"] = base + 2 * sig + pca + rot + fwd * (not gpu) + kwargs
-        phases["save"] = output + output  # the state dict's contiguous copies while writing
-        if gpu and resident:
-            gpu_phases = dict(phases)
+        # Loaded from safetensors, the dense weights stay file-backed (mapped, counted as resident once touched)
+        # while the rotated weights are new memory: at the end both are resident.
+        phases["capture+embeddings"] = dense + sig + tokens * widths[0] * b + pca + emb_rot + kwargs
+        phases["layers"] = dense + output + 2 * sig + pca + rot + fwd * (not gpu) + kwargs
+        phases["save"] = dense + output
+        if gpu and resident:  # moved to the GPU: host memory is freed, the GPU holds one copy of the weights
+            head_copy = v * d * b if s.tied else 0
+            gpu_phases = {"capture+embeddings": dense + head_copy + sig + tokens * widths[0] * b + pca + emb_rot,
+                          "layers": dense + head_copy + 2 * sig + pca + rot + fwd + kwargs}
             phases = {"load": dense}
-            gpu_phases.pop("save")
         elif gpu:
             gpu_phases["layer"] = dense_layer + 2 * rot + pca + fwd + 2 * batch_tokens * d * b
         weights_on, signals_on = ("gpu", "gpu") if (gpu and resident) else ("host", "host")

@@ -25,16 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "memory_model.json"
 
 #: Real configs (Llama-3.1-8B: Llama-3-8B's shapes with the llama3 rope scaling; Mistral-7B-v0.1) with the layer count cut; ``/k`` variants divide the widths.
-LLAMA3_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
-                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-                 bos_token_id=128000, eos_token_id=128001,
-                 rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192, "rope_type": "llama3"})
-MISTRAL_7B = dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
-                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                  max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+LLAMA3_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
+                 "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+                 "bos_token_id": 128000, "eos_token_id": 128001,
+                 "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+MISTRAL_7B = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                  "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def shaped(base: dict, layers: int, shrink: int = 1) -> dict:
@@ -125,8 +125,8 @@ def measure(src: Path, out: Path, mode: str, widths: list[int], vocab: int, nsam
             dtype: str, batch_size: int = 8, threads: int = 1, device: str = "cpu") -> dict:
     """Peak RSS rise (bytes above the imported baseline), peak GPU memory and wall time of slicing ``src`` in a
     fresh process (``mode`` "memory": the whole model on ``device``; "stream": layers computed on ``device``)."""
-    arg = dict(src=str(src), out=str(out), mode=mode, widths=widths, vocab=vocab, nsamples=nsamples, seqlen=seqlen,
-               dtype=dtype, batch_size=batch_size, threads=threads, device=device)
+    arg = {"src": str(src), "out": str(out), "mode": mode, "widths": widths, "vocab": vocab, "nsamples": nsamples, "seqlen": seqlen,
+               "dtype": dtype, "batch_size": batch_size, "threads": threads, "device": device}
     r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arg)], check=True, capture_output=True, text=True,
                        env=_env())
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import memory_model as mm  # noqa: E402
-import torch  # noqa: E402
+import memory_model as mm
+import torch
 
-from dynslice.jsonio import write_json  # noqa: E402
-from dynslice.memory import Shapes, _round_down, predict  # noqa: E402
+from dynslice.jsonio import write_json
+from dynslice.memory import Shapes, _round_down, predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +49,7 @@ def decode_tokens_per_s(folder: Path, sliced: bool, device: str, dtype: torch.dt
     model = load_sliced(folder, dtype=dtype, device=device) if sliced else \
         AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(3)).to(device)
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         if device != "cpu":

@@ -266,11 +266,11 @@ def _config_of(spec: str):
 
 def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int, sp: float = 0.3,
                  host_gib: float | None = None, gpu_gib: float | None = None, weights_needed: bool = True):
+    import torch
+
     from dynslice.memory import GIB, Shapes, plan
     from dynslice.models import resolve_spec
     from dynslice.stream import is_streamable
-
-    import torch
 
     try:
         dev_type = torch.device(a.device).type  # a plan may be made for a GPU this machine does not have

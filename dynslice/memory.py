@@ -85,13 +85,14 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """The plan in a few lines, printed before slicing starts."""
-        g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        def g(n: int) -> str:
+            return f"{n / GIB:.2f} GiB"
         return "\n".join([
-            f"plan: {self.mode} (weights on {self.weights_on}, calibration signals on {self.signals_on}, "
-            f"layers computed on {self.device}, {self.dtype})",
+            (f"plan: {self.mode} (weights on {self.weights_on}, calibration signals on {self.signals_on}, "
+            f"layers computed on {self.device}, {self.dtype})"),
             f"  dense weights {g(self.dense_bytes)}, calibration signals {g(self.signals_bytes)} per copy",
-            f"  predicted peak host RAM {g(self.peak_host_bytes)} above the process baseline, "
-            f"peak GPU memory {g(self.peak_gpu_bytes)}",
+            (f"  predicted peak host RAM {g(self.peak_host_bytes)} above the process baseline, "
+            f"peak GPU memory {g(self.peak_gpu_bytes)}"),
             f"  output folder {g(self.output_bytes)}",
         ])
 
@@ -218,7 +219,7 @@ def plan(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, dev
     if stream == "on" and not streamable:
         raise ValueError("stream: 'on' needs a local folder of safetensors weights (GGUF and built-in models "
                          "are sliced in RAM)")
-    kw = dict(device=device, batch_size=batch_size, widths=widths, sp=sp)
+    kw = {"device": device, "batch_size": batch_size, "widths": widths, "sp": sp}
     host_bytes = available_host_bytes() if host_bytes is None else host_bytes
     gpu_bytes = available_gpu_bytes(device) if gpu_bytes is None else gpu_bytes
     if stream == "on":

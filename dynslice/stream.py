@@ -25,8 +25,17 @@ from tqdm.auto import tqdm
 from dynslice import __version__
 from dynslice.layers import RMSN
 from dynslice.models import LlamaLikeAdapter, get_adapter, parse_device, parse_dtype
-from dynslice.slicing import (SliceInfo, _scale_inputs, _timed, capture_inputs, check_slice_args, new_timings,
-                              rotate_embedding, slice_embeddings, slice_layer)
+from dynslice.slicing import (
+    SliceInfo,
+    _scale_inputs,
+    _timed,
+    capture_inputs,
+    check_slice_args,
+    new_timings,
+    rotate_embedding,
+    slice_embeddings,
+    slice_layer,
+)
 
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB per output shard: the writer holds at most this much before writing
@@ -52,7 +61,7 @@ class SafetensorsSource:
             weight_map = {}
             for f in files:
                 with safe_open(str(self.folder / f), framework="pt", device="cpu") as h:
-                    weight_map.update({k: f for k in h.keys()})
+                    weight_map.update({k: f for k in h})
         self.weight_map: dict[str, str] = weight_map
         self.nbytes = sum((self.folder / f).stat().st_size for f in files)
 

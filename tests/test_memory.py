@@ -14,7 +14,7 @@ from dynslice.memory import GIB, Shapes, plan, predict
 from dynslice.params import ArchDims, dense_params, sliced_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import memory_model as mm  # noqa: E402
+import memory_model as mm
 
 
 def _config_dir(tmp_path: Path, cfg: dict) -> Path:

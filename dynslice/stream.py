@@ -61,7 +61,7 @@ class SafetensorsSource:
             weight_map = {}
             for f in files:
                 with safe_open(str(self.folder / f), framework="pt", device="cpu") as h:
-                    weight_map.update({k: f for k in h})
+                    weight_map.update({k: f for k in h.keys()})  # noqa: SIM118 (a safetensors handle, not a dict)
         self.weight_map: dict[str, str] = weight_map
         self.nbytes = sum((self.folder / f).stat().st_size for f in files)
 

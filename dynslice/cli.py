@@ -1,4 +1,4 @@
-"""Command line: ``dynslice lr | allocate | slice | eval | run``.
+"""Command line: ``dynslice lr | allocate | slice | eval | run | plan``.
 
 Every command checks its outputs before any work, writes atomically, never replaces a file it did not write, and
 on invalid input exits with status 2 and a one-line error that names the bad parameter (Ctrl-C: status 130).
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--cal-nsamples", type=_at_least(1), default=32)
     sl.add_argument("--cal-seqlen", type=_at_least(2), default=512)
     sl.add_argument("--out", required=True, help="folder for the sliced model")
+    sl.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                    help="read one layer at a time from safetensors (auto: when the model does not fit in RAM)")
 
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _model_args(ev)
@@ -148,6 +150,20 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--force", action="store_true",
                     help="rerun and replace the record even if --out already holds this config's record")
     rn.add_argument("--out", required=True)
+
+    pl = sub.add_parser("plan", help="predict peak host RAM, GPU memory and output size from the config alone")
+    pl.add_argument("--model", required=True, help="model spec, or a folder holding only config.json")
+    pl.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    pl.add_argument("--device", default="cpu", help="where layers are computed: cpu or cuda[:N]")
+    pl.add_argument("--batch-size", type=_at_least(1), default=8)
+    pl.add_argument("--cal-nsamples", type=_at_least(1), default=128)
+    pl.add_argument("--cal-seqlen", type=_at_least(2), default=2048)
+    pl.add_argument("--sp", type=_finite, default=0.3, help="constant slicing fraction used for the output size")
+    pl.add_argument("--stream", default="auto", choices=["auto", "on", "off"])
+    pl.add_argument("--host-gib", type=_finite, default=None, help="host RAM to plan for (default: available now)")
+    pl.add_argument("--gpu-gib", type=_finite, default=None, help="GPU memory to plan for (default: free now)")
+    pl.add_argument("--out", default=None, help="also write the plan as JSON here")
+    pl.add_argument("--overwrite", action="store_true", help="replace a previous plan record at --out")
     return p
 
 
@@ -279,6 +295,7 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice.slicing import slice_model, validate_widths
 
     out = check_model_out(a.out, overwrite=a.overwrite)
+    widths = None
     if a.widths is not None:
         for flag, value in (("sb", a.sb), ("lr", a.lr), ("lr_metric", a.lr_metric)):
             if value is not None:
@@ -288,6 +305,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     _check_names(cal_dataset=a.cal_dataset)
     _check_model(a, dense=True)
     redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
+    if _print_plan(a).mode == "stream":
+        return _cmd_slice_stream(a, out, widths, redundancy)
     model = load_model(a.model, a.dtype, a.device)
     _check_context(model, cal_seqlen=a.cal_seqlen)
     dims = ArchDims.from_config(model.config)
@@ -391,7 +410,120 @@ def _cmd_run(a: argparse.Namespace) -> None:
     run(cfg, out, bench=bench, force=True)
 
 
-COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval": _cmd_eval, "run": _cmd_run}
+def _config_of(spec: str):
+    """The model config of a spec, read without the weights (a folder with just config.json is enough)."""
+    from transformers import AutoConfig
+
+    from dynslice.models import resolve_spec, tiny_random_model
+
+    r = resolve_spec(spec)
+    if r.kind == "sliced":
+        raise ValueError(f"model: {spec} is already sliced; plan the slicing of its base model")
+    if r.kind == "tiny":
+        return tiny_random_model().config
+    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    return AutoConfig.from_pretrained(r.location, **kw)
+
+
+def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int, sp: float = 0.3,
+                 host_gib: float | None = None, gpu_gib: float | None = None, weights_needed: bool = True):
+    import torch
+
+    from dynslice.memory import GIB, Shapes, plan
+    from dynslice.models import resolve_spec
+    from dynslice.stream import is_streamable
+
+    try:
+        dev_type = torch.device(a.device).type  # a plan may be made for a GPU this machine does not have
+    except (RuntimeError, TypeError):
+        dev_type = None
+    if dev_type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {a.device!r} is not cpu or cuda[:N]")
+    r = resolve_spec(a.model)
+    # a plan may be made from a bare config.json, before the weights are downloaded
+    streamable = r.kind == "hub" or (r.kind == "dir" and (not weights_needed or is_streamable(r.location)))
+    for name, v in (("host-gib", host_gib), ("gpu-gib", gpu_gib)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name}: {v} is outside {name} > 0")
+    return plan(Shapes.from_config(_config_of(a.model)), nsamples, seqlen, a.dtype, device=str(a.device),
+                batch_size=a.batch_size, sp=sp, stream=stream, streamable=streamable,
+                host_bytes=None if host_gib is None else int(host_gib * GIB),
+                gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB))
+
+
+def _print_plan(a: argparse.Namespace):
+    """The placement plan of `dynslice slice`, printed before it starts."""
+    sp = a.sp if a.sp is not None else 0.3
+    p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, sp)
+    print(p.describe(), file=sys.stderr)
+    return p
+
+
+def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy) -> None:
+    """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
+    from dynslice import data
+    from dynslice.allocate import _check_sp_sb, allocate
+    from dynslice.models import load_tokenizer, resolve_spec
+    from dynslice.params import ArchDims
+    from dynslice.slicing import validate_widths
+    from dynslice.stream import slice_streaming
+
+    r = resolve_spec(a.model)
+    dims = ArchDims.from_config(_config_of(a.model))
+    if a.cal_seqlen > (ctx := getattr(_config_of(a.model), "max_position_embeddings", a.cal_seqlen)):
+        raise ValueError(f"cal_seqlen: {a.cal_seqlen} is beyond the model's context of {ctx} tokens "
+                         f"(allowed 2..{ctx})")
+    extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
+                                   "seed": a.seed}}
+    if widths is not None:
+        validate_widths(widths, dims.layers, dims.hidden)
+    else:
+        sb = a.sp if a.sb is None else a.sb
+        _check_sp_sb(a.sp, sb)
+        if redundancy is not None:
+            if redundancy.hidden not in (None, dims.hidden):
+                raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has "
+                                 f"{dims.hidden}")
+            if len(redundancy.redundancy) != dims.layers:
+                raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has "
+                                 f"{dims.layers} layers")
+            scores = list(redundancy.redundancy)
+        elif sb != a.sp:
+            raise ValueError("lr: dynamic widths (sb != sp) while streaming need --lr, an LR file from `dynslice lr`")
+        else:  # constant slicing needs no LR
+            scores = list(range(dims.layers))
+        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
+                         rounding=a.rounding)
+        widths = list(alloc.widths)
+        extra["allocation"] = alloc.to_json()
+    folder = r.location
+    if r.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    tok = load_tokenizer(a.model)
+    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
+    slice_streaming(folder, cal, widths, out, dtype=a.dtype, base_model=a.model, batch_size=a.batch_size,
+                    device=a.device, tokenizer=tok, extra=extra, overwrite=a.overwrite)
+
+
+def _cmd_plan(a: argparse.Namespace) -> None:
+    from dynslice.jsonio import write_json
+    from dynslice.outputs import check_json_out
+
+    if a.out:
+        check_json_out(a.out, overwrite=a.overwrite)
+    if not 0 <= a.sp < 1:
+        raise ValueError(f"sp: {a.sp} is outside 0 <= sp < 1")
+    p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, a.sp, a.host_gib, a.gpu_gib, weights_needed=False)
+    print(p.describe())
+    if a.out:
+        write_json(a.out, {**p.to_json(), "model": a.model, "cal_nsamples": a.cal_nsamples,
+                           "cal_seqlen": a.cal_seqlen, "batch_size": a.batch_size, "sp": a.sp})
+
+
+COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval": _cmd_eval, "run": _cmd_run,
+            "plan": _cmd_plan}
 
 
 def _one_line(command: str, kind: str, message: object) -> str:

@@ -114,6 +114,19 @@ def _inside(folder: Path, name: object, field: str, meta_path: Path) -> Path:
     return folder / rel
 
 
+def _check_weights_entry(w: object, field: str, folder: Path, meta_path: Path) -> None:
+    """One weights file entry ``{"file", "bytes", "sha256"}``: types, a 64-hex-digit hash, a path inside."""
+    if not isinstance(w, dict):
+        raise ValueError(f"model: {meta_path} field {field} must be an object")
+    for key, kind in (("file", str), ("bytes", int), ("sha256", str)):
+        if not isinstance(w.get(key), kind) or isinstance(w.get(key), bool):
+            raise ValueError(f"model: {meta_path} field {field}.{key} = {w.get(key)!r} must be {_JSON_TYPE[kind]}")
+    if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
+        raise ValueError(f"model: {meta_path} field {field} has a negative size or a sha256 that is not 64 hex "
+                         "digits")
+    _inside(folder, w["file"], f"{field}.file", meta_path)
+
+
 def validate_sliced_meta(meta: object, folder: Path) -> dict:
     """Check a parsed ``dynslice.json`` against :data:`META_SCHEMA`; every path must lie inside ``folder``."""
     meta_path = folder / SLICED_META
@@ -141,13 +154,16 @@ def validate_sliced_meta(meta: object, folder: Path) -> dict:
     if meta.get("dtype", "float32") not in DTYPE_NAMES:
         raise ValueError(f"model: {meta_path} field dtype = {meta['dtype']!r} is not one of {', '.join(DTYPE_NAMES)}")
     w = meta["weights"]
-    for key, kind in (("file", str), ("bytes", int), ("sha256", str)):
-        if not isinstance(w.get(key), kind) or isinstance(w.get(key), bool):
-            raise ValueError(f"model: {meta_path} field weights.{key} = {w.get(key)!r} must be {_JSON_TYPE[kind]}")
-    if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
-        raise ValueError(f"model: {meta_path} field weights has a negative size or a sha256 that is not 64 hex "
-                         "digits")
-    _inside(folder, w["file"], "weights.file", meta_path)
+    if "shards" in w:  # a sharded (streamed) save: weights.file is the index, each shard is checked
+        if not isinstance(w["shards"], list) or not w["shards"]:
+            raise ValueError(f"model: {meta_path} field weights.shards must be a non-empty list")
+        if not isinstance(w.get("file"), str):
+            raise ValueError(f"model: {meta_path} field weights.file = {w.get('file')!r} must be a string")
+        _inside(folder, w["file"], "weights.file", meta_path)
+        for i, shard in enumerate(w["shards"]):
+            _check_weights_entry(shard, f"weights.shards[{i}]", folder, meta_path)
+    else:
+        _check_weights_entry(w, "weights", folder, meta_path)
     for i, name in enumerate(meta.get("files", [])):
         _inside(folder, name, f"files[{i}]", meta_path)
     return meta
@@ -179,15 +195,19 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
 
     path = Path(path)
     meta = read_sliced_meta(path)
-    weights = _inside(path, meta["weights"]["file"], "weights.file", path / SLICED_META)
-    if not weights.is_file():
-        raise FileNotFoundError(f"model: {weights} is missing")
-    size = weights.stat().st_size
-    if size != meta["weights"]["bytes"]:
-        raise ValueError(f"model: {weights} is {size} bytes but {path / SLICED_META} records "
-                         f"{meta['weights']['bytes']}; the file is truncated or from another save")
-    if verify and _sha256(weights) != meta["weights"]["sha256"]:
-        raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
+    meta_path = path / SLICED_META
+    files = meta["weights"].get("shards") or [meta["weights"]]  # a streamed save may be sharded
+    for i, entry in enumerate(files):
+        field = f"weights.shards[{i}].file" if "shards" in meta["weights"] else "weights.file"
+        weights = _inside(path, entry["file"], field, meta_path)
+        if not weights.is_file():
+            raise FileNotFoundError(f"model: {weights} is missing")
+        size = weights.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"model: {weights} is {size} bytes but {meta_path} records {entry['bytes']}; "
+                             "the file is truncated or from another save")
+        if verify and _sha256(weights) != entry["sha256"]:
+            raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -196,10 +216,13 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
     build_sliced_structure(model, meta["widths"], meta["final_width"])
-    try:
-        state = load_file(weights)
-    except SafetensorError as e:
-        raise ValueError(f"model: {weights} could not be read as safetensors ({e})") from e
+    state = {}
+    for entry in files:
+        weights = path / entry["file"]
+        try:
+            state.update(load_file(weights))
+        except SafetensorError as e:
+            raise ValueError(f"model: {weights} could not be read as safetensors ({e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -28,6 +28,7 @@ _RECORD_SIGNATURES: tuple[frozenset[str], ...] = (
     frozenset({"config", "versions"}),
     frozenset({"metric", "lr", "normalized"}),
     frozenset({"widths", "sp", "sb", "budget"}),
+    frozenset({"mode", "peak_host_bytes", "peak_gpu_bytes"}),  # dynslice plan
 )
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynslice.kernels import masked_gram
+from dynslice.kernels import masked_gram, masked_gram_fp32
 from dynslice.layers import RMSN, SlicedDecoderLayer
 from dynslice.models import LlamaLikeAdapter, get_adapter
 
@@ -64,20 +64,27 @@ def validate_widths(widths: Sequence[int], num_layers: int, hidden: int, name: s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# weight transforms (all done in float64, then cast back)
+# weight transforms (computed in fp32, or fp64 for fp64 weights, then cast back)
 
 
 @torch.no_grad()
 def _scale_inputs(linear: nn.Linear, scale: torch.Tensor) -> None:
+    # In place, in w's dtype: one rounding of the exact product, as through float64, without a float64 copy of W
+    # (for an 8B model's head that copy alone would be 4 GB).
     w = linear.weight
-    w.copy_((w.double() * scale.double().to(w.device)).to(w.dtype))
+    scale = scale.to(w.device)
+    if scale.dtype != w.dtype:
+        w.copy_((w.double() * scale.double()).to(w.dtype))
+    else:
+        w.mul_(scale)
 
 
 @torch.no_grad()
 def _rotate_inputs(linear: nn.Linear, q: torch.Tensor) -> None:
     """``W ← W·Q`` (reads the rotated, sliced stream): ``q`` is (D_old × d), only the kept columns are computed."""
     w = linear.weight
-    linear.weight = nn.Parameter((w.double() @ q.to(w.device)).to(w.dtype), requires_grad=False)
+    cdt = _compute_dtype(w.dtype)
+    linear.weight = nn.Parameter((w.to(cdt) @ q.to(w.device, cdt)).to(w.dtype), requires_grad=False)
     linear.in_features = q.shape[1]
 
 
@@ -85,10 +92,11 @@ def _rotate_inputs(linear: nn.Linear, q: torch.Tensor) -> None:
 def _rotate_outputs(linear: nn.Linear, q: torch.Tensor) -> None:
     """``W ← Qᵀ·W`` and ``b ← Qᵀ·b`` (writes the rotated, sliced stream)."""
     w = linear.weight
-    q = q.to(w.device)
-    linear.weight = nn.Parameter((q.T @ w.double()).to(w.dtype), requires_grad=False)
+    cdt = _compute_dtype(w.dtype)
+    q = q.to(w.device, cdt)
+    linear.weight = nn.Parameter((q.T @ w.to(cdt)).to(w.dtype), requires_grad=False)
     if linear.bias is not None:
-        linear.bias = nn.Parameter((q.T @ linear.bias.double()).to(w.dtype), requires_grad=False)
+        linear.bias = nn.Parameter((q.T @ linear.bias.to(cdt)).to(w.dtype), requires_grad=False)
     linear.out_features = q.shape[1]
 
 
@@ -329,12 +337,42 @@ def pca_basis(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
 
 
 def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals."""
+    """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals.
+
+    On the GPU the Triton kernel sums fp32 tiles into float64; on the CPU the same is done with fp32 chunked
+    matmuls (:func:`~dynslice.kernels.masked_gram_fp32`), several times faster than float64 products.
+    """
     d = signals[0].shape[-1]
     h = torch.zeros(d, d, dtype=torch.float64, device=device)
     for x, m in zip(signals, masks):
-        masked_gram(x.to(device), m.to(device), out=h)
+        x, m = x.to(device), m.to(device)
+        if device.type == "cpu":
+            masked_gram_fp32(x, m, out=h)
+        else:
+            masked_gram(x, m, out=h)
     return pca_basis(h)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Rotations of bf16/fp16/fp32 weights are computed in fp32 (exact enough for the stored dtype); fp64 in fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: Rows of the embedding matrix rotated at a time, so that no full-size fp32/fp64 copy of it is ever made.
+EMBEDDING_CHUNK_ROWS = 8192
+
+
+@torch.no_grad()
+def rotate_embedding(weight: torch.Tensor, q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``E·Q`` for a (vocab × D) embedding and a (D × d) basis, computed on ``device`` a block of rows at a time;
+    the result stays where ``weight`` is, in its dtype."""
+    out = torch.empty(weight.shape[0], q.shape[1], dtype=weight.dtype, device=weight.device)
+    cdt = _compute_dtype(weight.dtype)
+    qc = q.to(device=device, dtype=cdt)
+    for start in range(0, weight.shape[0], EMBEDDING_CHUNK_ROWS):
+        block = weight[start:start + EMBEDDING_CHUNK_ROWS].to(device=device, dtype=cdt)
+        out[start:start + block.shape[0]] = (block @ qc).to(device=weight.device, dtype=weight.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,15 +402,11 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
         The same model object, now sliced, with ``model.dynslice_info`` (:class:`SliceInfo`) attached.
     """
     adapter = get_adapter(model)
-    d, n_layers = adapter.hidden_size, adapter.num_layers
-    widths = validate_widths(widths, n_layers, d)
-    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    widths, final_width = check_slice_args(widths, final_width, batch_size, adapter.num_layers, adapter.hidden_size)
     home = adapter.embeddings.weight.device
     device = home if device is None else torch.device(device)
     model.eval()
-    timings = {"capture": 0.0, "forward": 0.0, "pca": 0.0, "rotate": 0.0}
+    timings = new_timings()
     t0 = time.perf_counter()
 
     with _timed(timings, "capture"):
@@ -382,74 +416,110 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
         sig = capture_inputs(model, calibration, batch_size, home, adapter)
 
     # Position 0: the embeddings.
-    with _timed(timings, "pca"):
-        q = _pca(sig.x, sig.masks, device)
-    with _timed(timings, "rotate"):
-        q_in = q[:, : widths[0]]
-        emb = adapter.embeddings
-        new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx,
-                               dtype=emb.weight.dtype, device=emb.weight.device)
-        new_emb.weight.copy_((emb.weight.to(device).double() @ q_in).to(emb.weight.dtype))
-        model.model.embed_tokens = new_emb
-        x = [_project(s, q_in, device) for s in sig.x]
+    x, q_in = slice_embeddings(adapter, sig, widths[0], device, timings)
 
     outs = list(widths[1:]) + [final_width]
-    bar = tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress)
-    for i in bar:
-        layer = adapter.layers[i]
-        layer.to(device)
-        parts = adapter.parts(layer)
-        kwargs = sig.layer_kwargs[i]
-        d_in, d_out = widths[i], outs[i]
+    for i in tqdm(range(adapter.num_layers), desc="slicing", unit="layer", disable=not progress):
+        new, x, q_in = slice_layer(adapter, adapter.layers[i], x, sig.layer_kwargs[i], sig.masks, q_in,
+                                   widths[i], outs[i], i == adapter.num_layers - 1, device, home, timings)
+        adapter.layers[i] = new.to(home)
 
-        # Attention: reads the rotated stream; writes the mid position, computed once in the dense basis.
-        with _timed(timings, "rotate"):
-            for lin in parts.attn_in:
-                _rotate_inputs(lin, q_in)
-        mid = []
-        with _timed(timings, "forward"):
-            for b in range(len(x)):
-                xb = x[b].to(device)
-                a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
-                mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
-                x[b] = None  # free as we go: at most two signals are held
-        with _timed(timings, "pca"):
-            q_mid = _pca(mid, sig.masks, device)[:, :d_in]
-
-        # MLP: reads the mid position; writes the next layer's input position.
-        with _timed(timings, "rotate"):
-            _rotate_outputs(parts.attn_out, q_mid)
-            for lin in parts.mlp_in:
-                _rotate_inputs(lin, q_mid)
-        out = []
-        with _timed(timings, "forward"):
-            for b in range(len(mid)):
-                m = _project(mid[b], q_mid, device, keep_on_device=True)
-                y = layer.mlp(parts.mlp_norm(m))
-                out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
-                mid[b] = None
-        last = i == n_layers - 1
-        with _timed(timings, "pca"):
-            if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
-                q_out = torch.eye(d, dtype=torch.float64, device=device)
-            else:
-                q_out = _pca(out, sig.masks, device)[:, :d_out]
-
-        with _timed(timings, "rotate"):
-            _rotate_outputs(parts.mlp_out, q_out)
-            new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
-            _set_shortcut(new.attn_shortcut, q_in, q_mid)
-            _set_shortcut(new.mlp_shortcut, q_mid, q_out)
-            adapter.layers[i] = new.to(home)
-            x = out if last else [_project(o, q_out, device) for o in out]
-            del out
-            q_in = q_out
-
-    if final_width < d:
+    if final_width < adapter.hidden_size:
         _rotate_inputs(adapter.lm_head, q_in.to(adapter.lm_head.weight.device))
     model.dynslice_info = SliceInfo(widths, final_width, {k: round(v, 4) for k, v in timings.items()})
     model.dynslice_info.timings_s["total"] = round(time.perf_counter() - t0, 4)
     return model
+
+
+def check_slice_args(widths: Sequence[int], final_width: int | None, batch_size: int, n_layers: int,
+                     d: int) -> tuple[tuple[int, ...], int]:
+    """Validated ``(widths, final_width)``; ``final_width`` defaults to ``d``."""
+    widths = validate_widths(widths, n_layers, d)
+    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    return widths, final_width
+
+
+def new_timings() -> dict[str, float]:
+    """The engine's time split, all zero."""
+    return {"capture": 0.0, "forward": 0.0, "pca": 0.0, "rotate": 0.0}
+
+
+@torch.no_grad()
+def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device,
+                     timings: dict[str, float]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
+
+    Returns the rotated first-layer input signals and the basis ``Q[:, :width]``.
+    """
+    with _timed(timings, "pca"):
+        q = _pca(sig.x, sig.masks, device)
+    with _timed(timings, "rotate"):
+        q_in = q[:, :width]
+        emb = adapter.embeddings
+        new_emb = nn.Embedding(emb.num_embeddings, width, padding_idx=emb.padding_idx, _weight=rotate_embedding(
+            emb.weight, q_in, device), _freeze=True)
+        adapter.model.model.embed_tokens = new_emb
+        x = [_project(s, q_in, device) for s in sig.x]
+    sig.x = []
+    return x, q_in
+
+
+@torch.no_grad()
+def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tensor], kwargs: list[dict],
+                masks: list[torch.Tensor], q_in: torch.Tensor, d_in: int, d_out: int, last: bool,
+                device: torch.device, home: torch.device,
+                timings: dict[str, float]) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
+    """Rotate and slice one norm-fused decoder layer (moved to ``device``).
+
+    ``x``: the layer's rotated input signals (emptied as they are consumed). Returns the sliced layer (still on
+    ``device``), the next layer's rotated input signals (on ``home``) and the basis of its output position.
+    """
+    d = adapter.hidden_size
+    layer.to(device)
+    parts = adapter.parts(layer)
+
+    # Attention: reads the rotated stream; writes the mid position, computed once in the dense basis.
+    with _timed(timings, "rotate"):
+        for lin in parts.attn_in:
+            _rotate_inputs(lin, q_in)
+    mid = []
+    with _timed(timings, "forward"):
+        for b in range(len(x)):
+            xb = x[b].to(device)
+            a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
+            mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
+            x[b] = None  # free as we go: at most two signals are held
+    with _timed(timings, "pca"):
+        q_mid = _pca(mid, masks, device)[:, :d_in]
+
+    # MLP: reads the mid position; writes the next layer's input position.
+    with _timed(timings, "rotate"):
+        _rotate_outputs(parts.attn_out, q_mid)
+        for lin in parts.mlp_in:
+            _rotate_inputs(lin, q_mid)
+    out = []
+    with _timed(timings, "forward"):
+        for b in range(len(mid)):
+            m = _project(mid[b], q_mid, device, keep_on_device=True)
+            y = layer.mlp(parts.mlp_norm(m))
+            out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
+            mid[b] = None
+    with _timed(timings, "pca"):
+        if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
+            q_out = torch.eye(d, dtype=torch.float64, device=device)
+        else:
+            q_out = _pca(out, masks, device)[:, :d_out]
+
+    # Shortcuts: the residual path from each position to the next, in the rotated bases.
+    with _timed(timings, "rotate"):
+        _rotate_outputs(parts.mlp_out, q_out)
+        new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
+        _set_shortcut(new.attn_shortcut, q_in, q_mid)
+        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
+        nxt = out if last else [_project(o, q_out, device) for o in out]
+    return new, nxt, q_out
 
 
 @contextmanager

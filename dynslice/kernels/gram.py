@@ -215,6 +215,33 @@ def _gram_torch(x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | 
     return h if out is None else out.add_(h)
 
 
+def masked_gram_fp32(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
+                     chunk_tokens: int = 4096) -> torch.Tensor:
+    """Like :func:`masked_gram` with the torch backend, but each chunk of ``chunk_tokens`` kept tokens is multiplied
+    in fp32 and only the chunk sums are added in float64 (what the Triton kernel does on the GPU).
+
+    On a CPU this is several times faster than the float64 path; the error is that of an fp32 sum of at most
+    ``chunk_tokens`` products (about 1e-7 relative), and it does not grow with the number of tokens.
+    """
+    _check_x(x)
+    if x.dtype == torch.float64:
+        return _gram_torch(x, _normalise_mask(mask, x), out)
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens: {chunk_tokens!r} is outside chunk_tokens >= 1")
+    keep = _normalise_mask(mask, x)
+    _check_out(out, x)
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if keep is not None and not bool(keep.all()):
+        flat = flat.index_select(0, keep.nonzero().squeeze(1))
+    h = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        rows = flat[start:start + chunk_tokens].to(torch.float32)
+        h.add_(rows.T @ rows)
+    h = h.add_(h.T.clone()).mul_(0.5)
+    return h if out is None else out.add_(h)
+
+
 # --------------------------------------------------------------------------------------------------- Triton path
 
 if triton is not None:

@@ -1,4 +1,4 @@
-"""Command line: ``dynslice lr | allocate | slice | eval | run | plan``.
+"""Command line: ``dynslice lr | allocate | slice | eval | run | plan | sweep | launch | submit``.
 
 Every command checks its outputs before any work, writes atomically, never replaces a file it did not write, and
 on invalid input exits with status 2 and a one-line error that names the bad parameter (Ctrl-C: status 130).
@@ -151,8 +151,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="rerun and replace the record even if --out already holds this config's record")
     rn.add_argument("--out", required=True)
 
-    pl = sub.add_parser("plan", help="predict peak host RAM, GPU memory and output size from the config alone")
-    pl.add_argument("--model", required=True, help="model spec, or a folder holding only config.json")
+    pl = sub.add_parser("plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a "
+                                     "profile (--profile)")
+    what = pl.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model spec, or a folder holding only config.json")
+    what.add_argument("--profile", help="a profile (smoke, cpu, paper or a YAML file): list its runs and their cost")
+    pl.add_argument("--shards", type=_at_least(1), default=1, help="with --profile: the hours of N shards")
+    pl.add_argument("--gpu-tflops", type=_finite, default=None,
+                    help="with --profile: assumed effective GPU throughput (default 125; no GPU was measured)")
+    pl.add_argument("--list", action="store_true", help="with --profile: print every run and its predicted time")
     pl.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     pl.add_argument("--device", default="cpu", help="where layers are computed: cpu or cuda[:N]")
     pl.add_argument("--batch-size", type=_at_least(1), default=8)
@@ -164,7 +171,39 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-gib", type=_finite, default=None, help="GPU memory to plan for (default: free now)")
     pl.add_argument("--out", default=None, help="also write the plan as JSON here")
     pl.add_argument("--overwrite", action="store_true", help="replace a previous plan record at --out")
+
+    sw = sub.add_parser("sweep", help="run a profile's runs (or one shard of them); finished runs are skipped")
+    _profile_args(sw)
+    sw.add_argument("--shard", default=None, help="K/N: run only shard K (from 0) of N, balanced by predicted cost")
+    sw.add_argument("--phase", default="all", choices=["sweep", "zero-shot", "all"],
+                    help="sweep runs, the best-SB zero-shot runs (after the sweep), or both in order")
+    sw.add_argument("--force", action="store_true", help="rerun finished runs")
+    sw.add_argument("--missing", action="store_true", help="only list the runs not finished yet; run nothing")
+
+    la = sub.add_parser("launch", help="one shard per GPU (or CPU process) on this node: the sweep, then zero-shot")
+    _profile_args(la)
+    where = la.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3, or 'all' (the visible ones)")
+    where.add_argument("--processes", type=_at_least(1), help="N shards as CPU processes")
+
+    sb = sub.add_parser("submit", help="a Slurm job array through submitit, one shard per task (pip install "
+                                       "'dynslice[cluster]')")
+    _profile_args(sb)
+    sb.add_argument("--shards", type=_at_least(1), required=True, help="array tasks (shards)")
+    sb.add_argument("--cluster", default=None, choices=["slurm", "local"],
+                    help="default: Slurm when sbatch is found; local runs the tasks as local processes")
+    sb.add_argument("--partition", default=None, help="Slurm partition")
+    sb.add_argument("--gpus-per-task", type=_at_least(0), default=1)
+    sb.add_argument("--cpus-per-task", type=_at_least(1), default=8)
+    sb.add_argument("--mem-gb", type=_at_least(1), default=64)
+    sb.add_argument("--timeout-min", type=_at_least(1), default=24 * 60)
+    sb.add_argument("--wait", action="store_true", help="wait until every task has finished")
     return p
+
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, help="smoke, cpu, paper or a profile YAML file")
+    p.add_argument("--root", default="results", help="records go to <root>/<profile>/runs/")
 
 
 def _read_widths(spec: str) -> list[int]:
@@ -513,6 +552,14 @@ def _cmd_plan(a: argparse.Namespace) -> None:
 
     if a.out:
         check_json_out(a.out, overwrite=a.overwrite)
+    if a.profile is not None:
+        from dynslice.cost import describe, profile_plan
+
+        plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops)
+        print(describe(plan, list_runs=a.list))
+        if a.out:
+            write_json(a.out, plan)
+        return
     if not 0 <= a.sp < 1:
         raise ValueError(f"sp: {a.sp} is outside 0 <= sp < 1")
     p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, a.sp, a.host_gib, a.gpu_gib, weights_needed=False)
@@ -522,8 +569,45 @@ def _cmd_plan(a: argparse.Namespace) -> None:
                            "cal_seqlen": a.cal_seqlen, "batch_size": a.batch_size, "sp": a.sp})
 
 
+def _cmd_sweep(a: argparse.Namespace) -> None:
+    from dynslice.shard import missing_text, parse_shard, profile_missing, run_phase
+    from dynslice.sweep import load_profile, run_name
+
+    profile = load_profile(a.profile)
+    shard = parse_shard(a.shard) if a.shard is not None else None
+    if a.missing:
+        missing, total = profile_missing(profile, a.root)
+        print(missing_text(missing, total))
+        for c in missing:
+            print(f"  {c.model}  {run_name(c)}  {c.key()}")
+        return
+    results = run_phase(profile, a.root, a.phase, shard=shard, force=a.force)
+    if any(r.infeasible for r in results):
+        print(f"dynslice sweep: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
+              f"{Path(a.root) / profile.name / 'infeasible'})", file=sys.stderr)
+
+
+def _cmd_launch(a: argparse.Namespace) -> None:
+    from dynslice.launch import launch, parse_gpus
+
+    gpus = parse_gpus(a.gpus) if a.gpus is not None else None
+    if launch(a.profile, a.root, gpus=gpus, processes=a.processes) != 0:
+        raise RuntimeError("a shard failed (its log is named above); rerun the same command to finish it")
+
+
+def _cmd_submit(a: argparse.Namespace) -> None:
+    from dynslice.cluster import submit
+
+    params: dict = {"timeout_min": a.timeout_min, "cpus_per_task": a.cpus_per_task, "mem_gb": a.mem_gb}
+    if a.cluster != "local":
+        params["gpus_per_node"] = a.gpus_per_task
+        if a.partition:
+            params["slurm_partition"] = a.partition
+    submit(a.profile, a.root, a.shards, cluster=a.cluster, params=params, wait=a.wait)
+
+
 COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval": _cmd_eval, "run": _cmd_run,
-            "plan": _cmd_plan}
+            "plan": _cmd_plan, "sweep": _cmd_sweep, "launch": _cmd_launch, "submit": _cmd_submit}
 
 
 def _one_line(command: str, kind: str, message: object) -> str:

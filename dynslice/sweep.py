@@ -246,6 +246,11 @@ def result_path(cfg: RunConfig, root: str | Path, profile: str) -> Path:
     return Path(root) / profile / "runs" / slug(cfg.model) / f"{run_name(cfg)}-{cfg.key()}.json"
 
 
+def infeasible_path(cfg: RunConfig, root: str | Path, profile: str) -> Path:
+    """``<root>/<profile>/infeasible/<model-slug>/<name>-<key>.json``: a note that ``cfg`` cannot be allocated."""
+    return Path(root) / profile / "infeasible" / slug(cfg.model) / f"{run_name(cfg)}-{cfg.key()}.json"
+
+
 def is_done(cfg: RunConfig, path: str | Path) -> bool:
     """Whether ``path`` holds a finished record of exactly ``cfg`` (what :func:`dynslice.pipeline.run` resumes)."""
     path = Path(path)
@@ -295,14 +300,21 @@ def _group_by_bench(configs: Iterable[RunConfig]) -> dict[tuple[str, str, str], 
 
 
 def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, force: bool = False,
-              log: Callable[[str], None] = print) -> SweepResult:
+              log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> SweepResult:
     """Run every config not yet done, one :class:`~dynslice.pipeline.Workbench` per (model, dtype, device).
 
     Finished records (same config at the same path) are skipped without loading the model; ``force`` reruns them.
-    Configs whose allocation is infeasible are reported, not run. Records are written atomically, so a sweep
-    killed halfway resumes where it stopped.
+    Configs whose allocation is infeasible are reported and noted under ``infeasible/``, not run. Records are
+    written atomically, so a sweep killed halfway resumes where it stopped. ``shard`` ``(K, N)`` (default:
+    ``$DYNSLICE_SHARD``) runs only shard K of N (:mod:`dynslice.shard`).
     """
     from dynslice.paths import configure_hf_cache
+    from dynslice.shard import shard_configs, shard_from_env
+
+    shard = shard if shard is not None else shard_from_env()
+    if shard is not None:
+        configs = shard_configs(configs, *shard)
+        log(f"shard {shard[0]}/{shard[1]}: {len(configs)} runs")
 
     configure_hf_cache()
     from dynslice.pipeline import Workbench, run
@@ -322,6 +334,7 @@ def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, f
             reason = infeasible_reason(bench, cfg)
             if reason is not None:
                 infeasible.append((str(path), reason))
+                write_json(infeasible_path(cfg, root, profile), {"config": cfg.to_json(), "infeasible": reason})
                 log(f"[{k}/{len(todo)}] infeasible: {run_name(cfg)}: {reason}")
                 continue
             t = time.perf_counter()
@@ -357,16 +370,27 @@ def best_dynamic(records: Sequence[Mapping[str, Any]], dataset: str | None = Non
     return best
 
 
-def zero_shot_configs(profile: Profile, records: Sequence[Mapping[str, Any]]) -> list[RunConfig]:
+def zero_shot_configs(profile: Profile, records: Sequence[Mapping[str, Any]],
+                      root: str | Path | None = None) -> list[RunConfig]:
     """Zero-shot runs of the best dynamic SB per model × corpus × SP × ``zero_shot.budgets`` (sweep done first).
 
-    The best SB is chosen by perplexity on the first of the profile's perplexity corpora.
+    The best SB is chosen by perplexity on the first of the profile's perplexity corpora. With ``root``, only the
+    groups whose fixed-SB sweep runs are all finished there (a record or an infeasibility note) are returned, so
+    that a shard never picks a best SB from part of a grid.
     """
     if not profile.tasks:
         return []
+    waiting: set[tuple] = set()
+    if root is not None:
+        from dynslice.shard import missing_runs
+
+        waiting = {(c.model, c.cal_dataset, c.budget, c.sp) for c in missing_runs(sweep_configs(profile), root,
+                                                                                   profile.name)
+                   if not c.dense and not c.auto_sb and not math.isclose(c.sb, c.sp)}
     out = []
-    for (_, _, budget, _), rec in sorted(best_dynamic(records, profile.ppl_datasets[0]).items()):
-        if budget in profile.zero_shot_budgets:
+    for key, rec in sorted(best_dynamic(records, profile.ppl_datasets[0]).items()):
+        budget = key[2]
+        if budget in profile.zero_shot_budgets and key not in waiting:
             cfg = RunConfig.from_json(rec["config"])
             out.append(cfg.replace(tasks=profile.tasks, task_limit=profile.task_limit))
     return out

@@ -1,0 +1,182 @@
+"""Shards of a profile: every run in exactly one shard, balanced by cost; sharded runs (separate processes, the
+submitit local executor) merge into the same tables as one unsharded run; the cost plan of a profile."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from dynslice import cost, report, shard, sweep
+from dynslice.cli import main as cli
+
+
+# ------------------------------------------------------------------------------------------- the split itself
+@pytest.mark.parametrize("name", ["paper", "cpu", "smoke"])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16])
+def test_every_run_in_exactly_one_shard(name, n):
+    configs = sweep.sweep_configs(sweep.load_profile(name))
+    keys = [c.key() for c in configs]
+    assert len(set(keys)) == len(keys)
+    parts = [shard.shard_configs(configs, k, n) for k in range(n)]
+    seen = [c.key() for part in parts for c in part]
+    assert sorted(seen) == sorted(keys)  # the union is everything, nothing twice
+    # balanced by cost: greedy LPT puts no shard above the mean by more than one run's cost
+    costs = [cost.run_cost(c) for c in configs]
+    loads = shard.shard_loads(configs, n)
+    assert sum(loads) == pytest.approx(sum(costs))
+    assert max(loads) <= sum(costs) / n + max(costs) + 1e-6 * sum(costs)
+
+
+def test_split_is_stable_under_reordering():
+    configs = sweep.sweep_configs(sweep.load_profile("paper"))
+    ref = {c.key(): s for c, s in zip(configs, shard.assign(configs, 8))}
+    shuffled = list(configs)
+    random.Random(0).shuffle(shuffled)
+    assert {c.key(): s for c, s in zip(shuffled, shard.assign(shuffled, 8))} == ref
+
+
+def test_balanced_by_cost_not_count():
+    configs = sweep.sweep_configs(sweep.load_profile("paper"))
+    loads = shard.shard_loads(configs, 4)
+    counts = [len(shard.shard_configs(configs, k, 4)) for k in range(4)]
+    assert max(loads) / min(loads) < 1.02
+    # a split by count (every 4th run) is worse balanced than the cost split on this profile
+    by_count = [sum(cost.run_cost(c) for c in configs[k::4]) for k in range(4)]
+    assert max(by_count) / min(by_count) > max(loads) / min(loads)
+    assert sum(counts) == len(configs)
+
+
+@pytest.mark.parametrize("text", ["4/4", "a/b", "-1/3", "1/0", "1", ""])
+def test_bad_shard_names_the_parameter(text):
+    with pytest.raises(ValueError, match="shard"):
+        shard.parse_shard(text)
+
+
+def test_cli_bad_shard_exits_2(tmp_path, capsys):
+    assert cli(["sweep", "--profile", "smoke", "--root", str(tmp_path), "--shard", "2/2"]) == 2
+    assert "shard" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def test_plan_profile_paper(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli(["plan", "--profile", "paper", "--shards", "8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "CPU-scaled estimate" in text and "GPU-hours" in text and "sb: auto" in text
+    plan = json.loads(out.read_text())
+    assert plan["sweep_runs"] == len(sweep.sweep_configs(sweep.load_profile("paper")))
+    assert plan["zero_shot_runs"] == 2 * 3 * 3  # models x corpora x SP, width budget
+    assert plan["device_hours"] == pytest.approx(sum(m["hours"] for m in plan["models"]))
+    one, eight = plan["wall_hours"]["1"], plan["wall_hours"]["8"]
+    assert one / 8 < eight < one / 4  # 8 shards: close to 1/8 of the time, plus one LR per shard
+    a = plan["auto_sb"]
+    assert a["grid_runs"] > 10 * a["auto_runs"] > 0 and 0 < a["saved_hours"] < a["grid_hours"]
+
+
+def test_plan_cost_grows_with_model_and_tokens():
+    p = sweep.load_profile("paper")
+    c = sweep.sweep_configs(p)[1]
+    small = c.replace(cal_nsamples=64)
+    assert cost.run_cost(small) < cost.run_cost(c)
+    flops = cost.run_flops(c)
+    # one slicing of an 8B model at 128 x 2048 tokens: ~1.6 x (2 x 7e9 x 262144) FLOPs, give or take attention
+    assert 4e15 < flops["slice"] < 1.2e16
+
+
+def test_plan_bad_input(capsys):
+    assert cli(["plan", "--profile", "paper", "--gpu-tflops", "0"]) == 2
+    assert "gpu_tflops" in capsys.readouterr().err
+    assert cli(["plan", "--profile", "nope"]) == 2
+
+
+# --------------------------------------------------------------------------------- running shards for real
+def tables_of(results) -> dict[str, pd.DataFrame]:
+    frame = report.records_frame(report.load_records(results / "runs"))
+    tables = report.write_tables(frame, results, "wiki")
+    return {k: t.drop(columns=[c for c in t.columns if c.endswith("time_s")]).reset_index(drop=True)
+            for k, t in tables.items()}
+
+
+def assert_same_tables(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unsharded")
+    profile = sweep.load_profile("smoke")
+    shard.run_phase(profile, root, "all")
+    assert shard.profile_missing(profile, root)[0] == []
+    return root
+
+
+def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
+    from dynslice.launch import launch
+
+    lines = []
+    assert launch("smoke", tmp_path, processes=2, log=lines.append) == 0
+    logs = sorted(p.name for p in (tmp_path / "smoke" / "logs").glob("*.log"))
+    assert logs == ["sweep-shard0of2.log", "sweep-shard1of2.log", "zero-shot-shard0of2.log",
+                    "zero-shot-shard1of2.log"]
+    profile = sweep.load_profile("smoke")
+    assert shard.profile_missing(profile, tmp_path)[0] == []
+    names = lambda root: sorted(p.name for p in (root / "smoke" / "runs").rglob("*.json"))  # noqa: E731
+    assert names(tmp_path) == names(unsharded)
+    assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
+    # each shard ran only its own part of the sweep
+    ran = [(tmp_path / "smoke" / "logs" / f"sweep-shard{k}of2.log").read_text() for k in range(2)]
+    parts = [len(shard.shard_configs(sweep.sweep_configs(profile), k, 2)) for k in range(2)]
+    assert sum(parts) == len(sweep.sweep_configs(profile)) and min(parts) > 0
+    for k in range(2):
+        assert f"shard {k}/2: {parts[k]} runs" in ran[k] and f"ran {parts[k]}," in ran[k]
+
+
+def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
+    shutil.copytree(unsharded / "smoke", tmp_path / "smoke")
+    profile = sweep.load_profile("smoke")
+    dyn = next(p for p in (tmp_path / "smoke" / "runs").rglob("sp0.30-sb0.10-width-*.json") if "-zs" not in p.name)
+    dyn.unlink()
+    missing, total = shard.profile_missing(profile, tmp_path)
+    assert [sweep.run_name(c) for c in missing] == ["sp0.30-sb0.10-width-calwiki"]
+    assert "1 of" in shard.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in shard.missing_text(
+        missing, total)
+    records = report.load_records(tmp_path / "smoke" / "runs")
+    budgets = lambda cs: sorted(c.budget for c in cs)  # noqa: E731
+    assert budgets(sweep.zero_shot_configs(profile, records)) == ["params", "width"]
+    # with the root, the width group waits for its missing sweep run; the params group is complete
+    assert budgets(sweep.zero_shot_configs(profile, records, root=tmp_path)) == ["params"]
+    assert tables_of(tmp_path / "smoke")["sweep"].shape[0] == tables_of(unsharded / "smoke")["sweep"].shape[0] - 1
+
+
+def test_cli_sweep_missing_lists_runs(unsharded, capsys):
+    assert cli(["sweep", "--profile", "smoke", "--root", str(unsharded), "--missing"]) == 0
+    assert "All 12 runs" in capsys.readouterr().out
+
+
+def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
+    pytest.importorskip("submitit")
+    from dynslice.cluster import submit
+
+    jobs = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True, log=lambda s: None)
+    results = [j.result() for j in jobs]
+    assert sum(r["ran"] for r in results) == 12
+    assert shard.profile_missing(sweep.load_profile("smoke"), tmp_path)[0] == []
+    assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
+    # resumable: a rerun of the same array does nothing new
+    again = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True,
+                   log=lambda s: None)
+    assert sum(j.result()["ran"] for j in again) == 0
+
+
+def test_cli_launch_bad_input(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dynslice", "launch", "--profile", "smoke", "--root", str(tmp_path),
+                          "--processes", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "processes" in res.stderr

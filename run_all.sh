@@ -8,6 +8,9 @@
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
 #   ./run_all.sh --publish              # make the finished run in <root>/<profile> the published reference
 #   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then run the tests
+#   ./run_all.sh --shard K/N            # only shard K (from 0) of N of the runs (resumes; no check: when every
+#                                       # shard is done, ./run_all.sh --resume finishes the tables and the check)
+#   ./run_all.sh --plan [--shards N]    # list the runs and predict their hours (dynslice plan --profile); runs nothing
 #
 # A run writes <root>/<profile>/{RUN.json,lr,runs,tables,executed,*.json} (default root: results, gitignored) and
 # <figures>/<profile>/*.pdf (default: figures). The published reference is results/published/<profile>/ (figures
@@ -31,6 +34,8 @@ PYTEST_ARGS=()
 ROOT="${DYNSLICE_ROOT:-$HERE/results}"
 FIGURES="${DYNSLICE_FIGURES:-$HERE/figures}"
 TORCH_CPU_PIN="torch==2.13.0"
+SHARD=""
+SHARDS=1
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
@@ -47,6 +52,10 @@ while [[ $# -gt 0 ]]; do
     --root) ROOT="${2:?--root needs a folder}"; shift 2 ;;
     --figures) FIGURES="${2:?--figures needs a folder}"; shift 2 ;;
     --test) TEST=1; shift; PYTEST_ARGS=("$@"); break ;;
+    --shard) SHARD="${2:?--shard needs K/N, e.g. 0/4}"; shift 2 ;;
+    --shard=*) SHARD="${1#*=}"; shift ;;
+    --plan) MODE=plan; shift ;;
+    --shards) SHARDS="${2:?--shards needs a number}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -56,6 +65,15 @@ if [[ ("$PROFILE" == *.yaml || "$PROFILE" == *.yml) && "$PROFILE" != /* ]]; then
 fi
 if [[ "$FORCE" == 1 && "$RESUME" == 1 ]]; then
   echo "run_all.sh: --force and --resume exclude each other" >&2; exit 2
+fi
+if [[ -n "$SHARD" ]]; then
+  if [[ ! "$SHARD" =~ ^[0-9]+/[0-9]+$ ]] || (( ${SHARD%/*} >= ${SHARD#*/} )); then
+    echo "run_all.sh: --shard: '$SHARD' is not K/N with 0 <= K < N (e.g. 0/4)" >&2; exit 2
+  fi
+  if [[ "$FORCE" == 1 ]]; then
+    echo "run_all.sh: --shard and --force exclude each other (--force would delete the other shards' runs)" >&2; exit 2
+  fi
+  RESUME=1  # shards share the results folder: each one resumes it
 fi
 cd "$CALLER_PWD"
 mkdir -p "$ROOT" "$FIGURES"
@@ -103,6 +121,9 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 if [[ "$TEST" == 1 ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   exec "$PY" -m pytest -q "${PYTEST_ARGS[@]}"
+fi
+if [[ "$MODE" == plan ]]; then
+  exec "$PY" -m dynslice plan --profile "$PROFILE" --shards "$SHARDS"
 fi
 # ---------------------------------------------------------------------------------------------- the run
 NAME="$("$PY" -c 'import sys
@@ -165,6 +186,7 @@ fi
 # Progress bars: off where the code lets the environment decide, and the rest folded to their final line in the
 # executed copies (dynslice.notebook.tidy_streams); the sweep logs one line per run instead.
 export TQDM_DISABLE=1 TQDM_MININTERVAL=30
+export DYNSLICE_SHARD="$SHARD"  # dynslice.sweep.run_sweep runs only this shard of every list of runs
 "$PY" - "$PROFILE" "$ROOT" "$FIGURES" "$ONLY" "$RESULTS" <<'PYEOF'
 import logging
 import sys
@@ -217,6 +239,11 @@ PYEOF
 
 if [[ -n "$ONLY" ]]; then
   echo "== --only $ONLY: no reproduction check (it needs every notebook); run ./run_all.sh --check-only after"
+  exit 0
+fi
+if [[ -n "$SHARD" ]]; then
+  echo "== shard $SHARD done: when every shard has finished, ./run_all.sh --profile $NAME --resume runs the best-SB" \
+       "zero-shot runs still missing, writes the tables and checks them"
   exit 0
 fi
 repro finish "$RESULTS"

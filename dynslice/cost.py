@@ -102,7 +102,7 @@ def auto_sb_evals(cfg: RunConfig) -> int:
     """Slicings an automatic-SB search makes: ``auto_sb_max_evals``, else a Fibonacci search over the SB grid."""
     if cfg.auto_sb_max_evals is not None:
         return cfg.auto_sb_max_evals
-    points = int(round(cfg.sp / cfg.auto_sb_step)) + 1
+    points = round(cfg.sp / cfg.auto_sb_step) + 1
     return max(2, math.ceil(math.log(max(points, 2)) / math.log((1 + 5 ** 0.5) / 2)) + 1)
 
 
@@ -251,8 +251,8 @@ def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) ->
 def describe(plan: Mapping[str, Any], list_runs: bool = False) -> str:
     """The plan as text for the terminal."""
     unit = "GPU" if any(m["device"] == "gpu" for m in plan["models"]) else "CPU"
-    lines = [f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
-             f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)"]
+    lines = [(f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
+              f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)")]
     for m in plan["models"]:
         kinds = ", ".join(f"{v} {k}" for k, v in m["by_kind"].items())
         lines.append(f"  {m['model']}: {m['runs']} runs ({kinds}): {m['hours']:.1f} {unit}-hours "

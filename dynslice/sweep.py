@@ -324,8 +324,11 @@ def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, f
     skipped: list[str] = []
     infeasible: list[tuple[str, str]] = []
     for (model, dtype, device), group in _group_by_bench(configs).items():
-        todo = [c for c in group if force or not is_done(c, result_path(c, root, profile))]
-        skipped += [str(result_path(c, root, profile)) for c in group if c not in todo]
+        noted = [c for c in group if not force and is_done(c, infeasible_path(c, root, profile))]
+        infeasible += [(str(result_path(c, root, profile)), read_json(infeasible_path(c, root, profile))["infeasible"])
+                       for c in noted]
+        todo = [c for c in group if c not in noted and (force or not is_done(c, result_path(c, root, profile)))]
+        skipped += [str(result_path(c, root, profile)) for c in group if c not in todo and c not in noted]
         if not todo:
             continue
         bench = Workbench(model, dtype, device)

@@ -128,7 +128,9 @@ def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
                     "zero-shot-shard1of2.log"]
     profile = sweep.load_profile("smoke")
     assert shard.profile_missing(profile, tmp_path)[0] == []
-    names = lambda root: sorted(p.name for p in (root / "smoke" / "runs").rglob("*.json"))  # noqa: E731
+    def names(root):
+        return sorted(p.name for p in (root / "smoke" / "runs").rglob("*.json"))
+
     assert names(tmp_path) == names(unsharded)
     assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
     # each shard ran only its own part of the sweep
@@ -149,7 +151,10 @@ def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
     assert "1 of" in shard.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in shard.missing_text(
         missing, total)
     records = report.load_records(tmp_path / "smoke" / "runs")
-    budgets = lambda cs: sorted(c.budget for c in cs)  # noqa: E731
+
+    def budgets(configs):
+        return sorted(c.budget for c in configs)
+
     assert budgets(sweep.zero_shot_configs(profile, records)) == ["params", "width"]
     # with the root, the width group waits for its missing sweep run; the params group is complete
     assert budgets(sweep.zero_shot_configs(profile, records, root=tmp_path)) == ["params"]
@@ -178,5 +183,26 @@ def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
 
 def test_cli_launch_bad_input(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dynslice", "launch", "--profile", "smoke", "--root", str(tmp_path),
-                          "--processes", "0"], capture_output=True, text=True)
+                          "--processes", "0"], check=False, capture_output=True, text=True)
     assert res.returncode == 2 and "processes" in res.stderr
+
+
+def test_infeasible_runs_are_noted_and_not_retried(tmp_path):
+    """An infeasible run leaves a note; a rerun reports it again without loading the model."""
+    from dynslice.jsonio import write_json
+
+    profile = sweep.load_profile("smoke")
+    cfg = next(c for c in sweep.sweep_configs(profile) if not c.dense and not c.auto_sb)
+    write_json(sweep.infeasible_path(cfg, tmp_path, "smoke"), {"config": cfg.to_json(), "infeasible": "why"})
+    res = sweep.run_sweep([cfg], tmp_path, "smoke", log=lambda s: None)
+    assert res.ran == () and res.infeasible == ((str(sweep.result_path(cfg, tmp_path, "smoke")), "why"),)
+    assert shard.missing_runs([cfg], tmp_path, "smoke") == []
+
+
+def test_run_all_bad_shard_exits_2():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "run_all.sh"
+    for argv in (["--shard", "2/2"], ["--shard", "x"], ["--shard", "0/2", "--force"]):
+        res = subprocess.run(["bash", str(script), *argv], check=False, capture_output=True, text=True)
+        assert res.returncode == 2 and "--shard" in res.stderr

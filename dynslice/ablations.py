@@ -542,13 +542,14 @@ def answer(record: dict[str, Any]) -> str:
             share = (c0 - pf) / (c0 - l0) if c0 != l0 else float("nan")
             s += (f" Protecting only the first layer gives {pf:.2f}, "
                   f"{'about ' + format(100 * share, '.0f') + '% of' if math.isfinite(share) else 'none of'} "
-                  f"LR's gain over constant on that set")
+                  f"LR's gain over constant on that set"
+                  + (", so protecting layer 0 carries the gain" if math.isfinite(share) and share >= 0.8 else ""))
             s += ";" if sh else "."
         if sh:
             ps, sds = sh["ppl"][d]["mean"], sh["ppl"][d]["sd"] or 0.0
-            verdict = ("worse than LR by more than twice their spread, so the ordering beyond layer 0 matters"
-                       if ps - l0 > 2 * sds else "within twice their spread of LR, so the ordering beyond layer 0 "
-                       "adds little")
+            verdict = ("worse than LR by more than twice their spread, so where the narrow layers go matters (a "
+                       "shuffle also moves layer 0's protection to a random layer)"
+                       if ps - l0 > 2 * sds else "within twice their spread of LR, so the LR ordering adds little")
             s += f" {sh['n']} shuffled LR vectors give {ps:.2f} ± {sds:.2f}, {verdict}."
         if inv:
             pi = inv["ppl"][d]["mean"]

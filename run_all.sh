@@ -33,7 +33,7 @@ ROOT="${DYNSLICE_ROOT:-$HERE/results}"
 FIGURES="${DYNSLICE_FIGURES:-$HERE/figures}"
 TORCH_CPU_PIN="torch==2.13.0"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;

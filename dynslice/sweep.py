@@ -144,7 +144,7 @@ def _str_list(where: str, value: Any, allowed: Sequence[str] | None = None, empt
 def _notebook_list(where: str, value: Any) -> tuple[str, ...]:
     """Two-digit notebook prefixes (``["01", "06"]``, ints accepted), each naming a file notebooks/NN_*.ipynb."""
     if not isinstance(value, list):
-        raise ValueError(f"{where}: expected a list of two-digit notebook numbers such as [\"01\", \"06\"]")
+        raise ValueError(f"{where}: expected a list of two-digit notebook numbers such as ['01', '06']")  # noqa: TRY004
     out = []
     for v in value:
         nn = f"{v:02d}" if isinstance(v, int) and not isinstance(v, bool) else v

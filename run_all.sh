@@ -2,7 +2,7 @@
 # Reproduce the artifact: run notebooks/[0-9][0-9]_*.ipynb in order with papermill for one profile, then check
 # every headline number against the published reference.
 #
-#   ./run_all.sh [--profile cpu|smoke|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a new run, then the check
+#   ./run_all.sh [--profile cpu|smoke|ablations|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a run, then the check
 #   ./run_all.sh --resume [--only NN]   # continue an interrupted run (finished run records are kept)
 #   ./run_all.sh --force                # delete this profile's previous outputs under --root, then a new run
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
@@ -16,6 +16,7 @@
 # <figures>/<profile>/*.pdf (default: figures). The published reference is results/published/<profile>/ (figures
 # in its figures/); --published DIR compares with (or publishes to) another folder. The check exits 1 naming
 # every number out of tolerance; bad options exit 2. --only NN runs one notebook of the current run (no check).
+# A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs 01-05, ablations runs 06 alone.
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
 set -euo pipefail
 
@@ -37,7 +38,7 @@ TORCH_CPU_PIN="torch==2.13.0"
 SHARD=""
 SHARDS=1
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;
@@ -113,7 +114,7 @@ PY="$("$PY" -c 'import sys; print(sys.executable)')"
 export DYNSLICE_CACHE="${DYNSLICE_CACHE:-$HERE/.cache}"
 export HF_HOME="${HF_HOME:-$DYNSLICE_CACHE/huggingface}"
 export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$HF_HOME/datasets}"
-if [[ "$PROFILE" == "cpu" || "$PROFILE" == "smoke" ]]; then
+if [[ "$PROFILE" == "cpu" || "$PROFILE" == "smoke" || "$PROFILE" == "ablations" ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
@@ -137,9 +138,10 @@ RESULTS="$ROOT/$NAME"
 FIGS="$FIGURES/$NAME"
 PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"
 repro() { "$PY" -m dynslice.repro "$@"; }
+has_reference() { [[ -d "$1/runs" || -f "$1/ablations.json" ]]; }  # sweep records or notebook 06's record
 
 if [[ "$MODE" == check ]]; then
-  if [[ ! -d "$PUBLISHED/runs" ]]; then
+  if ! has_reference "$PUBLISHED"; then
     echo "run_all.sh: --check-only: no published reference for profile $NAME at $PUBLISHED" >&2; exit 2
   fi
   exec "$PY" -m dynslice.repro check "$RESULTS" "$PUBLISHED"
@@ -197,14 +199,17 @@ import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
 from dynslice.notebook import tidy_streams
+from dynslice.sweep import load_profile
 
 profile, root, figures, only, results = sys.argv[1:6]
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-notebooks = sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+prof = load_profile(profile)
+notebooks = [nb for nb in sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb")) if prof.runs_notebook(nb.stem)]
 if only:
     notebooks = [nb for nb in notebooks if nb.name.startswith(only.zfill(2) + "_")]
     if not notebooks:
-        print(f"run_all.sh: --only {only}: no notebook notebooks/{only.zfill(2)}_*.ipynb", file=sys.stderr)
+        print(f"run_all.sh: --only {only}: profile {prof.name} runs no notebook notebooks/{only.zfill(2)}_*.ipynb"
+              f" (it runs {', '.join(prof.notebooks) or 'all'})", file=sys.stderr)
         sys.exit(2)
 executed = Path(results) / "executed"
 executed.mkdir(parents=True, exist_ok=True)
@@ -247,7 +252,7 @@ if [[ -n "$SHARD" ]]; then
   exit 0
 fi
 repro finish "$RESULTS"
-if [[ ! -d "$PUBLISHED/runs" ]]; then
+if ! has_reference "$PUBLISHED"; then
   echo "== no published reference for profile $NAME at $PUBLISHED: nothing to compare" \
        "(./run_all.sh --profile $NAME --publish makes this run the reference)"
   exit 0

@@ -491,8 +491,20 @@ def _pct(new: float, old: float) -> str:
     return f"{100 * (new / old - 1):+.1f}%"
 
 
+def _seed0(record: dict[str, Any], sp: float, budget: str, method: str, dataset: str) -> float | None:
+    """The seed-0 perplexity of ``method`` (the calibration set every single-seed method uses), if it ran."""
+    row = next((r for r in record["rows"] if r["sp"] == sp and r["budget"] == budget and r["method"] == method
+                and r.get("seed") == 0 and not r.get("infeasible")), None)
+    return None if row is None else float(row["ppl"][dataset])
+
+
 def answer(record: dict[str, Any]) -> str:
-    """One paragraph that states what the numbers say, generated from the record."""
+    """One paragraph that states what the numbers say, generated from the record.
+
+    Like is compared with like: the multi-seed means of LR and constant with each other, and every single-seed
+    method (first layer only, shuffled, inverted, BI, angular, ShortGPT) with the seed-0 rows of LR and constant,
+    which share its calibration set.
+    """
     cfg = AblationConfig.from_dict(record["config"])
     summary = record.get("summary") or summarize(record)
     tests = record.get("gap_tests") or gap_tests(record)
@@ -503,11 +515,13 @@ def answer(record: dict[str, Any]) -> str:
         get = {m: _find(summary, sp, b, m) for m in METHODS}
         get["shortgpt"] = _find(summary, sp, "params", "shortgpt")
         c, lr = get["constant"], get["lr"]
-        if not c or not lr:
+        c0, l0 = _seed0(record, sp, b, "constant", d), _seed0(record, sp, b, "lr", d)
+        if not c or not lr or c0 is None or l0 is None:
             continue
         pc, pl = c["ppl"][d]["mean"], lr["ppl"][d]["mean"]
+        over = f"the mean over {lr['n']} calibration sets" if lr["n"] > 1 else "one calibration set"
         s = (f"At SP {sp} and equal parameters ({b} budget, SB {cfg.sb}), LR dynamic slicing gives {d} perplexity "
-             f"{pl:.2f} against constant slicing's {pc:.2f} ({_pct(pl, pc)})")
+             f"{pl:.2f} against constant slicing's {pc:.2f} ({_pct(pl, pc)}; {over})")
         test = next((t for t in tests if t["sp"] == sp and t["budget"] == b and t["dataset"] == d), None)
         if test:
             boot = test["bootstrap"]
@@ -520,39 +534,41 @@ def answer(record: dict[str, Any]) -> str:
                      else ", so it does not clearly exceed the noise."))
         else:
             s += "."
-        s += " "
+        s += (f" The single-seed variants that follow share calibration set 0, on which constant gives {c0:.2f} and "
+              f"LR {l0:.2f}.")
         fl, sh, inv = get["first_layer"], get["shuffled"], get["inverted"]
         if fl:
             pf = fl["ppl"][d]["mean"]
-            share = (pc - pf) / (pc - pl) if pc != pl else float("nan")
+            share = (c0 - pf) / (c0 - l0) if c0 != l0 else float("nan")
             s += (f" Protecting only the first layer gives {pf:.2f}, "
                   f"{'about ' + format(100 * share, '.0f') + '% of' if math.isfinite(share) else 'none of'} "
-                  f"LR's gain over constant")
-            s += "; " if sh else ". "
+                  f"LR's gain over constant on that set"
+                  + (", so protecting layer 0 carries the gain" if math.isfinite(share) and share >= 0.8 else ""))
+            s += ";" if sh else "."
         if sh:
             ps, sds = sh["ppl"][d]["mean"], sh["ppl"][d]["sd"] or 0.0
-            verdict = ("worse than LR by more than their spread, so the ordering beyond layer 0 matters"
-                       if ps - pl > 2 * sds else "within their spread of LR, so the ordering beyond layer 0 "
-                       "adds little")
-            s += f"{sh['n']} shuffled LR vectors give {ps:.2f} ± {sds:.2f}, {verdict}. "
+            verdict = ("worse than LR by more than twice their spread, so where the narrow layers go matters (a "
+                       "shuffle also moves layer 0's protection to a random layer)"
+                       if ps - l0 > 2 * sds else "within twice their spread of LR, so the LR ordering adds little")
+            s += f" {sh['n']} shuffled LR vectors give {ps:.2f} ± {sds:.2f}, {verdict}."
         if inv:
             pi = inv["ppl"][d]["mean"]
             at = f" at SB {inv['sb']:.2f}, the lowest feasible," if inv.get("sb") not in (None, cfg.sb) else ""
-            s += f"Inverted LR{at} gives {pi:.2f} ({'worse' if pi > pc else 'better'} than constant). "
+            s += f" Inverted LR{at} gives {pi:.2f} ({'worse' if pi > c0 else 'better'} than constant)."
         for m in ("angular", "bi"):
             g = get[m]
             if g:
-                s += f"{'Angular distance' if m == 'angular' else 'BI'} through the same allocator gives " \
-                     f"{g['ppl'][d]['mean']:.2f}. "
+                s += f" {'Angular distance' if m == 'angular' else 'BI'} through the same allocator gives " \
+                     f"{g['ppl'][d]['mean']:.2f}."
         if get["shortgpt"]:
             g = get["shortgpt"]
             row = next(r for r in record["rows"] if r["method"] == "shortgpt" and r["sp"] == sp)
             dl = row["deleted_layers"]
-            s += ("ShortGPT at the same size deletes "
+            s += (" ShortGPT at the same size deletes "
                   + (f"{len(dl)} layer(s) ({', '.join(map(str, dl))})" if dl else "no layer (the dense model "
                      "already fits the budget)")
                   + f" and gives {g['ppl'][d]['mean']:.2f}"
-                  f" ({'better' if g['ppl'][d]['mean'] < pl else 'worse'} than LR slicing).")
+                  f" ({'better' if g['ppl'][d]['mean'] < l0 else 'worse'} than LR slicing).")
         parts.append(s.strip())
     return " ".join(parts)
 
@@ -593,6 +609,23 @@ def write_tables(record: dict[str, Any], stem: str | Path) -> tuple[Path, Path]:
 
 MARKERS = {"dense": "*", "constant": "s", "lr": "o", "first_layer": "^", "shuffled": "v", "inverted": "X",
            "bi": "P", "angular": "D", "shortgpt": "h"}
+
+
+def figure_note(record: dict[str, Any], dataset: str | None = None) -> str:
+    """A one-line reading of :func:`figure`: per SP, the equal-parameter perplexities from best to worst."""
+    cfg = AblationConfig.from_dict(record["config"])
+    d = dataset or cfg.ppl_datasets[0]
+    dense = _find(record["summary"], None, None, "dense")
+    parts = []
+    for sp in cfg.sp:
+        rows = sorted((s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"),
+                      key=lambda s: s["ppl"][d]["mean"])
+        parts.append(f"SP {sp}, equal parameters, best to worst: " + ", ".join(
+            f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.2f}" + (f" (mean of {s['n']})" if s["n"] > 1 else "")
+            for s in rows) + ".")
+    if dense:
+        parts.append(f"Dense: {dense['ppl'][d]['mean']:.2f}.")
+    return " ".join(parts)
 
 
 def figure(record: dict[str, Any], dataset: str | None = None):

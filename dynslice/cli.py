@@ -633,7 +633,10 @@ def _interrupt_tracker() -> tuple[list[int], object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynslice`` command: 0 done, 2 bad input, 1 failure, 130 interrupted."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     configure_hf_cache()
     seen, previous = _interrupt_tracker()
     # on a line of its own: a progress bar may be half-drawn when Ctrl-C comes

@@ -41,7 +41,10 @@ from dynslice.paths import PROJECT_ROOT
 PUBLISHED_ROOT = PROJECT_ROOT / "results" / "published"
 MARKER = "RUN.json"
 #: What a results folder holds (everything a run writes there); ``publish`` copies these.
-RESULT_ITEMS = ("runs", "lr", "tables", "executed", "headline.json", "zero_shot.json", "summary.json", MARKER)
+RESULT_ITEMS = ("runs", "lr", "tables", "executed", "headline.json", "zero_shot.json", "summary.json",
+                "ablations.json", "ablations.partial.json", MARKER)
+#: Notebook 06's record: its summary numbers are checked like the run records' (ablations profile).
+ABLATIONS = "ablations.json"
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,11 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
     """
     results = Path(results)
     runs = results / "runs"
-    if not runs.is_dir():
-        raise ValueError(f"results: {results} has no runs/ folder (not a results folder of run_all.sh)")
+    if not is_results_folder(results):
+        raise ValueError(f"results: {results} has no runs/ folder and no {ABLATIONS} (not a results folder of "
+                         "run_all.sh)")
     out: dict[str, tuple[str, float]] = {}
-    for path in sorted(runs.rglob("*.json")):
+    for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
         rec = read_json(path)
         label = _run_label(path, runs)
         for ds, value in rec.get("ppl", {}).items():
@@ -96,6 +100,7 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
         out[f"{label} params"] = ("params", float(rec["params"]["total"]))
         if rec.get("config", {}).get("sb") == "auto":
             out[f"{label} chosen SB"] = ("sb", float(rec["sb"]))
+    out.update(ablation_numbers(results / ABLATIONS))
     head = results / "headline.json"
     for row in read_json(head) if head.is_file() else []:
         label = f"headline {row['model']} cal {row['cal_dataset']} SP {row['sp']:g} {row['comparison']}"
@@ -108,6 +113,28 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
                     ("ppl_change_pct", float(value))
             elif key == "acc_delta_points":
                 out[f"{label} acc points"] = ("acc_points", float(value))
+    return out
+
+
+def is_results_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds sweep run records (``runs/``) or notebook 06's record."""
+    return (Path(path) / "runs").is_dir() or (Path(path) / ABLATIONS).is_file()
+
+
+def ablation_numbers(path: str | Path) -> dict[str, tuple[str, float]]:
+    """Notebook 06's summary numbers (mean perplexity, mean parameter count and accuracy per method row);
+    empty when ``path`` does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    out: dict[str, tuple[str, float]] = {}
+    for row in read_json(path)["summary"]:
+        label = f"ablations {row['method']}" + ("" if row["sp"] is None else f" SP {row['sp']:g} {row['budget']}")
+        for ds, stats in row["ppl"].items():
+            out[f"{label} ppl {ds}"] = ("ppl", float(stats["mean"]))
+        out[f"{label} params"] = ("params", float(row["params"]))
+        for task, res in (row.get("tasks") or {}).items():
+            out[f"{label} acc {task}"] = ("acc", float(res["value"]))
     return out
 
 
@@ -290,8 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "check":
             for name in ("results", "published"):
-                if not (Path(getattr(args, name)) / "runs").is_dir():
-                    raise ValueError(f"{name}: {getattr(args, name)} is not a results folder (no runs/)")
+                if not is_results_folder(getattr(args, name)):
+                    raise ValueError(f"{name}: {getattr(args, name)} is not a results folder (no runs/, no "
+                                     f"{ABLATIONS})")
             return check(args.results, args.published)
         if args.cmd == "start":
             info = start_run(args.results, args.profile, resume=args.resume)

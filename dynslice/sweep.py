@@ -34,7 +34,7 @@ PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs"
 SWEPT_FIELDS = frozenset({"model", "dtype", "device", "sp", "sb", "budget", "cal_dataset", "tasks", "task_limit",
                           "save_dir"})
 TOP_KEYS = frozenset({"name", "description", "models", "base", "cal_datasets", "lr_datasets", "sp", "sb_step",
-                      "budgets", "auto_sb", "zero_shot"})
+                      "budgets", "auto_sb", "zero_shot", "notebooks"})
 MODEL_KEYS = frozenset({"spec", "dtype", "device"})
 AUTO_KEYS = frozenset({"step", "max_evals", "nsamples", "budgets"})
 ZERO_SHOT_KEYS = frozenset({"tasks", "limit", "budgets"})
@@ -74,6 +74,11 @@ class Profile:
     task_limit: int | None
     zero_shot_budgets: tuple[str, ...]
     description: str = ""
+    notebooks: tuple[str, ...] = ()  # the notebooks run_all.sh runs, as two-digit prefixes ("01"); () = all
+
+    def runs_notebook(self, name: str) -> bool:
+        """Whether run_all.sh runs ``notebooks/<name>.ipynb`` (e.g. ``06_ablations``) for this profile."""
+        return not self.notebooks or name[:2] in self.notebooks
 
     def base_config(self, model: ModelEntry, **changes: Any) -> RunConfig:
         """A RunConfig with the profile's shared fields for ``model``, then ``changes``."""
@@ -136,6 +141,20 @@ def _str_list(where: str, value: Any, allowed: Sequence[str] | None = None, empt
     return tuple(values)
 
 
+def _notebook_list(where: str, value: Any) -> tuple[str, ...]:
+    """Two-digit notebook prefixes (``["01", "06"]``, ints accepted), each naming a file notebooks/NN_*.ipynb."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected a list of two-digit notebook numbers such as ['01', '06']")  # noqa: TRY004
+    out = []
+    for v in value:
+        nn = f"{v:02d}" if isinstance(v, int) and not isinstance(v, bool) else v
+        if not isinstance(nn, str) or not re.fullmatch(r"\d\d", nn) \
+                or not any((PROFILE_DIR.parent / "notebooks").glob(f"{nn}_*.ipynb")):
+            raise ValueError(f"{where}: {v!r} is not the number of a notebook notebooks/NN_*.ipynb")
+        out.append(nn)
+    return tuple(sorted(set(out)))
+
+
 def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     """Validate a profile mapping (as read from YAML); errors name the bad key, e.g. ``cpu.base.lr_nsample``."""
     from dynslice.allocate import BUDGETS
@@ -183,7 +202,8 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         task_limit=zs.get("limit"),
         zero_shot_budgets=_str_list(f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), BUDGETS,
                                     empty_ok=True),
-        description=str(top.get("description", "")))
+        description=str(top.get("description", "")), notebooks=_notebook_list(f"{name}.notebooks",
+                                                                              top.get("notebooks", [])))
     # Build one config of each kind so that every field value is checked now, with RunConfig's messages.
     for model in profile.models:
         for cal in profile.cal_datasets:

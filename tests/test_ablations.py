@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from dynslice import ablations as A
 from dynslice import data
 from dynslice.allocate import allocate, constant_width
 from dynslice.evaluate import perplexity
-from dynslice.jsonio import read_json
+from dynslice.jsonio import read_json, write_json
 from dynslice.lr import layer_redundancy
 from dynslice.params import ArchDims, sliced_params
 from dynslice.paths import PROJECT_ROOT
@@ -162,7 +163,7 @@ def test_config_validation():
         A.AblationConfig.from_dict({"spp": [0.3]})
     with pytest.raises(ValueError, match="permutations"):
         A.AblationConfig(permutations=0)
-    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "cpu")
+    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "ablations")
     assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(A.BUDGETS)
     assert A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "no-such-profile") is None
 
@@ -252,3 +253,69 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert resumed["rows"][:3] == [partial["rows"][k] for k in ("dense", "0.3|constant|params|0", "0.3|lr|params|0")]
     fresh = A.run(cfg, tmp_path / "fresh.json", progress=False)
     assert read_json(out)["rows"] == fresh["rows"]  # same config -> same numbers, resumed or not
+
+
+# ------------------------------------------------------------------------------- the ablations profile, run_all.sh
+REDUCED = PROJECT_ROOT / "results" / "published" / "cpu" / "ablations_reduced.json"
+
+
+def test_profiles_choose_their_notebooks(tmp_path):
+    from dynslice.sweep import load_profile
+
+    assert load_profile("ablations").notebooks == ("06",)
+    assert not load_profile("cpu").runs_notebook("06_ablations") and load_profile("cpu").runs_notebook("05_x")
+    assert load_profile("smoke").runs_notebook("06_ablations")  # no notebooks key: every notebook
+    assert A.load_config(A.settings_path(), "cpu") is None  # the full run lives in the ablations profile only
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodels: [tiny-random]\ncal_datasets: [wiki]\nsp: [0.3]\nnotebooks: ['6a']\n")
+    with pytest.raises(ValueError, match=r"bad\.notebooks: '6a'"):
+        load_profile(bad)
+
+
+def test_answer_compares_single_seed_methods_with_seed_0():
+    record = read_json(REDUCED)
+    text = A.answer(record)
+    seed0 = {r["method"]: r["ppl"]["wiki"] for r in record["rows"]
+             if r["sp"] == 0.3 and r["budget"] == "params" and r.get("seed") == 0}
+    assert f"constant gives {seed0['constant']:.2f} and LR {seed0['lr']:.2f}" in text
+    share = (seed0["constant"] - seed0["first_layer"]) / (seed0["constant"] - seed0["lr"])
+    assert f"about {100 * share:.0f}% of LR's gain" in text
+    means = {s["method"]: s["ppl"]["wiki"]["mean"] for s in record["summary"] if s["budget"] == "params"}
+    assert f"{means['lr']:.2f} against constant slicing's {means['constant']:.2f}" in text
+    assert "  " not in text
+
+
+def test_repro_checks_an_ablations_record(tmp_path, capsys):
+    from dynslice import repro
+
+    pub, res = tmp_path / "pub", tmp_path / "res"
+    for folder in (pub, res):
+        folder.mkdir()
+        shutil.copy(REDUCED, folder / "ablations.json")
+    assert repro.main(["check", str(res), str(pub)]) == 0
+    rec = read_json(res / "ablations.json")
+    lr = next(s for s in rec["summary"] if s["method"] == "lr" and s["budget"] == "params")
+    lr["ppl"]["wiki"]["mean"] *= 1.001  # ten times the perplexity tolerance
+    write_json(res / "ablations.json", rec)
+    assert repro.main(["check", str(res), str(pub)]) == 1
+    assert "ablations lr SP 0.3 params ppl wiki" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_all_runs_only_the_profiles_notebooks(tmp_path):
+    """A profile with `notebooks: ["06"]` (smoke's tiny settings) runs notebook 06 alone, then skips the check."""
+    env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
+    prof = tmp_path / "smoke06.yaml"
+    prof.write_text((PROJECT_ROOT / "configs" / "smoke.yaml").read_text() + '\nnotebooks: ["06"]\n')
+    args = [str(PROJECT_ROOT / "run_all.sh"), "--profile", str(prof), "--root", str(tmp_path / "r"), "--figures",
+            str(tmp_path / "f")]
+    proc = subprocess.run(args, cwd=PROJECT_ROOT, env=env, text=True, capture_output=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== 06_ablations.ipynb" in proc.stdout and "01_layer_redundancy" not in proc.stdout
+    assert (tmp_path / "r" / "smoke" / "ablations.json").is_file()
+    assert not (tmp_path / "r" / "smoke" / "runs").exists()
+    assert read_json(tmp_path / "r" / "smoke" / "RUN.json")["status"] == "finished"
+    bad = subprocess.run([str(PROJECT_ROOT / "run_all.sh"), "--profile", "cpu", "--only", "06", "--root",
+                          str(tmp_path / "r2"), "--figures", str(tmp_path / "f2")], cwd=PROJECT_ROOT, env=env,
+                         text=True, capture_output=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "--only 06: profile cpu runs no notebook" in bad.stderr

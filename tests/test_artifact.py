@@ -25,8 +25,8 @@ from dynslice.paths import PROJECT_ROOT
 from dynslice.sweep import load_profile, sweep_configs
 
 NOTEBOOKS = sorted(p.stem for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-FIGURES = ["fig1_allocation", "headline", "lr_per_layer", "ppl_vs_params", "ppl_vs_sb", "zero_shot"]
-TABLES = ["auto_sb", "headline", "lr_agreement", "sweep", "zero_shot"]
+FIGURES = ["fig1_allocation", "headline", "lr_per_layer", "ppl_vs_params", "ppl_vs_sb", "zero_shot", "ablations"]
+TABLES = ["auto_sb", "headline", "lr_agreement", "sweep", "zero_shot", "ablations"]
 SCHEMA = PROJECT_ROOT / "dynslice" / "schema" / "run_record.schema.json"
 PUBLISHED_CPU = PROJECT_ROOT / "results" / "published" / "cpu"
 
@@ -87,6 +87,10 @@ def test_every_notebook_executes(smoke):
     assert all(f"[{k}/{n_sweep}] " in log for k in range(1, n_sweep + 1))  # one line per run
     md = "".join(o.data["text/markdown"] for o in _outputs(sweep_nb, "text/markdown"))
     assert "best SB" in md and "paper's up to 7%" in md
+    abl_nb = nbformat.read(results / "executed" / "06_ablations.ipynb", as_version=4)
+    md = "".join(o.data["text/markdown"] for o in _outputs(abl_nb, "text/markdown"))
+    assert "equal parameters" in md and "calibration set 0" in md and "ShortGPT" in md
+    assert read_json(results / "ablations.json")["answer"] in md
     assert "total time" in proc.stdout
     assert "no published reference for profile smoke" in proc.stdout
     assert json.loads((results / "RUN.json").read_text())["status"] == "finished"

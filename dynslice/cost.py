@@ -69,9 +69,17 @@ def shapes_of(spec: str) -> Shapes:
 
 @lru_cache(maxsize=16)
 def _config_shapes(spec: str) -> Shapes:
-    from dynslice.cli import _config_of
+    from transformers import AutoConfig
 
-    return Shapes.from_config(_config_of(spec))
+    from dynslice.models import resolve_spec, tiny_random_model
+
+    r = resolve_spec(spec)
+    if r.kind == "tiny":
+        return Shapes.from_config(tiny_random_model().config)
+    if r.kind == "sliced":
+        raise ValueError(f"model: {spec} is already sliced; a profile's models are dense")
+    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    return Shapes.from_config(AutoConfig.from_pretrained(r.location, **kw))
 
 
 def token_flops(s: Shapes, seqlen: int, keep: float = 1.0, head: bool = True) -> float:

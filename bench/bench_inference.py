@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_slicing import load_average, machine_info, set_threads
 from torch import nn
 
-from bench_slicing import load_average, machine_info, set_threads
 from dynslice.allocate import allocate, constant_width
 from dynslice.data import calibration_batch, eval_chunks
 from dynslice.jsonio import write_json

@@ -121,7 +121,7 @@ def compare(t: int, d: int, dtype: torch.dtype, device: torch.device, methods: d
     case = {"tokens": t, "kept": int(mask.sum()), "d": d, "dtype": str(dtype).replace("torch.", ""), "methods": {}}
     for name, fn in methods.items():
         h = fn(x, mask)
-        res = timed(lambda: fn(x, mask), device)
+        res = timed(lambda fn=fn, x=x, mask=mask: fn(x, mask), device)
         res.update(errors(h.double(), ref, None if name == "today_float64" else ref_vecs))
         res["gram_tflops"] = 2 * t * d * d / (res["median_ms"] * 1e-3) / 1e12
         case["methods"][name] = res
@@ -159,7 +159,7 @@ def config_sweep(t: int, d: int, dtype: torch.dtype, device: torch.device, deadl
                        n_spills=getattr(kernel, "n_spills", None),
                        shared_bytes=getattr(getattr(kernel, "metadata", None), "shared", None))
             h = masked_gram(x, mask, backend="triton", config=cfg)
-            row.update(timed(lambda: masked_gram(x, mask, backend="triton", config=cfg), device))
+            row.update(timed(lambda cfg=cfg: masked_gram(x, mask, backend="triton", config=cfg), device))
             row["rel_fro"] = ((h - ref).norm() / ref.norm()).item()
         except Exception as e:  # an over-large configuration must not sink the rest of the run
             row["error"] = f"{type(e).__name__}: {e}"[:500]

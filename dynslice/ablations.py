@@ -214,7 +214,8 @@ def allocations(vectors: dict[str, np.ndarray], sp: float, sb: float, dims: Arch
     says which); if none is feasible, the error message stands in for it, so the experiment records it.
     """
     out: dict[tuple[str, str], Allocation | str] = {}
-    grid = [b for b in (round(sb + k * sb_step, 10) for k in range(math.ceil((sp - sb) / sb_step) + 1)) if b < sp - 1e-9]
+    steps = range(math.ceil((sp - sb) / sb_step) + 1)
+    grid = [b for b in (round(sb + k * sb_step, 10) for k in steps) if b < sp - 1e-9]
     for budget in budgets:
         out[("constant", budget)] = allocate(vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval,
                                              budget=budget, dims=dims)
@@ -441,7 +442,8 @@ def summarize(record: dict[str, Any]) -> list[dict[str, Any]]:
     for (sp, budget, method), rows in groups.items():
         spread = "permutations" if method == "shuffled" else "seeds" if len(rows) > 1 else None
         entry: dict[str, Any] = {"sp": sp, "budget": budget or None, "method": method, "n": len(rows),
-                                 "spread_over": spread, "sb": rows[0].get("sb"), "params": mean_sd([r["params"] for r in rows])["mean"],
+                                 "spread_over": spread, "sb": rows[0].get("sb"),
+                                 "params": mean_sd([r["params"] for r in rows])["mean"],
                                  "ppl": {d: mean_sd([r["ppl"][d] for r in rows]) for d in rows[0]["ppl"]}}
         tasks = [r for r in rows if r.get("tasks")]
         if tasks:
@@ -585,7 +587,8 @@ def table(record: dict[str, Any]):
 
     rows = []
     for s in record["summary"]:
-        row = {"SP": "" if s["sp"] is None else f"{s['sp']:.2f}", "budget": s["budget"] or "-", "method": LABELS[s["method"]],
+        row = {"SP": "" if s["sp"] is None else f"{s['sp']:.2f}", "budget": s["budget"] or "-",
+               "method": LABELS[s["method"]],
                "SB": "" if s.get("sb") is None else f"{s['sb']:.2f}", "n": s["n"],
                "params (M)": f"{s['params'] / 1e6:.2f}"}
         for dname, v in s["ppl"].items():

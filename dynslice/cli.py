@@ -413,8 +413,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 def _cmd_run(a: argparse.Namespace) -> None:
     from dynslice.config import AUTO, RunConfig
     from dynslice.jsonio import read_json
-    from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
     from dynslice.models import load_model, load_tokenizer
+    from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
     from dynslice.pipeline import Workbench, run
 
     if a.sb == AUTO:

@@ -117,7 +117,8 @@ class LlamaLikeAdapter:
 def _adapter_registry() -> dict[type, type[LlamaLikeAdapter]]:
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-    return {LlamaForCausalLM: LlamaLikeAdapter, MistralForCausalLM: LlamaLikeAdapter, Qwen2ForCausalLM: LlamaLikeAdapter}
+    return {LlamaForCausalLM: LlamaLikeAdapter, MistralForCausalLM: LlamaLikeAdapter,
+            Qwen2ForCausalLM: LlamaLikeAdapter}
 
 
 def supported_architectures() -> list[str]:

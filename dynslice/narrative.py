@@ -39,7 +39,8 @@ def lr_text(scores: Mapping[tuple[str, str], Mapping[str, Any]], agreement: pd.D
     for _, row in agreement.iterrows():
         verdict = "the same ordering" if row["spearman"] > 0.8 else "a different ordering"
         parts.append(f"The {row['corpus A']} and {row['corpus B']} curves have Spearman ρ = {row['spearman']:.2f}: "
-                     f"{verdict} of layers, so the allocation {'does not hinge' if row['spearman'] > 0.8 else 'depends'}"
+                     f"{verdict} of layers, so the allocation "
+                     f"{'does not hinge' if row['spearman'] > 0.8 else 'depends'}"
                      f" on the LR corpus (the paper reports LR to be stable across corpora).")
     return " ".join(parts)
 
@@ -98,7 +99,8 @@ def zero_shot_text(head: pd.DataFrame) -> str:
     for _, r in head[head["acc_delta_points"].notna()].iterrows():
         d = r["acc_delta_points"]
         rel = "more than" if d > PAPER_ACC_GAIN_POINTS else "within" if d > 0 else "against"
-        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs {r['acc_constant']:.3f} "
+        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs "
+                     f"{r['acc_constant']:.3f} "
                      f"({d:+.1f} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g}).")
     return ("Average zero-shot accuracy, best dynamic SB (by perplexity, never by accuracy) against constant "
             "slicing:\n\n" + "\n".join(lines))

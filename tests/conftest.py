@@ -24,8 +24,14 @@ def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, 
 
     Norm weights are randomised too, so that folding them is actually exercised.
     """
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,

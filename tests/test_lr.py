@@ -21,7 +21,8 @@ def _direct(model, batch):
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hs = list(out.hidden_states[:-1])  # inputs of every layer (the last entry is after the final norm)
     last_in = hs[-1]
-    handle = inner.layers[-1].register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    handle = inner.layers[-1].register_forward_hook(
+        lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
     model(input_ids=ids, attention_mask=mask)
     handle.remove()
     hs.append(captured[0])

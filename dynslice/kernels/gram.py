@@ -4,8 +4,9 @@ SliceGPT needs, at each residual-stream position, the Gram matrix of all calibra
 :func:`masked_gram` computes it without copying, zero-filling or upcasting the activation block:
 
 * **Triton** (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): one program per output tile that holds
-  an element on or above the diagonal (and per token split); tiles below it are never computed. X tiles are read in their own dtype, masked tokens are never
-  read (the mask goes into the load mask, so NaN/inf in padding cannot leak), products are summed in fp32 by
+  an element on or above the diagonal (and per token split); tiles below it are never computed. X tiles are read
+  in their own dtype, masked tokens are never read (the mask goes into the load mask, so NaN/inf in padding
+  cannot leak), products are summed in fp32 by
   ``tl.dot`` (fp32 inputs with ``input_precision="ieee"``, never TF32) over at most ``chunk_tokens`` tokens, and
   each chunk's fp32 tile is added into the float64 result; the same tile is also written, mirrored, into the
   lower triangle, so the result is exactly symmetric. Each output element is owned by one program: no atomics,

@@ -58,29 +58,41 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
         model.config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        dtype = next(model.parameters()).dtype
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
-                       if p.is_file() and p.name != outputs.INCOMPLETE_MARKER)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dynslice_version": __version__,
-            "base_model": base_model,
-            "architecture": type(model).__name__,
-            "widths": list(info.widths),
-            "final_width": info.final_width,
-            "dtype": str(dtype).removeprefix("torch."),
-            "weights": {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)},
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "has_tokenizer": tokenizer is not None,
-            "files": [*files, SLICED_META],
-            "extra": extra or {},
-        }
-        write_json(tmp / SLICED_META, meta)
-        outputs.publish_folder(tmp, out_dir)
+        weights = {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}
+        finish_save(tmp, out_dir, base_model=base_model, architecture=type(model).__name__, widths=info.widths,
+                    final_width=info.final_width, dtype=next(model.parameters()).dtype, weights=weights,
+                    num_parameters=sum(p.numel() for p in model.parameters()), has_tokenizer=tokenizer is not None,
+                    extra=extra or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str, widths, final_width: int,
+                dtype: torch.dtype, weights: dict, num_parameters: int, has_tokenizer: bool, extra: dict) -> None:
+    """Write ``dynslice.json`` (listing every file written into ``tmp``) and move ``tmp`` to ``out_dir``.
+
+    Shared by :func:`save_sliced` and :func:`dynslice.stream.slice_streaming`, so both write the same format.
+    """
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                   if p.is_file() and p.name != outputs.INCOMPLETE_MARKER)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dynslice_version": __version__,
+        "base_model": base_model,
+        "architecture": architecture,
+        "widths": [int(w) for w in widths],
+        "final_width": int(final_width),
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": weights,
+        "num_parameters": int(num_parameters),
+        "has_tokenizer": has_tokenizer,
+        "files": [*files, SLICED_META],
+        "extra": extra,
+    }
+    write_json(tmp / SLICED_META, meta)
+    outputs.publish_folder(tmp, out_dir)
 
 
 #: The schema of ``dynslice.json``: field -> (JSON type, required). Checked by :func:`validate_sliced_meta`.

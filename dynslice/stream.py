@@ -184,8 +184,7 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dynslice.io import FORMAT_VERSION, SLICED_META
-    from dynslice.jsonio import write_json
+    from dynslice.io import finish_save
 
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
     src = SafetensorsSource(folder)
@@ -254,23 +253,10 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
         config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dynslice_version": __version__,
-            "base_model": base_model or str(folder),
-            "architecture": type(model).__name__,
-            "widths": list(widths),
-            "final_width": final_width,
-            "dtype": str(torch_dtype).removeprefix("torch."),
-            "weights": weights,
-            "num_parameters": writer.num_parameters,
-            "has_tokenizer": tokenizer is not None,
-            "files": [*sorted(q.relative_to(tmp).as_posix() for q in tmp.rglob("*")
-                              if q.is_file() and q.name != outputs.INCOMPLETE_MARKER), SLICED_META],
-            "extra": {**(extra or {}), "streamed": True},
-        }
-        write_json(tmp / SLICED_META, meta)
-        outputs.publish_folder(tmp, out_dir)
+        finish_save(tmp, out_dir, base_model=base_model or str(folder), architecture=type(model).__name__,
+                    widths=widths, final_width=final_width, dtype=torch_dtype, weights=weights,
+                    num_parameters=writer.num_parameters, has_tokenizer=tokenizer is not None,
+                    extra={**(extra or {}), "streamed": True})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

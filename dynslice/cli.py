@@ -344,8 +344,9 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     _check_names(cal_dataset=a.cal_dataset)
     _check_model(a, dense=True)
     redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
-    if _print_plan(a).mode == "stream":
-        return _cmd_slice_stream(a, out, widths, redundancy)
+    placement = _slice_plan(a)  # printed once every input has been checked, just before the work starts
+    if placement is not None and placement.mode == "stream":
+        return _cmd_slice_stream(a, out, widths, redundancy, placement)
     model = load_model(a.model, a.dtype, a.device)
     _check_context(model, cal_seqlen=a.cal_seqlen)
     dims = ArchDims.from_config(model.config)
@@ -374,6 +375,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
         else:
             _check_sp_sb(a.sp, sb)
             widths = None
+    if placement is not None:
+        print(placement.describe(), file=sys.stderr)
     tok = load_tokenizer(a.model)
     cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     if widths is None:
@@ -490,15 +493,27 @@ def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int,
                 gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB))
 
 
-def _print_plan(a: argparse.Namespace):
-    """The placement plan of `dynslice slice`, printed before it starts."""
+def _slice_plan(a: argparse.Namespace):
+    """The placement plan of `dynslice slice` (in RAM or streamed), or None for a model of an architecture that
+    cannot be sliced (loading it gives the reason). The caller prints it just before the work starts."""
+    from dynslice.models import supported_architectures
+
+    try:
+        archs = getattr(_config_of(a.model), "architectures", None) or []
+    except Exception:  # noqa: BLE001 - an unreadable model: loading it below names the problem
+        if a.stream == "on":
+            raise
+        return None
+    if archs and not any(name in supported_architectures() for name in archs):
+        if a.stream == "on":
+            raise ValueError(f"stream: {a.model} is not a supported architecture "
+                             f"({', '.join(supported_architectures())}); it cannot be streamed")
+        return None
     sp = a.sp if a.sp is not None else 0.3
-    p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, sp)
-    print(p.describe(), file=sys.stderr)
-    return p
+    return _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, sp)
 
 
-def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy) -> None:
+def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy, placement) -> None:
     """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
     from dynslice import data
     from dynslice.allocate import _check_sp_sb, allocate
@@ -540,6 +555,7 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    print(placement.describe(), file=sys.stderr)
     tok = load_tokenizer(a.model)
     cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
     slice_streaming(folder, cal, widths, out, dtype=a.dtype, base_model=a.model, batch_size=a.batch_size,

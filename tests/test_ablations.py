@@ -256,7 +256,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------- the ablations profile, run_all.sh
-REDUCED = PROJECT_ROOT / "results" / "published" / "cpu" / "ablations_reduced.json"
+REDUCED = PROJECT_ROOT / "bench" / "results" / "ablations_reduced_smollm2.json"
 
 
 def test_profiles_choose_their_notebooks(tmp_path):

@@ -3,7 +3,7 @@
 For each config (Llama-3-8B and Mistral-7B shapes with the layer count cut, plus scaled-down variants used by the
 tests), a random-init model is saved as safetensors, then sliced in a fresh subprocess, once in RAM
 (``from_pretrained`` + :func:`dynslice.slicing.slice_model` + :func:`dynslice.io.save_sliced`) and once streaming
-(:func:`dynslice.stream.slice_streaming`). The subprocess reports ``ru_maxrss`` minus its RSS once everything is
+(:func:`dynslice.stream.slice_streaming`). The subprocess reports its peak RSS (VmHWM) minus its RSS once everything is
 imported; :func:`dynslice.memory.predict` gives the prediction. Also recorded: wall times (streaming vs in-RAM),
 logits agreement of the two outputs, and the ratio of the weights on disk to the streaming peak.
 
@@ -87,7 +87,17 @@ else:
 if device != "cpu":
     torch.cuda.synchronize()
 wall = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def _hwm() -> int:
+    """This process's peak RSS: VmHWM belongs to the address space made at exec, while ru_maxrss keeps the
+    parent's high-water mark across fork+exec (a large pytest parent would leak into the measurement)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+peak = _hwm()
 gpu = torch.cuda.max_memory_allocated() if device != "cpu" else 0
 print(json.dumps({"peak_bytes": peak - base, "gpu_peak_bytes": gpu, "wall_s": wall, "timings_s": info.timings_s}))
 '''

@@ -248,12 +248,22 @@ def _check_model(a: argparse.Namespace, *, dense: bool) -> None:
                          f"such as its base model {base}")
 
 
-def _check_context(model, **seqlens: int | None) -> None:
-    """Refuse sequence lengths beyond the model's context (``max_position_embeddings``)."""
-    ctx = getattr(model.config, "max_position_embeddings", None)
+def _check_context(config, **seqlens: int | None) -> None:
+    """Refuse sequence lengths beyond the model's context (``config.max_position_embeddings``)."""
+    ctx = getattr(config, "max_position_embeddings", None)
     for name, value in seqlens.items():
         if ctx and value is not None and value > ctx:
             raise ValueError(f"{name}: {value} is beyond the model's context of {ctx} tokens (allowed 2..{ctx})")
+
+
+def _check_lr_fits(a: argparse.Namespace, redundancy, dims) -> None:
+    """An LR file (``--lr``) must have been computed for this model's width and have one score per layer."""
+    if redundancy is None:
+        return
+    if redundancy.hidden not in (None, dims.hidden):
+        raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
+    if len(redundancy.redundancy) != dims.layers:
+        raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has {dims.layers} layers")
 
 
 def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets: str) -> None:
@@ -283,7 +293,7 @@ def _cmd_lr(a: argparse.Namespace) -> None:
     _check_names(dataset=a.dataset)
     _check_model(a, dense=True)
     model = load_model(a.model, a.dtype, a.device)
-    _check_context(model, seqlen=a.seqlen)
+    _check_context(model.config, seqlen=a.seqlen)
     tok = load_tokenizer(a.model)
     batch = data.calibration_batch(a.dataset, tok, a.nsamples, a.seqlen, seed=a.seed)
     t = time.perf_counter()
@@ -348,12 +358,10 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     if placement is not None and placement.mode == "stream":
         return _cmd_slice_stream(a, out, widths, redundancy, placement)
     model = load_model(a.model, a.dtype, a.device)
-    _check_context(model, cal_seqlen=a.cal_seqlen)
+    _check_context(model.config, cal_seqlen=a.cal_seqlen)
     dims = ArchDims.from_config(model.config)
-    if redundancy is not None and redundancy.hidden not in (None, dims.hidden):
-        raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
-    if a.widths is None and redundancy is not None and len(redundancy.redundancy) != dims.layers:
-        raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has {dims.layers} layers")
+    if a.widths is None:
+        _check_lr_fits(a, redundancy, dims)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
 
@@ -401,7 +409,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
                     ppl_protocol=a.ppl_protocol, ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples,
                     tasks=tuple(a.tasks), task_limit=a.limit)
     model = load_model(a.model, a.dtype, a.device)
-    _check_context(model, ppl_seqlen=a.ppl_seqlen)
+    _check_context(model.config, ppl_seqlen=a.ppl_seqlen)
     tok = load_tokenizer(a.model)
     t = time.perf_counter()
     ppl, tasks = evaluate_model(model, tok, cfg)
@@ -447,7 +455,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
     a.dtype = cfg.dtype  # the protocol's default when --dtype was not given
     _check_model(a, dense=True)
     model = load_model(cfg.model, cfg.dtype, cfg.device)
-    _check_context(model, lr_seqlen=cfg.lr_seqlen, cal_seqlen=cfg.cal_seqlen, ppl_seqlen=cfg.ppl_seqlen)
+    _check_context(model.config, lr_seqlen=cfg.lr_seqlen, cal_seqlen=cfg.cal_seqlen, ppl_seqlen=cfg.ppl_seqlen)
     bench = Workbench(cfg.model, cfg.dtype, cfg.device, _model=model, _tokenizer=load_tokenizer(cfg.model))
     run(cfg, out, bench=bench, force=True)
 
@@ -523,10 +531,9 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
     from dynslice.stream import slice_streaming
 
     r = resolve_spec(a.model)
-    dims = ArchDims.from_config(_config_of(a.model))
-    if a.cal_seqlen > (ctx := getattr(_config_of(a.model), "max_position_embeddings", a.cal_seqlen)):
-        raise ValueError(f"cal_seqlen: {a.cal_seqlen} is beyond the model's context of {ctx} tokens "
-                         f"(allowed 2..{ctx})")
+    config = _config_of(a.model)
+    dims = ArchDims.from_config(config)
+    _check_context(config, cal_seqlen=a.cal_seqlen)
     extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
                                    "seed": a.seed}}
     if widths is not None:
@@ -534,13 +541,8 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
     else:
         sb = a.sp if a.sb is None else a.sb
         _check_sp_sb(a.sp, sb)
+        _check_lr_fits(a, redundancy, dims)
         if redundancy is not None:
-            if redundancy.hidden not in (None, dims.hidden):
-                raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has "
-                                 f"{dims.hidden}")
-            if len(redundancy.redundancy) != dims.layers:
-                raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has "
-                                 f"{dims.layers} layers")
             scores = list(redundancy.redundancy)
         elif sb != a.sp:
             raise ValueError("lr: dynamic widths (sb != sp) while streaming need --lr, an LR file from `dynslice lr`")

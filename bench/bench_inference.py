@@ -34,13 +34,14 @@ import torch
 from bench_slicing import load_average, machine_info, set_threads
 from torch import nn
 
-from dynslice.allocate import allocate, constant_width
+from dynslice.core.adapters import count_parameters
+from dynslice.core.allocate import allocate, constant_width
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, dense_params, sliced_params
+from dynslice.core.slicing import slice_model
 from dynslice.data import calibration_batch, eval_chunks
 from dynslice.jsonio import write_json
-from dynslice.lr import layer_redundancy
-from dynslice.models import count_parameters, load
-from dynslice.params import ArchDims, dense_params, sliced_params
-from dynslice.slicing import slice_model
+from dynslice.models import load
 
 MODEL = "smollm2-135m"
 DATASET = "wiki"

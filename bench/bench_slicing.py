@@ -2,7 +2,7 @@
 
 The issue's target: slicing at SP 0.3 with 32×512 calibration tokens should take at most 1.5× the *floor*, the
 time of one dense pass of the calibration set through the decoder (``model.model``: no LM head), times the
-number of signal passes the engine makes (one: every sublayer runs once per batch, see :mod:`dynslice.slicing`).
+number of signal passes the engine makes (one: every sublayer runs once per batch, see :mod:`dynslice.core.slicing`).
 
 In one process, with ``--threads`` torch threads:
 
@@ -12,7 +12,7 @@ In one process, with ``--threads`` torch threads:
    dense model: wall time, the engine's own split (capture / forward / PCA / rotate), time / floor, and memory:
    ``ru_maxrss`` (the process's lifetime peak) and the RSS rise during ``slice_model`` seen by a thread that
    samples ``/proc/self/statm`` every few milliseconds;
-3. sanity checks: the parameter count of each sliced model equals :func:`dynslice.params.sliced_params`, and its
+3. sanity checks: the parameter count of each sliced model equals :func:`dynslice.core.params.sliced_params`, and its
    loss on two calibration sequences is reported next to the dense one.
 
 SliceGPT's reference implementation runs every decoder layer twice per batch (once for the PCA inputs, once more
@@ -41,13 +41,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynslice.allocate import allocate, constant_width
+from dynslice.core.adapters import count_parameters
+from dynslice.core.allocate import allocate, constant_width
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, dense_params, sliced_params
+from dynslice.core.slicing import slice_model
 from dynslice.data import calibration_batch
 from dynslice.jsonio import write_json
-from dynslice.lr import layer_redundancy
-from dynslice.models import count_parameters, load
-from dynslice.params import ArchDims, dense_params, sliced_params
-from dynslice.slicing import slice_model
+from dynslice.models import load
 
 MODEL = "smollm2-135m"
 DATASET = "wiki"

@@ -1,4 +1,4 @@
-"""GPU check of dynslice.kernels.masked_gram: native tests, accuracy, timings against torch baselines.
+"""GPU check of dynslice.core.kernels.masked_gram: native tests, accuracy, timings against torch baselines.
 
 On a CUDA machine (budget: well under 8 minutes on one H200)::
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from dynslice.core.kernels import GramConfig, default_config, masked_gram, triton_available
+from dynslice.core.kernels import gram as gram_mod
 from dynslice.jsonio import write_json
-from dynslice.kernels import GramConfig, default_config, masked_gram, triton_available
-from dynslice.kernels import gram as gram_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 7 * 60  # stop starting new sections after this (the whole run must finish within 8 minutes)

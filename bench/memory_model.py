@@ -2,7 +2,7 @@
 
 For each config (Llama-3-8B and Mistral-7B shapes with the layer count cut, plus scaled-down variants used by the
 tests), a random-init model is saved as safetensors, then sliced in a fresh subprocess, once in RAM
-(``from_pretrained`` + :func:`dynslice.slicing.slice_model` + :func:`dynslice.io.save_sliced`) and once streaming
+(``from_pretrained`` + :func:`dynslice.core.slicing.slice_model` + :func:`dynslice.io.save_sliced`) and once streaming
 (:func:`dynslice.stream.slice_streaming`). The subprocess reports its peak RSS (VmHWM) minus its RSS once everything is
 imported; :func:`dynslice.memory.predict` gives the prediction. Also recorded: wall times (streaming vs in-RAM),
 logits agreement of the two outputs, and the ratio of the weights on disk to the streaming peak.
@@ -62,7 +62,7 @@ import json, os, resource, sys, time
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
-import dynslice.slicing, dynslice.stream, dynslice.io
+import dynslice.core.slicing, dynslice.stream, dynslice.io
 import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
@@ -81,7 +81,7 @@ if a["mode"] == "stream":
                                            batch_size=a["batch_size"], device=device)
 else:
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=dtype).to(device)
-    info = dynslice.slicing.slice_model(model, cal, a["widths"], progress=False,
+    info = dynslice.core.slicing.slice_model(model, cal, a["widths"], progress=False,
                                         batch_size=a["batch_size"]).dynslice_info
     dynslice.io.save_sliced(model, a["out"], a["src"])
 if device != "cpu":

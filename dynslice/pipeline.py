@@ -18,16 +18,17 @@ import torch
 from torch import nn
 
 from dynslice import __version__, data
-from dynslice.allocate import allocate, lr_input
 from dynslice.config import RunConfig
+from dynslice.core.adapters import count_parameters, get_adapter
+from dynslice.core.allocate import allocate, lr_input
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, dense_params, sliced_params
+from dynslice.core.slicing import slice_model
 from dynslice.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.jsonio import read_json, write_json
-from dynslice.lr import layer_redundancy
-from dynslice.models import count_parameters, get_adapter, load
-from dynslice.params import ArchDims, dense_params, sliced_params
+from dynslice.models import load
 from dynslice.protocol import differences
 from dynslice.search import find_best_sb
-from dynslice.slicing import slice_model
 
 RECORD_VERSION = 1
 

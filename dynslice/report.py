@@ -405,13 +405,13 @@ def lr_agreement(scores: Mapping[tuple[str, str], Mapping[str, Any]]) -> pd.Data
 def allocation_steps(lr_record: Any, sp: float, sb: float, hidden: int, round_interval: int):
     """The paper's Figure 1 as a table: per layer LR, normalised n, n/mean(n), FS (%), width, slice applied (%).
 
-    ``lr_record`` is an LR record (``dynslice lr``'s JSON) or anything :func:`~dynslice.allocate.lr_input`
+    ``lr_record`` is an LR record (``dynslice lr``'s JSON) or anything :func:`~dynslice.core.allocate.lr_input`
     accepts; its raw scores go through the one orientation function before they reach the allocator.
     Returns ``(table, allocation)``.
     """
     import numpy as np
 
-    from dynslice.allocate import allocate, lr_input, slice_fractions
+    from dynslice.core.allocate import allocate, lr_input, slice_fractions
 
     inp = lr_input(lr_record)
     r = np.asarray(lr_record["lr"] if isinstance(lr_record, Mapping) else lr_record, dtype=float)

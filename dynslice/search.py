@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dynslice.allocate import sb_grid
+from dynslice.core.allocate import sb_grid
 
 
 @dataclass(frozen=True)

@@ -40,20 +40,10 @@ def shard_from_env() -> tuple[int, int] | None:
 
 def assign(configs: Sequence[RunConfig], n: int, cost: Callable[[RunConfig], float] | None = None) -> list[int]:
     """The shard index of each config (greedy longest-processing-time on ``cost``, deterministic)."""
-    from dynslice.cost import run_cost
+    from dynslice.cost import balance, run_cost
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"shards: {n!r} is outside shards >= 1")
     cost = cost or run_cost
-    costs = [float(cost(c)) for c in configs]
-    order = sorted(range(len(configs)), key=lambda i: (-costs[i], configs[i].key(), i))
-    load = [0.0] * n
-    out = [0] * len(configs)
-    for i in order:
-        k = min(range(n), key=lambda j: (load[j], j))
-        out[i] = k
-        load[k] += costs[i]
-    return out
+    return balance([float(cost(c)) for c in configs], [c.key() for c in configs], n)
 
 
 def shard_configs(configs: Sequence[RunConfig], k: int, n: int,

@@ -3,7 +3,8 @@ as soon as it is done.
 
 Only the calibration signals, the layer being sliced and (briefly) the embedding and the head are ever in memory.
 The files are opened with ``safetensors.safe_open`` (memory-mapped), so a tensor is read when it is asked for.
-The maths is that of :func:`dynslice.slicing.slice_model` (the same :func:`~dynslice.slicing.slice_layer` step);
+The maths is that of :func:`dynslice.core.slicing.slice_model` (the same
+:func:`~dynslice.core.slicing.slice_layer` step);
 the output folder is the one :func:`dynslice.io.save_sliced` writes, split into shards of ``shard_bytes`` when
 larger, and :func:`dynslice.io.load_sliced` reads both.
 """
@@ -22,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice import __version__, outputs
-from dynslice.layers import RMSN
-from dynslice.models import LlamaLikeAdapter, get_adapter, parse_device, parse_dtype
-from dynslice.slicing import (
+from dynslice.core.adapters import LlamaLikeAdapter, get_adapter
+from dynslice.core.layers import RMSN
+from dynslice.core.slicing import (
     SliceInfo,
     _scale_inputs,
     _timed,
@@ -35,6 +36,7 @@ from dynslice.slicing import (
     slice_embeddings,
     slice_layer,
 )
+from dynslice.models import parse_device, parse_dtype
 
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB per output shard: the writer holds at most this much before writing
@@ -160,7 +162,7 @@ class ShardWriter:
 
 
 def _fold_layer_norms(layer: nn.Module, adapter: LlamaLikeAdapter) -> None:
-    """What :func:`dynslice.slicing.fuse_norms` does, for one decoder layer."""
+    """What :func:`dynslice.core.slicing.fuse_norms` does, for one decoder layer."""
     parts = adapter.parts(layer)
     for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
         for lin in linears:
@@ -177,7 +179,7 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
                     progress: bool = True, overwrite: bool = False) -> SliceInfo:
     """Rotate and slice the safetensors model in ``folder`` layer by layer, writing the sliced model to ``out_dir``.
 
-    Arguments as in :func:`dynslice.slicing.slice_model` and :func:`dynslice.io.save_sliced`; ``dtype`` is the
+    Arguments as in :func:`dynslice.core.slicing.slice_model` and :func:`dynslice.io.save_sliced`; ``dtype`` is the
     dtype the weights are computed and saved in. ``out_dir`` is checked and written like :func:`save_sliced` does
     (:mod:`dynslice.outputs`: a temporary folder, then an atomic move; ``overwrite`` replaces only a previous
     dynslice model). Returns the slice info.

@@ -157,7 +157,7 @@ def _notebook_list(where: str, value: Any) -> tuple[str, ...]:
 
 def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     """Validate a profile mapping (as read from YAML); errors name the bad key, e.g. ``cpu.base.lr_nsample``."""
-    from dynslice.allocate import BUDGETS
+    from dynslice.core.allocate import BUDGETS
     from dynslice.data import ALL_DATASETS
 
     top = _check_keys(name, obj, TOP_KEYS)
@@ -228,7 +228,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
 # ---------------------------------------------------------------------------------------------------- the sweep
 def dynamic_sbs(sp: float, step: float) -> list[float]:
     """The sweep's dynamic SB values: ``sb_grid(sp, step)`` without ``sp`` itself (that is constant slicing)."""
-    from dynslice.allocate import sb_grid
+    from dynslice.core.allocate import sb_grid
 
     return [sb for sb in sb_grid(sp, step) if not math.isclose(sb, sp)]
 
@@ -288,7 +288,7 @@ def infeasible_reason(bench, cfg: RunConfig) -> str | None:
     Only fixed-SB runs are checked (auto-SB never picks an infeasible SB); it needs the LR score, which the run
     computes anyway.
     """
-    from dynslice.allocate import allocate, lr_input
+    from dynslice.core.allocate import allocate, lr_input
 
     if cfg.dense or cfg.auto_sb:
         return None

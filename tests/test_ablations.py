@@ -16,11 +16,11 @@ from conftest import make_batch, make_tiny_model
 
 from dynslice import ablations as A
 from dynslice import data
-from dynslice.allocate import allocate, constant_width
+from dynslice.core.allocate import allocate, constant_width
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, sliced_params
 from dynslice.evaluate import perplexity
 from dynslice.jsonio import read_json, write_json
-from dynslice.lr import layer_redundancy
-from dynslice.params import ArchDims, sliced_params
 from dynslice.paths import PROJECT_ROOT
 
 LR = [0.0, 0.9, 0.8, 1.0, 0.85, 0.95, 0.7, 0.5]  # normalised, layer 0 least redundant (as on SmolLM2)

@@ -11,18 +11,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dynslice.allocate import (
+from dynslice.core.allocate import (
     Allocation,
     allocate,
     allocation_to_json,
     constant_width,
-    load_lr,
     normalize_lr,
     sb_grid,
     slice_fractions,
 )
+from dynslice.core.params import ArchDims, sliced_params, sliced_params_continuous
+from dynslice.io import load_lr
 from dynslice.jsonio import write_json
-from dynslice.params import ArchDims, sliced_params, sliced_params_continuous
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

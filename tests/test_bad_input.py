@@ -22,11 +22,11 @@ import torch
 from conftest import make_batch
 
 from dynslice.cli import main
+from dynslice.core.slicing import slice_model
 from dynslice.io import SLICED_META, WEIGHTS, save_sliced
 from dynslice.jsonio import write_json
 from dynslice.models import tiny_random_model
 from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX
-from dynslice.slicing import slice_model
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

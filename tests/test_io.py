@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
+from dynslice.core.slicing import slice_model
 from dynslice.io import SLICED_META, WEIGHTS, load_sliced, read_sliced_meta, save_sliced
 from dynslice.models import load_model, resolve_spec
-from dynslice.slicing import slice_model
 
 
 @pytest.fixture()

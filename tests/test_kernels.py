@@ -2,7 +2,7 @@
 
 On CPU the Triton tests set ``TRITON_INTERPRET=1`` for their own duration (monkeypatch). That is enough even when
 another test module imported triton first: the kernel uses tl builtins only and is jitted at call time, keyed by
-the variable (see ``dynslice.kernels.gram._kernel``); ``test_interpreter_after_triton_import`` checks this in a
+the variable (see ``dynslice.core.kernels.gram._kernel``); ``test_interpreter_after_triton_import`` checks this in a
 fresh process. Exact checks use small-integer data, whose Gram matrix every backend and dtype computes exactly.
 """
 
@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from dynslice.kernels import GramConfig, default_config, masked_gram, triton_available
-from dynslice.kernels import gram as gram_mod
+from dynslice.core.kernels import GramConfig, default_config, masked_gram, triton_available
+from dynslice.core.kernels import gram as gram_mod
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -24,7 +24,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Small tiles so that the interpreter sees many tile pairs, ragged edges, several chunks per program.
 SMALL = GramConfig(block_m=32, block_n=16, block_t=16, chunk_tokens=32)
 
-# Documented tolerances (see dynslice/kernels/gram.py): decaying-spectrum data, T=2048, D=64, k=D/2.
+# Documented tolerances (see dynslice/core/kernels/gram.py): decaying-spectrum data, T=2048, D=64, k=D/2.
 REL_BOUND = {"triton": 1e-6, "torch": 1e-12}
 SIN_BOUND = {"triton": 3e-4, "torch": 1e-10}
 
@@ -238,7 +238,7 @@ def test_interpreter_after_triton_import():
     if not triton_available():
         pytest.skip("triton is not installed")
     code = ("import os, torch, triton\n"
-            "from dynslice.kernels import masked_gram\n"
+            "from dynslice.core.kernels import masked_gram\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "x = torch.randint(-3, 4, (40, 20)).float()\n"
             "assert torch.equal(masked_gram(x, backend='triton'), x.double().T @ x.double())\n")

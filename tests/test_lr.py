@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice.lr import layer_redundancy, minmax
+from dynslice.core.lr import layer_redundancy, minmax
 
 
 def _direct(model, batch):

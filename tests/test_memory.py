@@ -10,8 +10,8 @@ import pytest
 from conftest import make_batch, make_tiny_model
 
 from dynslice.cli import main
+from dynslice.core.params import ArchDims, dense_params, sliced_params
 from dynslice.memory import GIB, Shapes, plan, predict
-from dynslice.params import ArchDims, dense_params, sliced_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import memory_model as mm

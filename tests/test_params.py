@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice.params import ArchDims, ParamCount, dense_params, sliced_params, sliced_params_continuous
+from dynslice.core.params import ArchDims, ParamCount, dense_params, sliced_params, sliced_params_continuous
 
-HAS_SLICING = importlib.util.find_spec("dynslice.slicing") is not None
-needs_slicing = pytest.mark.skipif(not HAS_SLICING, reason="dynslice.slicing (the lead's engine) is not there yet")
+HAS_SLICING = importlib.util.find_spec("dynslice.core.slicing") is not None
+needs_slicing = pytest.mark.skipif(not HAS_SLICING, reason="dynslice.core.slicing (the lead's engine) is not there yet")
 
 
 def numel(model: torch.nn.Module) -> int:
@@ -131,7 +131,7 @@ def test_bad_inputs() -> None:
 @needs_slicing
 @pytest.mark.parametrize("tied", [True, False])
 def test_sliced_count_matches_sliced_structure(tiny_arch: str, tied: bool) -> None:
-    from dynslice.slicing import build_sliced_structure
+    from dynslice.core.slicing import build_sliced_structure
 
     model = make_tiny_model(tiny_arch, tied=tied)
     dims = ArchDims.from_config(model.config)
@@ -143,7 +143,7 @@ def test_sliced_count_matches_sliced_structure(tiny_arch: str, tied: bool) -> No
 
 @needs_slicing
 def test_sliced_count_matches_sliced_structure_with_biases() -> None:
-    from dynslice.slicing import build_sliced_structure
+    from dynslice.core.slicing import build_sliced_structure
 
     model = llama_with_biases()
     dims = ArchDims.from_config(model.config)
@@ -155,7 +155,7 @@ def test_sliced_count_matches_sliced_structure_with_biases() -> None:
 @needs_slicing
 def test_sliced_count_matches_slice_model(tiny_arch: str) -> None:
     """The real engine on calibration data: every parameter of the result is accounted for."""
-    from dynslice.slicing import slice_model
+    from dynslice.core.slicing import slice_model
 
     model = make_tiny_model(tiny_arch, tied=True)
     dims = ArchDims.from_config(model.config)

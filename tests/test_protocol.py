@@ -16,8 +16,9 @@ from conftest import make_batch, make_tiny_model
 from dynslice import data
 from dynslice.cli import main
 from dynslice.config import RunConfig
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.slicing import slice_model
 from dynslice.evaluate import perplexity
-from dynslice.lr import layer_redundancy
 from dynslice.protocol import (
     DEVIATIONS,
     SETTINGS,
@@ -25,7 +26,6 @@ from dynslice.protocol import (
     deviations_markdown,
     differences,
 )
-from dynslice.slicing import slice_model
 
 
 def _words(text: str) -> list[str]:

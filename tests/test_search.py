@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynslice.allocate import sb_grid
+from dynslice.core.allocate import sb_grid
 from dynslice.search import SBSearch, default_budget, evals_needed, find_best_sb
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)

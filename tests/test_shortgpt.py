@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice.lr import layer_redundancy
-from dynslice.models import count_parameters
-from dynslice.params import ArchDims, dense_params
-from dynslice.shortgpt import (
+from dynslice.core.adapters import count_parameters
+from dynslice.core.lr import layer_redundancy
+from dynslice.core.params import ArchDims, dense_params
+from dynslice.core.shortgpt import (
     delete_layers,
     deletion_order,
     layers_to_delete,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice.layers import RMSN, SlicedDecoderLayer
-from dynslice.slicing import fuse_norms, pca_basis, slice_model, validate_widths
+from dynslice.core.layers import RMSN, SlicedDecoderLayer
+from dynslice.core.slicing import fuse_norms, pca_basis, slice_model, validate_widths
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
@@ -65,8 +65,8 @@ def _naive_slicegpt(model, batch, widths):
     """Plain SliceGPT the slow way, as the reference code does it: every signal is recomputed from the token ids
     through the sliced layers built so far, and each attention block runs twice (before and after its output
     rotation) instead of projecting cached signals."""
-    from dynslice.models import get_adapter
-    from dynslice.slicing import _rotate_inputs, _rotate_outputs, _set_shortcut, _wrap_layer, capture_inputs
+    from dynslice.core.adapters import get_adapter
+    from dynslice.core.slicing import _rotate_inputs, _rotate_outputs, _set_shortcut, _wrap_layer, capture_inputs
 
     model = copy.deepcopy(model)
     fuse_norms(model)
@@ -203,7 +203,7 @@ def test_bad_calibration():
 def test_unsupported_architecture_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dynslice.models import get_adapter
+    from dynslice.core.adapters import get_adapter
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dynslice import data
+from dynslice.core.slicing import slice_model
 from dynslice.evaluate import perplexity
-from dynslice.slicing import slice_model
 
 pytestmark = pytest.mark.slow
 

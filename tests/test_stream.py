@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
+from dynslice.core.slicing import slice_model
 from dynslice.io import load_sliced, read_sliced_meta, save_sliced
-from dynslice.slicing import slice_model
 from dynslice.stream import SafetensorsSource, is_streamable, slice_streaming
 
 WIDTHS = [40, 24, 32]

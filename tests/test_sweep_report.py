@@ -10,8 +10,8 @@ import pytest
 
 from dynslice import report, sweep
 from dynslice.config import RunConfig
+from dynslice.core.params import ArchDims
 from dynslice.jsonio import read_json, write_json
-from dynslice.params import ArchDims
 
 SMOKE = {
     "name": "t", "models": [{"spec": "tiny-random"}], "base": {"lr_nsamples": 4, "ppl_datasets": ["wiki", "news"]},

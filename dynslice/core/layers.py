@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:  # transformers >= 4.5x: the base class of decoder layers, which adds gradient checkpointing support
-    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
-except ImportError:  # pragma: no cover - older transformers
-    _LayerBase = nn.Module
-
 
 class RMSN(nn.Module):
     """RMS norm without a scale (the scale is folded into the next linears).
@@ -35,7 +30,7 @@ class RMSN(nn.Module):
         return f"mean_dim={self.mean_dim}, eps={self.eps}"
 
 
-class SlicedDecoderLayer(_LayerBase):
+class SlicedDecoderLayer(nn.Module):
     """A pre-norm decoder layer whose residual stream is ``d_in`` wide on entry and ``d_out`` wide on exit.
 
     ``self_attn`` and ``mlp`` are the model's own modules, with sliced linears. The residual path carries the

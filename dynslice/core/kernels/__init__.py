@@ -4,6 +4,6 @@
 - :func:`masked_gram_fp32`: the same, fp32 products per chunk summed in float64 (the fast CPU path).
 """
 
-from dynslice.kernels.gram import GramConfig, default_config, masked_gram, masked_gram_fp32, triton_available
+from dynslice.core.kernels.gram import GramConfig, default_config, masked_gram, masked_gram_fp32, triton_available
 
 __all__ = ["GramConfig", "default_config", "masked_gram", "masked_gram_fp32", "triton_available"]

@@ -1,6 +1,6 @@
 """Parameter accounting for dense and sliced Llama-like models, without building them.
 
-A sliced model (see :mod:`dynslice.slicing`) with input widths ``d_0..d_{L-1}`` and final width ``d_L`` has:
+A sliced model (see :mod:`dynslice.core.slicing`) with input widths ``d_0..d_{L-1}`` and final width ``d_L`` has:
 
 * embedding ``V·d_0`` (always untied from the head);
 * layer ``i``: q ``d_i·Hq·hd``, k and v ``d_i·Hkv·hd`` each (their biases keep their size), o ``Hq·hd·d_i``

@@ -1,7 +1,7 @@
 """ShortGPT layer deletion (Men et al., 2024): drop whole decoder layers with the lowest Block Influence.
 
 Block Influence of layer ``i`` is ``BI_i = 1 - mean cos(h_in, h_out)`` over tokens (``metric="bi"`` of
-:func:`dynslice.lr.layer_redundancy`). A layer that barely turns the residual stream has a low BI and is deleted
+:func:`dynslice.core.lr.layer_redundancy`). A layer that barely turns the residual stream has a low BI and is deleted
 first. To compare with slicing at equal size, layers are deleted in that order until the dense parameter count
 is at or below a target: whole layers cannot match a count exactly, so the deleted model is never larger than
 its target (see :func:`layers_to_delete`).
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from dynslice.models import get_adapter
-from dynslice.params import ArchDims, dense_params
+from dynslice.core.adapters import get_adapter
+from dynslice.core.params import ArchDims, dense_params
 
 
 def deletion_order(bi: Sequence[float]) -> list[int]:

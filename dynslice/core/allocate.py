@@ -34,7 +34,6 @@ The last layer's output and the LM head keep ``D`` unless ``final_width`` says o
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,8 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from dynslice.jsonio import read_json
-from dynslice.params import ArchDims, ParamCount, sliced_params, sliced_params_continuous
+from dynslice.core.params import ArchDims, ParamCount, sliced_params, sliced_params_continuous
 
 BUDGETS = ("width", "params")
 ROUNDINGS = ("total", "reference")
@@ -352,16 +350,6 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
         raise ValueError(f"lr: {source} field model = {model!r} must be a string")
     chosen = stated or metric
     return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden, model)
-
-
-def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:
-    """:func:`lr_input` of an LR JSON file."""
-    return lr_input(read_json(path), metric, source=str(path))
-
-
-def load_lr(path: str | os.PathLike, metric: str | None = None) -> np.ndarray:
-    """Redundancy-oriented, normalised scores (high = redundant) of an LR JSON file, ready for :func:`allocate`."""
-    return np.asarray(read_lr(path, metric).redundancy)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynslice.kernels import masked_gram, masked_gram_fp32
-from dynslice.layers import RMSN, SlicedDecoderLayer
-from dynslice.models import LlamaLikeAdapter, get_adapter
+from dynslice.core.adapters import LlamaLikeAdapter, get_adapter
+from dynslice.core.kernels import masked_gram, masked_gram_fp32
+from dynslice.core.layers import RMSN, SlicedDecoderLayer
 
 DAMPING = 0.01
 
@@ -111,7 +111,7 @@ def _set_shortcut(linear: nn.Linear, q_from: torch.Tensor, q_to: torch.Tensor) -
 def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
     """Fold each RMSNorm scale into the linears that read its output, and untie the LM head.
 
-    The norms are replaced by :class:`~dynslice.layers.RMSN` (no scale). The model computes the same function.
+    The norms are replaced by :class:`~dynslice.core.layers.RMSN` (no scale). The model computes the same function.
     """
     adapter = adapter or get_adapter(model)
     if getattr(model, "_dynslice_fused", False):
@@ -340,7 +340,7 @@ def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.d
     """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals.
 
     On the GPU the Triton kernel sums fp32 tiles into float64; on the CPU the same is done with fp32 chunked
-    matmuls (:func:`~dynslice.kernels.masked_gram_fp32`), several times faster than float64 products.
+    matmuls (:func:`~dynslice.core.kernels.masked_gram_fp32`), several times faster than float64 products.
     """
     d = signals[0].shape[-1]
     h = torch.zeros(d, d, dtype=torch.float64, device=device)

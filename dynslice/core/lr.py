@@ -13,7 +13,7 @@ whose last entry is taken after the final norm); it is part of the ``reference``
 Options: ShortGPT's Block Influence (``bi = 1 - cos``) and the angular distance (``arccos(cos) / π``), averaged per
 token like the cosine. The ``normalized`` vector is always min-max normalised *redundancy* in [0, 1] (high =
 redundant): the cosine itself, or the negated distance for ``bi`` and ``angular``, as
-:func:`dynslice.allocate.redundancy_scores` (the one orientation function) gives it.
+:func:`dynslice.core.allocate.redundancy_scores` (the one orientation function) gives it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynslice.allocate import redundancy_scores
-from dynslice.models import get_adapter
+from dynslice.core.adapters import get_adapter
+from dynslice.core.allocate import redundancy_scores
 
 METRICS = ("cosine", "bi", "angular")
 LAST_LAYER = ("raw", "final_norm")

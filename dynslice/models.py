@@ -139,10 +139,12 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
+        adapter = get_adapter(model)
         with torch.no_grad():
-            for layer in model.model.layers:  # non-trivial norms, so that folding them matters
-                layer.input_layernorm.weight.uniform_(0.5, 1.5)
-                layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+            for layer in adapter.layers:  # non-trivial norms, so that folding them matters
+                parts = adapter.parts(layer)
+                parts.attn_norm.weight.uniform_(0.5, 1.5)
+                parts.mlp_norm.weight.uniform_(0.5, 1.5)
     return model
 
 

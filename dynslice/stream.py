@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,15 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice import __version__, outputs
-from dynslice.core.adapters import LlamaLikeAdapter, get_adapter
+from dynslice.core.adapters import get_adapter, mark_untied
 from dynslice.core.layers import RMSN
 from dynslice.core.slicing import (
     SliceInfo,
-    _scale_inputs,
-    _timed,
+    Timings,
     capture_inputs,
     check_slice_args,
-    new_timings,
+    fold_layer_norms,
     rotate_embedding,
     slice_embeddings,
     slice_layer,
@@ -161,16 +159,6 @@ class ShardWriter:
         return {"file": INDEX, "bytes": total, "shards": entries}
 
 
-def _fold_layer_norms(layer: nn.Module, adapter: LlamaLikeAdapter) -> None:
-    """What :func:`dynslice.core.slicing.fuse_norms` does, for one decoder layer."""
-    parts = adapter.parts(layer)
-    for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
-        for lin in linears:
-            _scale_inputs(lin, norm.weight)
-    layer.input_layernorm = RMSN(adapter.hidden_size, adapter.rms_eps)
-    layer.post_attention_layernorm = RMSN(adapter.hidden_size, adapter.rms_eps)
-
-
 @torch.no_grad()
 def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tensor], widths: Sequence[int],
                     out_dir: str | os.PathLike, *, dtype: str | torch.dtype = "fp32", base_model: str | None = None,
@@ -194,11 +182,11 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     adapter = get_adapter(model)
+    names = adapter.weight_names
     d, n_layers = adapter.hidden_size, adapter.num_layers
     widths, final_width = check_slice_args(widths, final_width, batch_size, n_layers, d)
     home = torch.device("cpu")
-    timings = new_timings()
-    t0 = time.perf_counter()
+    timings = Timings()
 
     out_dir = outputs.check_model_out(out_dir, overwrite=overwrite)
     outputs.clean_stale(out_dir)
@@ -206,52 +194,46 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
     try:
         writer = ShardWriter(tmp, shard_bytes)
         # Capture: the real embedding and rotary tables, pass-through layers, a weightless final norm.
-        with _timed(timings, "capture"):
-            emb_w = src.get("model.embed_tokens.weight", torch_dtype)
-            model.model.embed_tokens = nn.Embedding.from_pretrained(emb_w, freeze=True,
-                                                                    padding_idx=adapter.embeddings.padding_idx)
+        with timings("capture"):
+            adapter.embeddings = nn.Embedding.from_pretrained(src.get(names.embeddings, torch_dtype), freeze=True,
+                                                              padding_idx=adapter.embeddings.padding_idx)
             _rebuild_rotary(model)
-            final_norm_w = src.get("model.norm.weight", torch_dtype)
+            final_norm_w = src.get(names.final_norm, torch_dtype)
             adapter.final_norm = RMSN(d, adapter.rms_eps)
             sig = capture_inputs(model, calibration, batch_size, home, adapter)
         masks = sig.masks
 
         # Position 0: the embeddings, written out and dropped.
         x, q_in = slice_embeddings(adapter, sig, widths[0], device, timings)
-        writer.add("model.embed_tokens.weight", adapter.embeddings.weight)
-        model.model.embed_tokens = None
-        del emb_w
+        writer.add(names.embeddings, adapter.embeddings.weight)
+        adapter.embeddings.to("meta")
 
         # The decoder layers: read one, fold its norms, slice it, write it, drop it.
         outs = list(widths[1:]) + [final_width]
         for i in tqdm(range(n_layers), desc="slicing (streaming)", unit="layer", disable=not progress):
-            prefix = f"model.layers.{i}."
+            prefix = names.layer(i)
             layer = adapter.layers[i]
             layer.load_state_dict(src.module_state(prefix, layer, torch_dtype), strict=True, assign=True)
-            _fold_layer_norms(layer, adapter)
+            fold_layer_norms(layer, adapter)
             new, x, q_in = slice_layer(adapter, layer, x, sig.layer_kwargs[i], masks, q_in, widths[i], outs[i],
                                        i == n_layers - 1, device, home, timings)
             writer.add_module(prefix, new)
             adapter.layers[i] = new.to("meta")
             sig.layer_kwargs[i] = []
-            del layer, new
 
         # The head: the final norm folded in; rotated when the last output is sliced.
-        with _timed(timings, "rotate"):
-            tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in src
-            head = src.get("model.embed_tokens.weight" if tied else "lm_head.weight", torch_dtype)
+        with timings("rotate"):
+            tied = getattr(config, "tie_word_embeddings", False) or names.head not in src
+            head = src.get(names.embeddings if tied else names.head, torch_dtype)
             head.mul_(final_norm_w)  # exact as through float64: one rounding of the product
             if final_width < d:
                 head = rotate_embedding(head, q_in, device)
-            writer.add("lm_head.weight", head)
+            writer.add(names.head, head)
             del head, x
 
         weights = writer.finish()
-        info = SliceInfo(widths, final_width, {k: round(v, 4) for k, v in timings.items()})
-        info.timings_s["total"] = round(time.perf_counter() - t0, 4)
-        config.tie_word_embeddings = False
-        if hasattr(config, "get_text_config"):
-            config.get_text_config().tie_word_embeddings = False
+        info = SliceInfo(widths, final_width, timings.summary())
+        mark_untied(config)
         config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

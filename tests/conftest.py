@@ -20,9 +20,10 @@ TINY_ARCHS = ("llama", "mistral", "qwen2")
 
 def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, seed: int = 0,
                     hidden: int = 48, layers: int = 3):
-    """A randomly initialised, tiny causal LM of ``arch`` (llama, mistral or qwen2), built offline, in fp32.
+    """A randomly initialised, tiny causal LM of ``arch`` (llama, mistral, qwen2 or qwen3), built offline, in fp32.
 
-    Norm weights are randomised too, so that folding them is actually exercised.
+    Norm weights are randomised too, so that folding them is actually exercised. The qwen3 model's heads are
+    16 wide, so its attention width (96) differs from the hidden size, as in real Qwen3 models.
     """
     from transformers import (
         LlamaConfig,
@@ -31,14 +32,16 @@ def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, 
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-    extra = {"sliding_window": 4096} if arch == "mistral" else {}
+                          "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    extra = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 16}}.get(arch, {})
     cfg = cfg_cls(**common, **extra)
     torch.manual_seed(seed)
     model = model_cls(cfg).float().eval()

@@ -66,7 +66,7 @@ def _naive_slicegpt(model, batch, widths):
     through the sliced layers built so far, and each attention block runs twice (before and after its output
     rotation) instead of projecting cached signals."""
     from dynslice.core.adapters import get_adapter
-    from dynslice.core.slicing import _rotate_inputs, _rotate_outputs, _set_shortcut, _wrap_layer, capture_inputs
+    from dynslice.core.slicing import _rotate_inputs, _rotate_outputs, _set_shortcut, capture_inputs
 
     model = copy.deepcopy(model)
     fuse_norms(model)
@@ -107,7 +107,7 @@ def _naive_slicegpt(model, batch, widths):
         out = m @ q_mid.T.float() + layer.mlp(p.mlp_norm(m))
         q_next = torch.eye(d, dtype=torch.float64) if i == n_layers - 1 else pca(out, outs[i])
         _rotate_outputs(p.mlp_out, q_next)
-        new = _wrap_layer(layer, widths[i], outs[i], ad)
+        new = ad.sliced_layer(layer, widths[i], outs[i])
         _set_shortcut(new.attn_shortcut, q_prev, q_mid)
         _set_shortcut(new.mlp_shortcut, q_mid, q_next)
         done.append(new)

@@ -122,7 +122,7 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
             b_ids = ids[start:start + batch_size].to(device)
             b_mask = mask[start:start + batch_size].to(device)
             state["mask"] = b_mask.double()
-            model.model(input_ids=b_ids, attention_mask=b_mask, use_cache=False)
+            adapter.run_decoder(b_ids, b_mask)
             count += int(b_mask.sum())
     finally:
         for h in handles:

@@ -4,8 +4,9 @@ A sliced model (see :mod:`dynslice.core.slicing`) with input widths ``d_0..d_{L-
 
 * embedding ``V·d_0`` (always untied from the head);
 * layer ``i``: q ``d_i·Hq·hd``, k and v ``d_i·Hkv·hd`` each (their biases keep their size), o ``Hq·hd·d_i``
-  (bias ``d_i``), gate and up ``d_i·I`` each (biases ``I``), down ``I·d_{i+1}`` (bias ``d_{i+1}``); norms are
-  folded into the linears and carry no parameters;
+  (bias ``d_i``), gate and up ``d_i·I`` each (biases ``I``), down ``I·d_{i+1}`` (bias ``d_{i+1}``); the
+  residual-stream norms are folded into the linears and carry no parameters; Qwen3's per-head q/k norms
+  (``2·hd``) sit inside the attention, are not folded, and keep their size;
 * shortcut matrices per layer: attention ``d_i·d_i`` and MLP ``d_i·d_{i+1}``;
 * LM head ``d_L·V`` (untied), no final-norm parameters.
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ArchDims:
     o_bias: bool
     mlp_bias: bool
     tied: bool
+    qk_norm: bool = False  # Qwen3: an RMSNorm of width head_dim on q and on k in every layer
 
     def __post_init__(self) -> None:
         for name in ("vocab", "hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim"):
@@ -46,7 +48,8 @@ class ArchDims:
 
     @classmethod
     def from_config(cls, config: Any) -> ArchDims:
-        """Read the dimensions from a transformers ``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``."""
+        """Read the dimensions from a transformers ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` or
+        ``Qwen3Config``."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         model_type = getattr(config, "model_type", None)
@@ -55,7 +58,7 @@ class ArchDims:
         hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        if model_type == "llama":  # attention_bias applies to q, k, v and o
+        if model_type in ("llama", "qwen3"):  # attention_bias applies to q, k, v and o
             qkv_bias = o_bias = bool(getattr(config, "attention_bias", False))
             mlp_bias = bool(getattr(config, "mlp_bias", False))
         elif model_type == "qwen2":  # q, k, v always carry a bias; o and the MLP never do
@@ -65,7 +68,7 @@ class ArchDims:
         return cls(vocab=int(config.vocab_size), hidden=hidden, layers=int(config.num_hidden_layers),
                    intermediate=int(config.intermediate_size), heads=heads, kv_heads=int(kv_heads),
                    head_dim=int(head_dim), qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), qk_norm=model_type == "qwen3")
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -97,6 +100,7 @@ def dense_params(dims: ArchDims) -> int:
     attn_width = dims.heads * dims.head_dim
     per_layer = d * _qkv_out(dims) + attn_width * d + 3 * d * i_ + 2 * d  # linears + two RMSNorm weights
     per_layer += _qkv_out(dims) * dims.qkv_bias + d * dims.o_bias + (2 * i_ + d) * dims.mlp_bias
+    per_layer += 2 * dims.head_dim * dims.qk_norm
     head = 0 if dims.tied else v * d
     return v * d + dims.layers * per_layer + d + head
 
@@ -108,7 +112,7 @@ def _sliced_terms(dims: ArchDims, widths: Sequence[float], final_width: float) -
     outs = list(widths[1:]) + [final_width]
     weights = v * widths[0] + final_width * v
     shortcuts = 0.0
-    fixed_bias = _qkv_out(dims) * dims.qkv_bias + 2 * i_ * dims.mlp_bias
+    fixed_bias = _qkv_out(dims) * dims.qkv_bias + 2 * i_ * dims.mlp_bias + 2 * dims.head_dim * dims.qk_norm
     for d_in, d_out in zip(widths, outs, strict=True):
         weights += d_in * _qkv_out(dims) + attn_width * d_in + 2 * d_in * i_ + i_ * d_out
         weights += fixed_bias + d_in * dims.o_bias + d_out * dims.mlp_bias

@@ -66,14 +66,5 @@ def delete_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:
         drop.add(int(i))
     if len(drop) >= n:
         raise ValueError(f"indices: deleting {len(drop)} of {n} layers leaves none; keep at least one")
-    keep = [i for i in range(n) if i not in drop]
-    model.model.layers = nn.ModuleList(adapter.layers[i] for i in keep)
-    cfg = model.config
-    cfg.num_hidden_layers = len(keep)
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n:
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    for new_idx, layer in enumerate(model.model.layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
+    adapter.keep_layers([i for i in range(n) if i not in drop])
     return model

@@ -1,12 +1,17 @@
 """Rotate-and-slice (SliceGPT) with one residual-stream width per decoder layer.
 
-Pipeline, for a model with hidden size ``D`` and ``L`` layers:
+For a model with hidden size ``D`` and ``L`` layers, :func:`slice_model` does what SliceGPT's ``rotate.py`` does:
 
-1. :func:`fuse_norms` folds every RMSNorm scale into the linears it feeds and unties the LM head.
-2. :func:`slice_model` walks the residual stream from the embeddings to the head. At every position it takes the
-   PCA of the calibration signals (float64 eigh of ΣXᵀX over non-pad tokens, damped by 1% of the mean diagonal),
-   rotates the weights that write to and read from that position so the principal directions come first, and keeps
-   the leading ``d`` of them. Each PCA sees signals that went through the already-sliced earlier layers.
+1. fold every RMSNorm scale into the linears it feeds and untie the LM head (:func:`fuse_norms`);
+2. the embeddings: PCA of their outputs, rotate and slice the embedding matrix (:func:`slice_embeddings`);
+3. per decoder layer (:func:`slice_layer`): attention inputs (q/k/v read ``Q_in``), attention output (o_proj
+   writes ``Q_mid``), MLP inputs (gate/up read ``Q_mid``), MLP output (down_proj writes ``Q_out``), and the
+   shortcuts ``Q_inᵀ·Q_mid`` and ``Q_midᵀ·Q_out`` on the residual path;
+4. the head reads the last layer's output position.
+
+Each basis is the PCA of the calibration signals at that position (float64 eigh of ΣXᵀX over non-pad tokens,
+damped by 1% of the mean diagonal), keeping its leading ``d`` directions. Each PCA sees signals that went through
+the already-sliced earlier layers.
 
 Layer ``i`` reads a residual of width ``widths[i]``; its attention writes back at that same width (the "mid"
 position) and its MLP writes ``widths[i+1]`` (``final_width``, default ``D``, after the last layer).
@@ -14,12 +19,15 @@ position) and its MLP writes ``widths[i+1]`` (``final_width``, default ``D``, af
 Every sublayer runs exactly once per calibration batch: its output is computed in the unrotated basis, the PCA of
 the new position is taken, and the rotated signal is obtained by projecting (``X·Q[:, :d]``) instead of running the
 sublayer a second time. Only the kept columns of each rotated weight are ever computed.
+
+The model's anatomy (module paths, norms, checkpoint names) is the adapter's business
+(:mod:`dynslice.core.adapters`); this module only does the maths.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -61,6 +69,302 @@ def validate_widths(widths: Sequence[int], num_layers: int, hidden: int, name: s
             raise ValueError(f"{name}[{i}]: {int(w)} is outside 1 <= width <= {hidden} (the hidden size)")
         out.append(int(w))
     return tuple(out)
+
+
+def check_slice_args(widths: Sequence[int], final_width: int | None, batch_size: int, n_layers: int,
+                     d: int) -> tuple[tuple[int, ...], int]:
+    """Validated ``(widths, final_width)``; ``final_width`` defaults to ``d``."""
+    widths = validate_widths(widths, n_layers, d)
+    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
+    return widths, final_width
+
+
+class Timings:
+    """Wall time of the engine's phases, summed over the steps: ``with timings("pca"): ...``."""
+
+    PHASES = ("capture", "forward", "pca", "rotate")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` block to ``phase``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per phase, and ``total`` since this object was made, rounded to 0.1 ms."""
+        out = {k: round(v, 4) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self._start, 4)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the algorithm
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: Sequence[int], *,
+                final_width: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
+                progress: bool = True, embedding_mean: bool = False) -> nn.Module:
+    """Rotate and slice ``model`` in place so that decoder layer ``i`` reads a residual stream ``widths[i]`` wide.
+
+    Args:
+        model: a dense causal LM of a supported architecture (any dtype). It is modified in place and returned.
+        calibration: ``{"input_ids": (n × seqlen), "attention_mask": (n × seqlen)}``; tokens with mask 0 are
+            left out of every PCA.
+        widths: one integer input width per decoder layer, each in ``[1, D]``.
+        final_width: width of the last layer's output and of the LM head's input (default ``D``: not sliced).
+        batch_size: calibration sequences per forward.
+        device: where each layer is computed (default: where the model is). The model and all calibration signals
+            stay where they are (on the CPU for a CPU model); one layer at a time is moved to ``device``.
+        progress: show a tqdm bar over the layers.
+        embedding_mean: first subtract each embedding row's mean (:func:`subtract_embedding_mean`), as SliceGPT
+            does; off by default because it is not exact on RMSNorm models.
+
+    Returns:
+        The same model object, now sliced, with ``model.dynslice_info`` (:class:`SliceInfo`) attached.
+    """
+    adapter = get_adapter(model)
+    widths, final_width = check_slice_args(widths, final_width, batch_size, adapter.num_layers, adapter.hidden_size)
+    n_layers = adapter.num_layers
+    home = adapter.embeddings.weight.device
+    device = home if device is None else torch.device(device)
+    model.eval()
+    timings = Timings()
+
+    # Fold the norms (and untie the head); record what every decoder layer receives.
+    with timings("capture"):
+        fuse_norms(model, adapter)
+        if embedding_mean:
+            subtract_embedding_mean(model, adapter)
+        sig = capture_inputs(model, calibration, batch_size, home, adapter)
+
+    # The embeddings: position 0 of the residual stream.
+    x, q = slice_embeddings(adapter, sig, widths[0], device, timings)
+
+    # The decoder layers, in order: layer i reads position i (basis q) and writes position i + 1.
+    outs = list(widths[1:]) + [final_width]
+    for i in tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress):
+        new, x, q = slice_layer(adapter, adapter.layers[i], x, sig.layer_kwargs[i], sig.masks, q, widths[i],
+                                outs[i], i == n_layers - 1, device, home, timings)
+        adapter.layers[i] = new.to(home)
+
+    # The head reads the last position; it is rotated only when that position is sliced.
+    with timings("rotate"):
+        if final_width < adapter.hidden_size:
+            _rotate_inputs(adapter.head, q.to(adapter.head.weight.device))
+    model.dynslice_info = SliceInfo(widths, final_width, timings.summary())
+    return model
+
+
+@torch.no_grad()
+def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device,
+                     timings: Timings) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
+
+    Returns the rotated first-layer input signals (``sig.x`` is emptied) and the basis ``Q[:, :width]``.
+    """
+    with timings("pca"):
+        q = _pca(sig.x, sig.masks, device)[:, :width]
+    with timings("rotate"):
+        emb = adapter.embeddings
+        adapter.embeddings = nn.Embedding(emb.num_embeddings, width, padding_idx=emb.padding_idx,
+                                          _weight=rotate_embedding(emb.weight, q, device), _freeze=True)
+        x = [_project(s, q, device) for s in _drain(sig.x)]
+    return x, q
+
+
+@torch.no_grad()
+def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tensor], kwargs: list[dict],
+                masks: list[torch.Tensor], q_in: torch.Tensor, d_in: int, d_out: int, last: bool,
+                device: torch.device, home: torch.device,
+                timings: Timings) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
+    """Rotate and slice one norm-fused decoder layer (moved to ``device``).
+
+    ``x``: the layer's rotated input signals (emptied as they are consumed); ``q_in``: the basis of its input
+    position. Returns the sliced layer (still on ``device``), the next layer's rotated input signals (on ``home``)
+    and the basis of its output position.
+
+    Each sublayer output is computed once, with its output linear not yet rotated, so it lands in the dense
+    basis; the lift ``xb @ Q_inᵀ`` (:func:`_lift`) takes the sliced input back to that basis, and their sum is the
+    next position's residual in dense coordinates: the signal whose PCA gives that position's basis.
+    """
+    d = adapter.hidden_size
+    layer.to(device)
+    p = adapter.parts(layer)
+
+    # Attention inputs: q/k/v read the rotated, sliced stream.
+    with timings("rotate"):
+        for lin in p.attn_in:
+            _rotate_inputs(lin, q_in)
+
+    # Attention output: the mid position, its PCA, and o_proj writing it rotated.
+    with timings("forward"):
+        mid = []
+        for xb, kw in zip(_drain(x), kwargs):
+            xb = xb.to(device)
+            a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
+            mid.append((_lift(xb, q_in) + a).to(home))
+    with timings("pca"):
+        q_mid = _pca(mid, masks, device)[:, :d_in]
+    with timings("rotate"):
+        _rotate_outputs(p.attn_out, q_mid)
+
+    # MLP inputs: gate/up read the mid position.
+    with timings("rotate"):
+        for lin in p.mlp_in:
+            _rotate_inputs(lin, q_mid)
+
+    # MLP output: the next position, its PCA, and down_proj writing it rotated. The head keeps the dense basis
+    # when nothing after the last layer is sliced: no PCA, no rotation.
+    with timings("forward"):
+        out = []
+        for mb in _drain(mid):
+            m = _project(mb, q_mid, device, keep_on_device=True)
+            y = p.mlp_block(p.mlp_norm(m))
+            out.append((_lift(m, q_mid) + y).to(home))
+    with timings("pca"):
+        if last and d_out == d:
+            q_out = torch.eye(d, dtype=torch.float64, device=device)
+        else:
+            q_out = _pca(out, masks, device)[:, :d_out]
+    with timings("rotate"):
+        _rotate_outputs(p.mlp_out, q_out)
+
+    # Shortcuts: the residual path from each position to the next, Q_inᵀ·Q_mid and Q_midᵀ·Q_out.
+    with timings("rotate"):
+        new = adapter.sliced_layer(layer, d_in, d_out, dtype=p.mlp_out.weight.dtype, device=device)
+        _set_shortcut(new.attn_shortcut, q_in, q_mid)
+        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
+        nxt = out if last else [_project(o, q_out, device) for o in _drain(out)]
+    return new, nxt, q_out
+
+
+def _lift(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x · Qᵀ``: a rotated, sliced signal (width ``d``) taken back to the dense ``D``-wide basis.
+
+    This is the residual stream as the sliced model carries it (the dropped directions are zero), written in the
+    dense coordinates; adding a sublayer output that is still in the dense basis gives the next position's signal
+    for its PCA. Computed on ``x``'s device, in ``x``'s dtype.
+    """
+    return x @ q.T.to(x.dtype)
+
+
+def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:
+    """``x · Q`` computed on ``device`` in ``x``'s dtype."""
+    home = x.device
+    y = x.to(device) @ q.to(device=device, dtype=x.dtype)
+    return y if keep_on_device else y.to(home)
+
+
+def _drain(signals: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Yield the signals in order, taking each out of ``signals`` first, so that a step over per-batch signals
+    holds at most its inputs not yet read and its outputs so far."""
+    while signals:
+        yield signals.pop(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# norm folding
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Fold each RMSNorm scale into the linears that read its output, and untie the LM head.
+
+    The norms are replaced by :class:`~dynslice.core.layers.RMSN` (no scale). The model computes the same function.
+    """
+    adapter = adapter or get_adapter(model)
+    if getattr(model, "_dynslice_fused", False):
+        return
+    untie_head(model, adapter)
+    for layer in adapter.layers:
+        fold_layer_norms(layer, adapter)
+    _scale_inputs(adapter.head, adapter.final_norm.weight)
+    adapter.final_norm = RMSN(adapter.hidden_size, adapter.rms_eps)
+    model._dynslice_fused = True
+
+
+@torch.no_grad()
+def fold_layer_norms(layer: nn.Module, adapter: LlamaLikeAdapter) -> None:
+    """:func:`fuse_norms` for one decoder layer: scale the linears its two norms feed, then drop the scales."""
+    parts = adapter.parts(layer)
+    for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
+        for lin in linears:
+            _scale_inputs(lin, norm.weight)
+    adapter.replace_norms(layer, lambda: RMSN(adapter.hidden_size, adapter.rms_eps))
+
+
+@torch.no_grad()
+def subtract_embedding_mean(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Subtract each embedding row's mean over its channels, as SliceGPT's layernorm fusion does (``reference``
+    protocol only). The head is untied first, so it keeps the original rows.
+
+    This is exact for LayerNorm models, whose norms subtract the mean anyway; on RMSNorm models (Llama, Mistral,
+    Qwen2, Qwen3) it changes the function, which is why dynslice leaves it off by default.
+    """
+    adapter = adapter or get_adapter(model)
+    untie_head(model, adapter)
+    w = adapter.embeddings.weight
+    w64 = w.data.double()
+    w.data.copy_((w64 - w64.mean(dim=-1, keepdim=True)).to(w.dtype))
+
+
+@torch.no_grad()
+def untie_head(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
+    """Give the LM head its own copy of the embedding matrix (a tied head cannot be rotated separately)."""
+    (adapter or get_adapter(model)).untie_head()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure: the same shapes whether they are filled by slicing or by loading a saved model
+
+
+def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width: int | None = None) -> nn.Module:
+    """Turn a (norm-fused or fresh) dense model into an *empty* sliced one with the given widths, in place.
+
+    Used by :func:`dynslice.io.load_sliced`: the weights are then loaded from disk. Shapes match
+    :func:`slice_model`'s output exactly.
+    """
+    adapter = get_adapter(model)
+    d = adapter.hidden_size
+    widths = validate_widths(widths, adapter.num_layers, d)
+    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
+    untie_head(model, adapter)
+    emb = adapter.embeddings
+    kw = {"dtype": emb.weight.dtype, "device": emb.weight.device}
+    adapter.embeddings = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx, **kw)
+    outs = list(widths[1:]) + [final_width]
+    for i, layer in enumerate(list(adapter.layers)):
+        parts = adapter.parts(layer)
+        for lin in parts.attn_in + parts.mlp_in:
+            _resize(lin, in_features=widths[i])
+        _resize(parts.attn_out, out_features=widths[i])
+        _resize(parts.mlp_out, out_features=outs[i])
+        adapter.layers[i] = adapter.sliced_layer(layer, widths[i], outs[i], **kw)
+    adapter.final_norm = RMSN(d, adapter.rms_eps)
+    _resize(adapter.head, in_features=final_width)
+    model.dynslice_info = SliceInfo(widths, final_width)
+    model._dynslice_fused = True
+    return model
+
+
+def _resize(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
+    i = lin.in_features if in_features is None else in_features
+    o = lin.out_features if out_features is None else out_features
+    kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
+    lin.weight = nn.Parameter(torch.empty(o, i, **kw), requires_grad=False)
+    if lin.bias is not None and out_features is not None:
+        lin.bias = nn.Parameter(torch.empty(o, **kw), requires_grad=False)
+    lin.in_features, lin.out_features = i, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,109 +411,70 @@ def _set_shortcut(linear: nn.Linear, q_from: torch.Tensor, q_to: torch.Tensor) -
         linear.weight.copy_(s.T.to(linear.weight.dtype))
 
 
-@torch.no_grad()
-def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
-    """Fold each RMSNorm scale into the linears that read its output, and untie the LM head.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Rotations of bf16/fp16/fp32 weights are computed in fp32 (exact enough for the stored dtype); fp64 in fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    The norms are replaced by :class:`~dynslice.core.layers.RMSN` (no scale). The model computes the same function.
-    """
-    adapter = adapter or get_adapter(model)
-    if getattr(model, "_dynslice_fused", False):
-        return
-    untie_head(model, adapter)
-    d, eps = adapter.hidden_size, adapter.rms_eps
-    for layer in adapter.layers:
-        parts = adapter.parts(layer)
-        for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
-            for lin in linears:
-                _scale_inputs(lin, norm.weight)
-        layer.input_layernorm = RMSN(d, eps)
-        layer.post_attention_layernorm = RMSN(d, eps)
-    _scale_inputs(adapter.lm_head, adapter.final_norm.weight)
-    adapter.final_norm = RMSN(d, eps)
-    model._dynslice_fused = True
+
+#: Rows of the embedding matrix rotated at a time, so that no full-size fp32/fp64 copy of it is ever made.
+EMBEDDING_CHUNK_ROWS = 8192
 
 
 @torch.no_grad()
-def subtract_embedding_mean(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
-    """Subtract each embedding row's mean over its channels, as SliceGPT's layernorm fusion does (``reference``
-    protocol only). The head is untied first, so it keeps the original rows.
-
-    This is exact for LayerNorm models, whose norms subtract the mean anyway; on RMSNorm models (Llama, Mistral,
-    Qwen2) it changes the function, which is why dynslice leaves it off by default.
-    """
-    adapter = adapter or get_adapter(model)
-    untie_head(model, adapter)
-    w = adapter.embeddings.weight
-    w64 = w.data.double()
-    w.data.copy_((w64 - w64.mean(dim=-1, keepdim=True)).to(w.dtype))
-
-
-@torch.no_grad()
-def untie_head(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> None:
-    """Give the LM head its own copy of the embedding matrix (a tied head cannot be rotated separately)."""
-    adapter = adapter or get_adapter(model)
-    head, emb = adapter.lm_head, adapter.embeddings
-    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
-    # transformers 5 re-ties on `tie_weights()` from this mapping; a sliced model has none.
-    model._tied_weights_keys = {}
-    model.all_tied_weights_keys = {}
+def rotate_embedding(weight: torch.Tensor, q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``E·Q`` for a (vocab × D) embedding and a (D × d) basis, computed on ``device`` a block of rows at a time;
+    the result stays where ``weight`` is, in its dtype."""
+    out = torch.empty(weight.shape[0], q.shape[1], dtype=weight.dtype, device=weight.device)
+    cdt = _compute_dtype(weight.dtype)
+    qc = q.to(device=device, dtype=cdt)
+    for start in range(0, weight.shape[0], EMBEDDING_CHUNK_ROWS):
+        block = weight[start:start + EMBEDDING_CHUNK_ROWS].to(device=device, dtype=cdt)
+        out[start:start + block.shape[0]] = (block @ qc).to(device=weight.device, dtype=weight.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# structure: the same shapes whether they are filled by slicing or by loading a saved model
+# PCA
 
 
-def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width: int | None = None) -> nn.Module:
-    """Turn a (norm-fused or fresh) dense model into an *empty* sliced one with the given widths, in place.
+#: Below this size a CPU eigh runs on one thread: LAPACK's many small parallel steps cost far more in
+#: synchronisation than they gain (576 × 576: 0.06 s on one thread, 1.6 s on two busy cores).
+SERIAL_EIGH_MAX = 2048
 
-    Used by :func:`dynslice.io.load_sliced`: the weights are then loaded from disk. Shapes match
-    :func:`slice_model`'s output exactly.
+
+def pca_basis(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Eigenvectors of a float64 Gram matrix as columns, by decreasing eigenvalue, after damping the diagonal by
+    ``damping`` × its mean (SliceGPT's regularisation)."""
+    h = gram.double().clone()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    if h.device.type == "cpu" and h.shape[0] <= SERIAL_EIGH_MAX:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            eigval, eigvec = torch.linalg.eigh(h)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        eigval, eigvec = torch.linalg.eigh(h)
+    order = torch.argsort(eigval, descending=True)
+    return eigvec[:, order]
+
+
+def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals.
+
+    On the GPU the Triton kernel sums fp32 tiles into float64; on the CPU the same is done with fp32 chunked
+    matmuls (:func:`~dynslice.core.kernels.masked_gram_fp32`), several times faster than float64 products.
     """
-    adapter = get_adapter(model)
-    d = adapter.hidden_size
-    widths = validate_widths(widths, adapter.num_layers, d)
-    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
-    untie_head(model, adapter)
-    emb = adapter.embeddings
-    kw = {"dtype": emb.weight.dtype, "device": emb.weight.device}
-    new_emb = nn.Embedding(emb.num_embeddings, widths[0], padding_idx=emb.padding_idx, **kw)
-    model.model.embed_tokens = new_emb
-    outs = list(widths[1:]) + [final_width]
-    for i, layer in enumerate(list(adapter.layers)):
-        parts = adapter.parts(layer)
-        for lin in parts.attn_in + parts.mlp_in:
-            _resize(lin, in_features=widths[i])
-        _resize(parts.attn_out, out_features=widths[i])
-        _resize(parts.mlp_out, out_features=outs[i])
-        adapter.layers[i] = _wrap_layer(layer, widths[i], outs[i], adapter, **kw)
-    adapter.final_norm = RMSN(d, adapter.rms_eps)
-    _resize(adapter.lm_head, in_features=final_width)
-    model.dynslice_info = SliceInfo(widths, final_width)
-    model._dynslice_fused = True
-    return model
-
-
-def _resize(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
-    i = lin.in_features if in_features is None else in_features
-    o = lin.out_features if out_features is None else out_features
-    kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
-    lin.weight = nn.Parameter(torch.empty(o, i, **kw), requires_grad=False)
-    if lin.bias is not None and out_features is not None:
-        lin.bias = nn.Parameter(torch.empty(o, **kw), requires_grad=False)
-    lin.in_features, lin.out_features = i, o
-
-
-def _wrap_layer(layer: nn.Module, d_in: int, d_out: int, adapter: LlamaLikeAdapter, **kw) -> SlicedDecoderLayer:
-    new = SlicedDecoderLayer(layer.self_attn, layer.mlp, d_in, d_out, adapter.hidden_size, adapter.rms_eps, **kw)
-    for attr in ("attention_type", "layer_idx", "layer_type"):  # copied so model code that reads them still works
-        if hasattr(layer, attr):
-            setattr(new, attr, getattr(layer, attr))
-    return new
+    d = signals[0].shape[-1]
+    h = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for x, m in zip(signals, masks):
+        x, m = x.to(device), m.to(device)
+        if device.type == "cpu":
+            masked_gram_fp32(x, m, out=h)
+        else:
+            masked_gram(x, m, out=h)
+    return pca_basis(h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +551,7 @@ def capture_inputs(model: nn.Module, calibration: dict[str, torch.Tensor], batch
         for start in range(0, ids.shape[0], batch_size):
             b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
             memo.clear()
-            model.model(input_ids=b_ids.to(base_device), attention_mask=b_mask.to(base_device), use_cache=False)
+            adapter.run_decoder(b_ids.to(base_device), b_mask.to(base_device))
             masks.append(b_mask.bool())
     finally:
         for i, layer in enumerate(layers):
@@ -307,233 +572,3 @@ def _check_calibration(calibration: dict[str, torch.Tensor]) -> tuple[torch.Tens
     if int(mask.sum()) == 0:
         raise ValueError("calibration: every token is masked out; nothing to compute a PCA from")
     return ids, mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PCA
-
-
-#: Below this size a CPU eigh runs on one thread: LAPACK's many small parallel steps cost far more in
-#: synchronisation than they gain (576 × 576: 0.06 s on one thread, 1.6 s on two busy cores).
-SERIAL_EIGH_MAX = 2048
-
-
-def pca_basis(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Eigenvectors of a float64 Gram matrix as columns, by decreasing eigenvalue, after damping the diagonal by
-    ``damping`` × its mean (SliceGPT's regularisation)."""
-    h = gram.double().clone()
-    h.diagonal().add_(damping * h.diagonal().mean())
-    if h.device.type == "cpu" and h.shape[0] <= SERIAL_EIGH_MAX:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            eigval, eigvec = torch.linalg.eigh(h)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        eigval, eigvec = torch.linalg.eigh(h)
-    order = torch.argsort(eigval, descending=True)
-    return eigvec[:, order]
-
-
-def _pca(signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Float64 PCA basis of the non-pad tokens of a list of (batch × seq × D) signals.
-
-    On the GPU the Triton kernel sums fp32 tiles into float64; on the CPU the same is done with fp32 chunked
-    matmuls (:func:`~dynslice.core.kernels.masked_gram_fp32`), several times faster than float64 products.
-    """
-    d = signals[0].shape[-1]
-    h = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for x, m in zip(signals, masks):
-        x, m = x.to(device), m.to(device)
-        if device.type == "cpu":
-            masked_gram_fp32(x, m, out=h)
-        else:
-            masked_gram(x, m, out=h)
-    return pca_basis(h)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Rotations of bf16/fp16/fp32 weights are computed in fp32 (exact enough for the stored dtype); fp64 in fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-#: Rows of the embedding matrix rotated at a time, so that no full-size fp32/fp64 copy of it is ever made.
-EMBEDDING_CHUNK_ROWS = 8192
-
-
-@torch.no_grad()
-def rotate_embedding(weight: torch.Tensor, q: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``E·Q`` for a (vocab × D) embedding and a (D × d) basis, computed on ``device`` a block of rows at a time;
-    the result stays where ``weight`` is, in its dtype."""
-    out = torch.empty(weight.shape[0], q.shape[1], dtype=weight.dtype, device=weight.device)
-    cdt = _compute_dtype(weight.dtype)
-    qc = q.to(device=device, dtype=cdt)
-    for start in range(0, weight.shape[0], EMBEDDING_CHUNK_ROWS):
-        block = weight[start:start + EMBEDDING_CHUNK_ROWS].to(device=device, dtype=cdt)
-        out[start:start + block.shape[0]] = (block @ qc).to(device=weight.device, dtype=weight.dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the engine
-
-
-@torch.no_grad()
-def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: Sequence[int], *,
-                final_width: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
-                progress: bool = True, embedding_mean: bool = False) -> nn.Module:
-    """Rotate and slice ``model`` in place so that decoder layer ``i`` reads a residual stream ``widths[i]`` wide.
-
-    Args:
-        model: a dense Llama, Mistral or Qwen2 causal LM (any dtype). It is modified in place and returned.
-        calibration: ``{"input_ids": (n × seqlen), "attention_mask": (n × seqlen)}``; tokens with mask 0 are
-            left out of every PCA.
-        widths: one integer input width per decoder layer, each in ``[1, D]``.
-        final_width: width of the last layer's output and of the LM head's input (default ``D``: not sliced).
-        batch_size: calibration sequences per forward.
-        device: where each layer is computed (default: where the model is). The model and all calibration signals
-            stay where they are (on the CPU for a CPU model); one layer at a time is moved to ``device``.
-        progress: show a tqdm bar over the layers.
-        embedding_mean: first subtract each embedding row's mean (:func:`subtract_embedding_mean`), as SliceGPT
-            does; off by default because it is not exact on RMSNorm models.
-
-    Returns:
-        The same model object, now sliced, with ``model.dynslice_info`` (:class:`SliceInfo`) attached.
-    """
-    adapter = get_adapter(model)
-    widths, final_width = check_slice_args(widths, final_width, batch_size, adapter.num_layers, adapter.hidden_size)
-    home = adapter.embeddings.weight.device
-    device = home if device is None else torch.device(device)
-    model.eval()
-    timings = new_timings()
-    t0 = time.perf_counter()
-
-    with _timed(timings, "capture"):
-        fuse_norms(model, adapter)
-        if embedding_mean:
-            subtract_embedding_mean(model, adapter)
-        sig = capture_inputs(model, calibration, batch_size, home, adapter)
-
-    # Position 0: the embeddings.
-    x, q_in = slice_embeddings(adapter, sig, widths[0], device, timings)
-
-    outs = list(widths[1:]) + [final_width]
-    for i in tqdm(range(adapter.num_layers), desc="slicing", unit="layer", disable=not progress):
-        new, x, q_in = slice_layer(adapter, adapter.layers[i], x, sig.layer_kwargs[i], sig.masks, q_in,
-                                   widths[i], outs[i], i == adapter.num_layers - 1, device, home, timings)
-        adapter.layers[i] = new.to(home)
-
-    if final_width < adapter.hidden_size:
-        _rotate_inputs(adapter.lm_head, q_in.to(adapter.lm_head.weight.device))
-    model.dynslice_info = SliceInfo(widths, final_width, {k: round(v, 4) for k, v in timings.items()})
-    model.dynslice_info.timings_s["total"] = round(time.perf_counter() - t0, 4)
-    return model
-
-
-def check_slice_args(widths: Sequence[int], final_width: int | None, batch_size: int, n_layers: int,
-                     d: int) -> tuple[tuple[int, ...], int]:
-    """Validated ``(widths, final_width)``; ``final_width`` defaults to ``d``."""
-    widths = validate_widths(widths, n_layers, d)
-    final_width = d if final_width is None else validate_widths([final_width], 1, d, "final_width")[0]
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} must be an integer >= 1")
-    return widths, final_width
-
-
-def new_timings() -> dict[str, float]:
-    """The engine's time split, all zero."""
-    return {"capture": 0.0, "forward": 0.0, "pca": 0.0, "rotate": 0.0}
-
-
-@torch.no_grad()
-def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device,
-                     timings: dict[str, float]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
-
-    Returns the rotated first-layer input signals and the basis ``Q[:, :width]``.
-    """
-    with _timed(timings, "pca"):
-        q = _pca(sig.x, sig.masks, device)
-    with _timed(timings, "rotate"):
-        q_in = q[:, :width]
-        emb = adapter.embeddings
-        new_emb = nn.Embedding(emb.num_embeddings, width, padding_idx=emb.padding_idx, _weight=rotate_embedding(
-            emb.weight, q_in, device), _freeze=True)
-        adapter.model.model.embed_tokens = new_emb
-        x = [_project(s, q_in, device) for s in sig.x]
-    sig.x = []
-    return x, q_in
-
-
-@torch.no_grad()
-def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tensor], kwargs: list[dict],
-                masks: list[torch.Tensor], q_in: torch.Tensor, d_in: int, d_out: int, last: bool,
-                device: torch.device, home: torch.device,
-                timings: dict[str, float]) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
-    """Rotate and slice one norm-fused decoder layer (moved to ``device``).
-
-    ``x``: the layer's rotated input signals (emptied as they are consumed). Returns the sliced layer (still on
-    ``device``), the next layer's rotated input signals (on ``home``) and the basis of its output position.
-    """
-    d = adapter.hidden_size
-    layer.to(device)
-    parts = adapter.parts(layer)
-
-    # Attention: reads the rotated stream; writes the mid position, computed once in the dense basis.
-    with _timed(timings, "rotate"):
-        for lin in parts.attn_in:
-            _rotate_inputs(lin, q_in)
-    mid = []
-    with _timed(timings, "forward"):
-        for b in range(len(x)):
-            xb = x[b].to(device)
-            a = layer.self_attn(parts.attn_norm(xb), **_to(kwargs[b], device))[0]
-            mid.append((xb @ q_in.T.to(xb.dtype) + a).to(home))
-            x[b] = None  # free as we go: at most two signals are held
-    with _timed(timings, "pca"):
-        q_mid = _pca(mid, masks, device)[:, :d_in]
-
-    # MLP: reads the mid position; writes the next layer's input position.
-    with _timed(timings, "rotate"):
-        _rotate_outputs(parts.attn_out, q_mid)
-        for lin in parts.mlp_in:
-            _rotate_inputs(lin, q_mid)
-    out = []
-    with _timed(timings, "forward"):
-        for b in range(len(mid)):
-            m = _project(mid[b], q_mid, device, keep_on_device=True)
-            y = layer.mlp(parts.mlp_norm(m))
-            out.append((m @ q_mid.T.to(m.dtype) + y).to(home))
-            mid[b] = None
-    with _timed(timings, "pca"):
-        if last and d_out == d:  # the head keeps the dense basis: no PCA, no rotation
-            q_out = torch.eye(d, dtype=torch.float64, device=device)
-        else:
-            q_out = _pca(out, masks, device)[:, :d_out]
-
-    # Shortcuts: the residual path from each position to the next, in the rotated bases.
-    with _timed(timings, "rotate"):
-        _rotate_outputs(parts.mlp_out, q_out)
-        new = _wrap_layer(layer, d_in, d_out, adapter, dtype=parts.mlp_out.weight.dtype, device=device)
-        _set_shortcut(new.attn_shortcut, q_in, q_mid)
-        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
-        nxt = out if last else [_project(o, q_out, device) for o in out]
-    return new, nxt, q_out
-
-
-@contextmanager
-def _timed(timings: dict[str, float], key: str):
-    """Add the wall time of the ``with`` block to ``timings[key]``."""
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[key] += time.perf_counter() - t
-
-
-def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:
-    """``x · Q`` computed on ``device`` in ``x``'s dtype."""
-    home = x.device
-    y = x.to(device) @ q.to(device=device, dtype=x.dtype)
-    return y if keep_on_device else y.to(home)

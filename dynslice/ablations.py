@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from dynslice import data
 from dynslice.core.adapters import count_parameters
 from dynslice.core.allocate import Allocation, allocate
+from dynslice.core.checks import check_int
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.params import ArchDims, dense_params, sliced_params
 from dynslice.core.shortgpt import delete_layers, layers_to_delete
@@ -87,15 +88,10 @@ class AblationConfig:
     bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
-        def pos_int(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}: {v!r} is not an integer >= {low}")
-
         for name, low in (("cal_nsamples", 1), ("cal_seqlen", 2), ("seeds", 1), ("permutations", 1),
                           ("round_interval", 1), ("ppl_seqlen", 2), ("ppl_max_chunks", 1), ("batch_size", 1),
                           ("bootstrap", 100)):
-            pos_int(name, low)
+            check_int(name, getattr(self, name), low)
         if not self.sp or any(not 0 < s < 1 for s in self.sp):
             raise ValueError(f"sp: {self.sp!r} must be a non-empty list of values with 0 < sp < 1")
         if any(not 0 <= self.sb < s for s in self.sp):

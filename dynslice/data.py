@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ from typing import Any
 
 import torch
 
+from dynslice.core.checks import check_choice, check_int
+from dynslice.outputs import atomic_write
 from dynslice.paths import cache_dir, configure_hf_cache
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -308,33 +309,23 @@ def _offline_texts(name: str, split: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- validation
-def _check_name(name: str) -> None:
+def _check_source(name: str, split: str) -> None:
+    """``name`` is a known dataset and ``split`` one of :data:`SPLITS`."""
     if name not in ALL_DATASETS:
         raise ValueError(f"dataset: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)} "
                          f"(offline: {', '.join(OFFLINE_DATASETS)})")
+    check_choice("split", split, SPLITS)
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed: {seed!r} is outside 0 <= seed < 2**63 (an int)")
-    return seed
-
-
-def _check_int(param: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{param}: {value!r} is outside {param} >= {minimum}")
+def _seeded_generator(seed: Any) -> torch.Generator:
+    """A fresh generator seeded with ``seed`` (an integer with ``0 <= seed < 2**63``)."""
+    return torch.Generator().manual_seed(check_int("seed", seed, 0, 2 ** 63 - 1, allowed="0 <= seed < 2**63"))
 
 
 # ------------------------------------------------------------------------------------------------- public API
 def load_texts(name: str, split: str) -> list[str]:
     """The documents of ``split`` (train, validation or test) of dataset ``name``."""
-    _check_name(name)
-    _check_split(split)
+    _check_source(name, split)
     return _offline_texts(name, split) if name in OFFLINE_DATASETS else _hub_texts(name, split)
 
 
@@ -368,27 +359,12 @@ def token_cache_path(name: str, split: str, tokenizer) -> Path:
     return cache_dir() / "tokens" / f"{name}-{split}-{slug}-v{len(tokenizer)}-{digest}.safetensors"
 
 
-def _save_atomic(path: Path, ids: torch.Tensor, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"input_ids": ids}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def token_stream(name: str, split: str, tokenizer) -> torch.Tensor:
     """All documents of ``name``/``split`` joined with ``"\\n\\n"`` and tokenised in one call, as a 1-D LongTensor.
 
     Cached under ``cache_dir()/tokens`` (see :func:`token_cache_path`); a cache hit returns the stored ids.
     """
-    _check_name(name)
-    _check_split(split)
+    _check_source(name, split)
     path = token_cache_path(name, split, tokenizer)
     if path.is_file():
         from safetensors.torch import load_file
@@ -398,7 +374,10 @@ def token_stream(name: str, split: str, tokenizer) -> torch.Tensor:
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() == 0:
         raise ValueError(f"dataset: the {split} split of {name!r} is empty")
-    _save_atomic(path, ids, {"dataset": name, "split": split, "tokenizer": str(tokenizer.name_or_path)})
+    from safetensors.torch import save_file
+
+    meta = {"dataset": name, "split": split, "tokenizer": str(tokenizer.name_or_path)}
+    atomic_write(path, lambda tmp: save_file({"input_ids": ids}, tmp, metadata=meta))
     return ids
 
 
@@ -417,10 +396,9 @@ def _random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, generator:
 def _seeded_windows(name: str, tokenizer, nsamples: int, seqlen: int, split: str,
                     generator: torch.Generator) -> torch.Tensor:
     """Validated arguments, then ``nsamples`` random ``seqlen`` windows of the split's stream."""
-    _check_name(name)
-    _check_split(split)
-    _check_int("nsamples", nsamples, 1)
-    _check_int("seqlen", seqlen, 2)
+    _check_source(name, split)
+    check_int("nsamples", nsamples, 1)
+    check_int("seqlen", seqlen, 2)
     stream = token_stream(name, split, tokenizer)
     _long_enough(stream, name, split, seqlen)
     return _random_windows(stream, nsamples, seqlen, generator)
@@ -434,7 +412,7 @@ def calibration_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: in
     odd-numbered row (1, 3, ...) keeps only its first ``L`` tokens, ``L`` drawn in ``[max(1, seqlen // 4),
     seqlen - 1]``, and is right-padded with the tokenizer's pad id (EOS when it has none) under mask 0.
     """
-    generator = torch.Generator().manual_seed(_check_seed(seed))
+    generator = _seeded_generator(seed)
     ids = _seeded_windows(name, tokenizer, nsamples, seqlen, split, generator)
     mask = torch.ones_like(ids)
     if varied_seqlen:
@@ -451,11 +429,10 @@ def calibration_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: in
 def eval_chunks(name: str, tokenizer, seqlen: int, split: str = "test", max_chunks: int | None = None) -> torch.Tensor:
     """SliceGPT's perplexity data: the ``split`` stream cut into consecutive ``seqlen`` chunks, the tail dropped,
     as ``(n, seqlen)`` (the first ``max_chunks`` chunks when given)."""
-    _check_name(name)
-    _check_split(split)
-    _check_int("seqlen", seqlen, 2)
+    _check_source(name, split)
+    check_int("seqlen", seqlen, 2)
     if max_chunks is not None:
-        _check_int("max_chunks", max_chunks, 1)
+        check_int("max_chunks", max_chunks, 1)
     stream = token_stream(name, split, tokenizer)
     _long_enough(stream, name, split, seqlen)
     n = stream.numel() // seqlen
@@ -467,7 +444,7 @@ def eval_chunks(name: str, tokenizer, seqlen: int, split: str = "test", max_chun
 def random_chunks(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42,
                   split: str = "validation") -> torch.Tensor:
     """The paper's perplexity data: ``nsamples`` seeded random ``seqlen`` windows of the ``split`` stream."""
-    generator = torch.Generator().manual_seed(_check_seed(seed))
+    generator = _seeded_generator(seed)
     return _seeded_windows(name, tokenizer, nsamples, seqlen, split, generator)
 
 
@@ -480,12 +457,11 @@ def heldout_chunks(name: str, tokenizer, nsamples: int, seqlen: int, *, seed: in
     The stream is cut into consecutive ``seqlen`` chunks; those overlapping a calibration window are dropped and
     ``nsamples`` of the rest are picked with a generator seeded by ``seed + 1``, in stream order.
     """
-    _check_name(name)
-    _check_split(split)
-    _check_int("nsamples", nsamples, 1)
-    _check_int("seqlen", seqlen, 2)
-    _check_int("cal_nsamples", cal_nsamples, 1)
-    _check_int("cal_seqlen", cal_seqlen, 2)
+    _check_source(name, split)
+    check_int("nsamples", nsamples, 1)
+    check_int("seqlen", seqlen, 2)
+    check_int("cal_nsamples", cal_nsamples, 1)
+    check_int("cal_seqlen", cal_seqlen, 2)
     stream = token_stream(name, split, tokenizer)
     _long_enough(stream, name, split, max(seqlen, cal_seqlen))
     generator = torch.Generator().manual_seed(seed)
@@ -524,9 +500,9 @@ def join_documents(docs: list[str], encode, nsamples: int, seqlen: int, seed: in
     documents used; keep the sample only when it reached ``seqlen`` tokens. A kept sample is
     ``(prefix + tokens)[:seqlen]``: the tokenizer's BOS (when it adds one) first, the text cut to fit.
     """
-    _check_int("nsamples", nsamples, 1)
-    _check_int("seqlen", seqlen, 1)
-    generator = torch.Generator().manual_seed(_check_seed(seed))
+    check_int("nsamples", nsamples, 1)
+    check_int("seqlen", seqlen, 1)
+    generator = _seeded_generator(seed)
     pool = [d for d in docs if len(d) > 0]
     out: list[list[int]] = []
     while len(out) < nsamples and pool:
@@ -547,8 +523,7 @@ def document_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int =
     :func:`join_documents` over the documents of ``name``/``split`` with the tokenizer's own BOS, as
     ``input_ids`` and ``attention_mask`` of shape ``(n, seqlen)``, ``n <= nsamples`` (fewer when the split runs
     out of documents; an error when it yields none)."""
-    _check_name(name)
-    _check_split(split)
+    _check_source(name, split)
     docs = load_texts(name, split)
 
     def encode(text: str) -> list[int]:
@@ -564,8 +539,8 @@ def document_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int =
 def window_starts(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
     """``(start, end)`` of the authors' LR windows over one document of ``n_tokens`` tokens: a window every
     ``stride`` tokens from 0 while ``start < n_tokens``, each ``length`` tokens or up to the document's end."""
-    _check_int("length", length, 1)
-    _check_int("stride", stride, 1)
+    check_int("length", length, 1)
+    check_int("stride", stride, 1)
     return [(s, min(s + length, n_tokens)) for s in range(0, n_tokens, stride)]
 
 
@@ -573,7 +548,7 @@ def evenly_spaced(total: int, n: int | None) -> list[int]:
     """``n`` indices spread evenly over ``range(total)`` (all of them when ``n`` is None or ``>= total``)."""
     if n is None or n >= total:
         return list(range(total))
-    _check_int("nsamples", n, 1)
+    check_int("nsamples", n, 1)
     if n == 1:
         return [0]
     return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
@@ -587,12 +562,11 @@ def sliding_window_batch(name: str, tokenizer, length: int, stride: int, split: 
     ``nsamples`` keeps that many windows, spread evenly over all windows in document order (None: all of them,
     as the authors do).
     """
-    _check_name(name)
-    _check_split(split)
-    _check_int("length", length, 1)
-    _check_int("stride", stride, 1)
+    _check_source(name, split)
+    check_int("length", length, 1)
+    check_int("stride", stride, 1)
     if nsamples is not None:
-        _check_int("nsamples", nsamples, 1)
+        check_int("nsamples", nsamples, 1)
     windows: list[list[int]] = []
     for doc in load_texts(name, split):
         ids = tokenizer(doc, verbose=False)["input_ids"]

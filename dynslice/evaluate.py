@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice import data
+from dynslice.core.checks import check_choice, check_int
 from dynslice.offline_tasks import OFFLINE_METRIC, OFFLINE_TASKS, build_offline_tasks
 from dynslice.paths import configure_hf_cache
 
@@ -56,8 +57,7 @@ def _check_chunks(chunks: torch.Tensor, attention_mask: torch.Tensor | None, bat
                          f"{type(chunks).__name__} {tuple(getattr(chunks, 'shape', ()))}")
     if chunks.shape[0] < 1 or chunks.shape[1] < 2:
         raise ValueError(f"chunks: shape {tuple(chunks.shape)} needs n >= 1 rows and seqlen >= 2 tokens")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size!r} is outside batch_size >= 1")
+    check_int("batch_size", batch_size, 1)
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != chunks.shape:
@@ -81,8 +81,7 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
     the model's. The model is put in eval mode and returned to its previous mode afterwards.
     """
     _check_chunks(chunks, attention_mask, batch_size)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    check_choice("reduction", reduction, REDUCTIONS)
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -125,25 +124,20 @@ def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: i
       of the validation split from :func:`dynslice.data.document_batch`, the mean of per-sample means;
       ``max_chunks`` must be left unset.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: {protocol!r} is not one of {PROTOCOLS}")
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise ValueError(f"seqlen: {seqlen!r} is outside seqlen >= 2")
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_int("seqlen", seqlen, 2)
     if protocol == "slicegpt":
         if nsamples is not None:
             raise ValueError(f"nsamples: {nsamples!r} applies to the 'paper' protocol only; use max_chunks "
                              "to cap the 'slicegpt' protocol")
-        if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int)
-                                       or max_chunks < 1):
-            raise ValueError(f"max_chunks: {max_chunks!r} is outside max_chunks >= 1 (or None for all)")
+        if max_chunks is not None:
+            check_int("max_chunks", max_chunks, 1, allowed="max_chunks >= 1 (or None for all)")
         chunks = data.eval_chunks(name, tokenizer, seqlen, split="test", max_chunks=max_chunks)
     elif protocol == "documents":
         if max_chunks is not None:
             raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
                              "for the 'documents' protocol")
-        n = DOCUMENTS_NSAMPLES if nsamples is None else nsamples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"nsamples: {n!r} is outside nsamples >= 1")
+        n = check_int("nsamples", DOCUMENTS_NSAMPLES if nsamples is None else nsamples, 1)
         batch = data.document_batch(name, tokenizer, n, seqlen, seed=seed, split="validation")
         return perplexity(model, batch["input_ids"], attention_mask=batch["attention_mask"], batch_size=batch_size,
                           desc=f"ppl {name}/{protocol}", reduction="sample")
@@ -151,8 +145,7 @@ def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: i
         if max_chunks is not None:
             raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
                              "for the 'paper' protocol")
-        if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
-            raise ValueError(f"nsamples: {nsamples!r} is outside nsamples >= 1 (required by the 'paper' protocol)")
+        check_int("nsamples", nsamples, 1, allowed="nsamples >= 1 (required by the 'paper' protocol)")
         chunks = data.random_chunks(name, tokenizer, nsamples, seqlen, seed=seed, split="validation")
     return perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {name}/{protocol}")
 
@@ -170,10 +163,9 @@ def _check_zero_shot_args(tasks: Sequence[str], limit: int | None, batch_size: i
         raise ValueError(f"tasks: {names} names a task more than once")
     for arg, value, low in (("batch_size", batch_size, 1), ("num_fewshot", num_fewshot, 0),
                             ("max_length", max_length, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg}: {value!r} is outside {arg} >= {low}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit: {limit!r} is outside limit >= 1 (or None for every document)")
+        check_int(arg, value, low)
+    if limit is not None:
+        check_int("limit", limit, 1, allowed="limit >= 1 (or None for every document)")
     return names
 
 

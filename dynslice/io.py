@@ -99,18 +99,10 @@ def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str,
 
 #: The schema of ``dynslice.json``: field -> (JSON type, required). Checked by :func:`validate_sliced_meta`.
 META_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
-    "format_version": (int, True),
-    "dynslice_version": (str, False),
-    "base_model": (str, True),
-    "architecture": (str, False),
-    "widths": (list, True),
-    "final_width": (int, True),
-    "dtype": (str, False),
-    "weights": (dict, True),
-    "num_parameters": (int, False),
-    "has_tokenizer": (bool, False),
-    "files": (list, False),
-    "extra": (dict, False),
+    "format_version": (int, True), "dynslice_version": (str, False), "base_model": (str, True),
+    "architecture": (str, False), "widths": (list, True), "final_width": (int, True), "dtype": (str, False),
+    "weights": (dict, True), "num_parameters": (int, False), "has_tokenizer": (bool, False),
+    "files": (list, False), "extra": (dict, False),
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _JSON_TYPE = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from dynslice.outputs import atomic_write
 
 
 def _clean(obj: Any) -> Any:
@@ -24,24 +25,8 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
-    from dynslice.outputs import dir_mode, file_mode
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes files owner-only; follow the umask like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`dynslice.outputs.atomic_write`)."""
+    return atomic_write(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

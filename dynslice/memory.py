@@ -22,6 +22,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dynslice.core.checks import check_choice, check_int, check_real
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1 << 30
 
@@ -97,12 +99,6 @@ class MemoryPlan:
         ])
 
 
-def _check(name: str, value: int, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: {value!r} is outside {name} >= {low} (an integer)")
-    return value
-
-
 def _round_down(x: float, interval: int) -> int:
     return max(interval, int(x // interval * interval))
 
@@ -115,15 +111,11 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     ``widths`` defaults to a constant slice of ``sp`` (rounded down to a multiple of 8); ``resident``: the model
     and the signals live on the GPU (``mode="memory"`` with a GPU device only).
     """
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-    if mode not in ("memory", "stream"):
-        raise ValueError(f"mode: {mode!r} is not 'memory' or 'stream'")
-    _check("nsamples", nsamples)
-    _check("seqlen", seqlen)
-    _check("batch_size", batch_size)
-    if not 0.0 <= sp < 1.0:
-        raise ValueError(f"sp: {sp} is outside 0 <= sp < 1")
+    check_choice("dtype", dtype, DTYPE_BYTES)
+    check_choice("mode", mode, ("memory", "stream"))
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+        check_int(name, value, 1)
+    check_real("sp", sp, 0, 1, high_open=True)
     gpu = device != "cpu"
     s, b = shapes, DTYPE_BYTES[dtype]
     d, v, inter = s.hidden, s.vocab, s.intermediate
@@ -214,8 +206,7 @@ def plan(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, dev
 
     ``stream``: ``"auto"``, ``"on"`` (force streaming) or ``"off"`` (force in-RAM).
     """
-    if stream not in ("auto", "on", "off"):
-        raise ValueError(f"stream: {stream!r} is not one of auto, on, off")
+    check_choice("stream", stream, ("auto", "on", "off"))
     if stream == "on" and not streamable:
         raise ValueError("stream: 'on' needs a local folder of safetensors weights (GGUF and built-in models "
                          "are sliced in RAM)")

@@ -25,7 +25,9 @@ from typing import Any
 
 import yaml
 
+from dynslice.core.checks import check_int
 from dynslice.data import load_texts
+from dynslice.outputs import atomic_write
 from dynslice.paths import cache_dir, configure_hf_cache
 
 OFFLINE_TASKS = ("dynslice_cloze", "dynslice_continuation")
@@ -141,8 +143,7 @@ def make_cloze_items(docs: Sequence[str], n: int, seed: int) -> list[dict[str, A
     """``n`` cloze items ``{"id", "doc", "context", "target", "text"}`` drawn (seeded) from ``docs``;
     ``text == context + target`` and ``target`` is a space then the passage's last word."""
     candidates = _cloze_candidates(_paragraph_sentences(docs))
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(candidates):
-        raise ValueError(f"n_cloze: {n!r} is outside 1 <= n_cloze <= {len(candidates)} (passages available)")
+    check_int("n_cloze", n, 1, len(candidates), allowed=f"1 <= n_cloze <= {len(candidates)} (passages available)")
     picked = random.Random(seed).sample(candidates, n)
     return [{"id": k, **item} for k, item in enumerate(picked)]
 
@@ -153,8 +154,7 @@ def make_continuation_items(docs: Sequence[str], n: int, seed: int) -> list[dict
     the true sentence's length."""
     paragraphs = _paragraph_sentences(docs)
     candidates = _continuation_candidates(paragraphs)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(candidates):
-        raise ValueError(f"n_cont: {n!r} is outside 1 <= n_cont <= {len(candidates)} (contexts available)")
+    check_int("n_cont", n, 1, len(candidates), allowed=f"1 <= n_cont <= {len(candidates)} (contexts available)")
     pool = sorted({s.text: s.doc for para in paragraphs for s in para if is_clean(s.text)}.items())
     rng = random.Random(seed)
     items = []
@@ -175,9 +175,7 @@ def _write_if_changed(path: Path, content: str) -> None:
     data = content.encode("utf-8")
     if path.exists() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _task_yaml(name: str, data_file: Path, datasets_cache: str) -> str:
@@ -197,8 +195,7 @@ def build_offline_tasks(n_cloze: int = 200, n_cont: int = 400, seed: int = 0) ->
     replaced atomically. Also points the Hugging Face caches inside :func:`cache_dir` (the YAML pins the
     ``datasets`` cache lm-eval's json loader writes to).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: {seed!r} must be an int")
+    check_int("seed", seed)
     configure_hf_cache()
     docs = load_texts("wiki", "test")
     items = {"dynslice_cloze": make_cloze_items(docs, n_cloze, seed),

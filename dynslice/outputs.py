@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TMP_PREFIX = ".dynslice-tmp-"
@@ -53,6 +55,36 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """Mode of a new folder under the current umask (``0777 & ~umask``)."""
     return 0o777 & ~umask()
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Write ``path`` atomically: a temporary file in the same folder, synced, given umask permissions, renamed.
+
+    ``content`` is text (written as UTF-8), bytes, or a function that writes the file at the path it is given
+    (e.g. a safetensors writer). Missing parent folders are created. A reader sees the old file or the new one,
+    never a partial one; on any error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not callable(content):
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        if callable(content):
+            content(tmp)
+        synced = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(synced)
+        finally:
+            os.close(synced)
+        os.chmod(tmp, file_mode())  # mkstemp makes files owner-only; follow the umask like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _check_path_text(param: str, path: str | os.PathLike) -> Path:

@@ -159,7 +159,8 @@ def _allocate(bench: Workbench, cfg: RunConfig, sb: float, lr: dict[str, Any]):
 
 
 def _choose_sb(bench: Workbench, cfg: RunConfig, lr: dict[str, Any]) -> dict[str, Any]:
-    """Golden-section search of SB on held-out calibration chunks; records every SB tried."""
+    """Fibonacci search of SB on held-out calibration chunks (:func:`~dynslice.search.find_best_sb`); records every
+    SB tried."""
     heldout = bench.heldout(cfg)
     costs: list[float] = []
 

@@ -12,8 +12,6 @@ slicing at equal *mean width*, i.e. mean slice fraction SP), ``budget == "params
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ import pandas as pd
 
 from dynslice.config import AUTO
 from dynslice.jsonio import read_json
+from dynslice.outputs import atomic_write
+from dynslice.search import best_sb_key
 
 COMPARISON = {"width": "equal mean width (paper)", "params": "equal parameters"}
 KEY = ["model", "cal_dataset", "budget", "sp"]
@@ -101,11 +101,11 @@ def pct_change(new: float, old: float) -> float:
 
 # --------------------------------------------------------------------------------------------------- headlines
 def pick_best(rows: pd.DataFrame, col: str) -> pd.Series:
-    """The row with the lowest ``col``; ties go to the larger SB (the rule of :func:`dynslice.sweep.best_dynamic`)."""
+    """The row with the lowest ``col``; ties go to the larger SB (:func:`dynslice.search.best_sb_key`)."""
     if rows.empty:
         raise ValueError(f"rows: no candidate rows to choose the best {col} from")
-    order = sorted(range(len(rows)), key=lambda i: (float(rows[col].iloc[i]), -float(rows["sb"].iloc[i])))
-    return rows.iloc[order[0]]
+    return rows.iloc[min(range(len(rows)), key=lambda i: best_sb_key(float(rows[col].iloc[i]),
+                                                                      float(rows["sb"].iloc[i])))]
 
 
 def _constants(frame: pd.DataFrame) -> dict[tuple, pd.Series]:
@@ -285,29 +285,14 @@ def to_latex(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2, caption: 
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_table(frame: pd.DataFrame, stem: str | Path, *, caption: str = "",
                 digits: int | Mapping[str, int] = 2) -> tuple[Path, Path]:
     """Write ``<stem>.md`` (caption as a first line) and ``<stem>.tex``; returns both paths."""
     stem = Path(stem)
     md = (f"{caption}\n\n" if caption else "") + to_markdown(frame, digits)
     label = "tab:" + stem.name.replace("_", "-")
-    return (write_text(stem.with_suffix(".md"), md),
-            write_text(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)))
+    return (atomic_write(stem.with_suffix(".md"), md),
+            atomic_write(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)))
 
 
 # ------------------------------------------------------------------------------------------ the paper's tables

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dynslice.core.allocate import sb_grid
+from dynslice.core.checks import check_int
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class SBSearch:
                 "tried": [{"sb": sb, "value": v} for sb, v in self.tried], "searched": list(self.searched)}
 
 
+def best_sb_key(value: float, sb: float) -> tuple[float, float]:
+    """Sort key of the best-SB rule, shared by the search, the sweep and the report tables: the lowest value
+    (perplexity) wins, and a tie goes to the larger SB (closer to constant slicing)."""
+    return (value, -sb)
+
+
 def _fib(limit: int) -> list[int]:
     """Fibonacci numbers ``F(1)=1, F(2)=1, ...`` (index 0 holds a placeholder) up to the first one >= limit."""
     fib = [0, 1, 1]
@@ -49,8 +56,7 @@ def _fib(limit: int) -> list[int]:
 
 def evals_needed(n: int) -> int:
     """Evaluations that Fibonacci search needs to find the exact minimum of any unimodal sequence of ``n`` points."""
-    if n < 1:
-        raise ValueError(f"n: {n} must be >= 1")
+    check_int("n", n, 1)
     if n == 1:
         return 1
     fib = _fib(n + 1)
@@ -114,8 +120,7 @@ def find_best_sb(objective: Callable[[float], float], sp: float, *, step: float 
     grid = sb_grid(sp, step)
     n = len(grid)
     budget = default_budget(n) if max_evals is None else max_evals
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"max_evals: {max_evals!r} must be an integer >= 1")
+    budget = check_int("max_evals", budget, 1)
     if not callable(objective):
         raise ValueError(f"objective: {objective!r} is not callable")
     sub = _subgrid(n, min(budget, evals_needed(n)))
@@ -133,7 +138,7 @@ def find_best_sb(objective: Callable[[float], float], sp: float, *, step: float 
         return cache[i]
 
     _fibonacci_argmin(f, len(sub))
-    best_i = min(cache, key=lambda i: (cache[i], i))
+    best_i = min(cache, key=lambda i: best_sb_key(cache[i], grid[i]))
     return SBSearch(tried=tuple(tried), best_sb=grid[best_i], best_value=cache[best_i], n_evals=len(cache),
                     grid_size=n, sp=float(sp), step=float(step), max_evals=budget,
                     searched=tuple(grid[i] for i in sub))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dynslice.config import AUTO, RunConfig
 from dynslice.jsonio import read_json, write_json
+from dynslice.search import best_sb_key
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: RunConfig fields a profile sets through its own keys (models, cal_datasets, sp, budgets, ...), not ``base``.
@@ -388,7 +389,8 @@ def best_dynamic(records: Sequence[Mapping[str, Any]], dataset: str | None = Non
         if value is None:
             continue
         key = (cfg["model"], cfg["cal_dataset"], cfg["budget"], cfg["sp"])
-        if key not in best or (value, -cfg["sb"]) < (best[key]["ppl"][ds], -best[key]["config"]["sb"]):
+        if key not in best or best_sb_key(value, cfg["sb"]) < best_sb_key(best[key]["ppl"][ds],
+                                                                          best[key]["config"]["sb"]):
             best[key] = rec
     return best
 

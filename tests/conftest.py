@@ -77,7 +77,7 @@ def tiny_arch(request) -> str:
 
 @pytest.fixture(scope="session")
 def smol():
-    """``(model, tokenizer)`` of the embedded SmolLM2-135M, fp32 on CPU. Loaded once per session (~15 s)."""
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M, fp32 on CPU. Loaded once per session."""
     from dynslice.models import load
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -86,7 +86,7 @@ def smol():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """The SmolLM2 tokenizer alone (~5 s)."""
+    """The SmolLM2 tokenizer alone."""
     from dynslice.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")

@@ -55,6 +55,8 @@ def fs_valid(lr, sp, sb) -> bool:
 def test_normalize_lr_minmax() -> None:
     np.testing.assert_allclose(normalize_lr([2.0, 4.0, 3.0, 6.0]), [0.0, 0.5, 0.25, 1.0])
     np.testing.assert_array_equal(normalize_lr([5.0, 5.0, 5.0]), [0.0, 0.0, 0.0])
+    assert normalize_lr([1.0, 3.0, 2.0]).tolist() == [0.0, 1.0, 0.5]
+    assert not np.isnan(normalize_lr([1.0, 1.0 + 1e-12])).any()
 
 
 def test_slice_fractions_worked_example() -> None:
@@ -271,10 +273,10 @@ def test_params_budget_infeasible_names_sb_and_range() -> None:
     (dict(lr=[0.1, float("inf"), 0.3, 0.2]), r"^lr: score of layer 1 is inf"),
     (dict(lr=[]), r"^lr: expected a non-empty"),
     (dict(num_layers=5), r"^lr: has 4 scores but the model has 5 layers"),
-    (dict(hidden=0), r"^hidden: 0 is not an integer"),
-    (dict(round_interval=0), r"^round_interval: 0 is not an integer with 1 <= round_interval <= 48"),
-    (dict(round_interval=64), r"^round_interval: 64 is not an integer"),
-    (dict(round_interval=2.0), r"^round_interval: 2.0 is not an integer"),
+    (dict(hidden=0), r"^hidden: 0 is outside hidden >= 1$"),
+    (dict(round_interval=0), r"^round_interval: 0 is outside 1 <= round_interval <= 48$"),
+    (dict(round_interval=64), r"^round_interval: 64 is outside 1 <= round_interval <= 48$"),
+    (dict(round_interval=2.0), r"^round_interval: 2.0 is not an integer; allowed: 1 <= round_interval <= 48$"),
     (dict(budget="flops"), r"^budget: 'flops' is not one of"),
     (dict(rounding="floor"), r"^rounding: 'floor' is not one of"),
     (dict(count="all"), r"^count: 'all' is not one of"),
@@ -282,7 +284,7 @@ def test_params_budget_infeasible_names_sb_and_range() -> None:
     (dict(budget="params", dims=TINY, rounding="reference"), r"^rounding: 'reference' is only"),
     (dict(dims=TINY, hidden=64), r"^hidden: 64 differs from dims.hidden"),
     (dict(lr=[0.1, 0.2, 0.3], dims=TINY), r"^lr: has 3 scores but the model has 4 layers"),
-    (dict(final_width=49), r"^final_width: 49 is not an integer"),
+    (dict(final_width=49), r"^final_width: 49 is outside 1 <= final_width <= 48$"),
     (dict(sp=0.9, sb=0.9, hidden=48, round_interval=8), r"^sp: 0.9 leaves"),
     (dict(lr=[0.0, 0.0, 0.0, 1.0], sp=0.3, sb=0.0), r"^sb: 0.0 with sp=0.3 gives layer 3 a slice fraction FS=1.2"),
 ])
@@ -295,7 +297,7 @@ def test_bad_arguments(kwargs, match) -> None:
 
 
 def test_sb_grid_rejects_bad_step() -> None:
-    with pytest.raises(ValueError, match="^step: 0 must be"):
+    with pytest.raises(ValueError, match="^step: 0 is outside step > 0$"):
         sb_grid(0.3, 0)
     with pytest.raises(ValueError, match="^sp: 1.2 is outside"):
         sb_grid(1.2)

@@ -256,8 +256,10 @@ def test_bad_sampler_arguments(smol_tokenizer):
         (lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, split="val"), r"^split: 'val'"),
         (lambda: data.eval_chunks("news", smol_tokenizer, SEQLEN, max_chunks=0), r"^max_chunks: 0 is outside"),
         (lambda: data.eval_chunks("nope", smol_tokenizer, SEQLEN), r"^dataset: 'nope'"),
-        (lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, seed=-1), r"^seed: -1 is outside"),
-        (lambda: data.calibration_batch("news", smol_tokenizer, 2, SEQLEN, seed=1.5), r"^seed: 1.5 is outside"),
+        (lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, seed=-1),
+         r"^seed: -1 is outside 0 <= seed < 2\*\*63$"),
+        (lambda: data.calibration_batch("news", smol_tokenizer, 2, SEQLEN, seed=1.5),
+         r"^seed: 1.5 is not an integer; allowed: 0 <= seed < 2\*\*63$"),
     ]
     for call, pattern in cases:
         with pytest.raises(ValueError, match=pattern):

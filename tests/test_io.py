@@ -160,3 +160,42 @@ def test_metadata_is_validated_against_the_schema(saved, edit, message):
     (path / SLICED_META).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=message):
         load_sliced(path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("π ≈ 3.14\n", "π ≈ 3.14\n".encode()),
+    (b"\x00\x01raw", b"\x00\x01raw"),
+    (lambda p: p.write_bytes(b"by a writer"), b"by a writer"),
+])
+def test_atomic_write_text_bytes_and_writer(tmp_path, content, expected):
+    import os
+    import stat
+
+    from dynslice.outputs import atomic_write
+
+    target = tmp_path / "new" / "sub" / "f.bin"
+    old = os.umask(0o027)
+    try:
+        assert atomic_write(target, content) == target
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == expected
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # the umask's mode, not mkstemp's owner-only 0o600
+    assert stat.S_IMODE(target.parent.stat().st_mode) == 0o750
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from dynslice.outputs import atomic_write
+
+    target = tmp_path / "f.txt"
+    atomic_write(target, "old\n")
+
+    def half_then_fail(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-
+import numpy as np
 import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice.core.params import ArchDims, ParamCount, dense_params, sliced_params, sliced_params_continuous
-
-HAS_SLICING = importlib.util.find_spec("dynslice.core.slicing") is not None
-needs_slicing = pytest.mark.skipif(not HAS_SLICING, reason="dynslice.core.slicing (the lead's engine) is not there yet")
+from dynslice.core.params import (
+    ArchDims,
+    ParamCount,
+    dense_params,
+    sliced_params,
+    sliced_params_continuous,
+    validate_widths,
+)
+from dynslice.core.slicing import build_sliced_structure, slice_model
 
 
 def numel(model: torch.nn.Module) -> int:
@@ -99,8 +103,8 @@ def test_continuous_polynomial_agrees_at_integers() -> None:
 
 
 @pytest.mark.parametrize("bad, match", [
-    ([48, 48], "expected one width per layer"),
-    ([48, 0, 48], r"widths\[1\]: 0 is outside 1 <= width <= 48"),
+    ([48, 48], r"^widths: expected one width per decoder layer \(3\), got 2"),
+    ([48, 0, 48], r"^widths\[1\]: 0 is outside 1 <= width <= 48 \(the hidden size\)$"),
     ([48, 49, 48], r"widths\[1\]: 49 is outside"),
     ([48, 40.0, 48], r"widths\[1\]: 40.0 is not an integer"),
     ([48, True, 48], r"widths\[1\]: True is not an integer"),
@@ -109,6 +113,20 @@ def test_width_validation(bad, match) -> None:
     dims = ArchDims.from_config(make_tiny_model("llama").config)
     with pytest.raises(ValueError, match=match):
         sliced_params(dims, bad)
+    with pytest.raises(ValueError, match=match):
+        validate_widths(bad, 3, 48)
+
+
+def test_validate_widths_takes_sequences_arrays_and_tensors() -> None:
+    for widths in ([48, 40, 8], (48, 40, 8), np.array([48, 40, 8]), torch.tensor([48, 40, 8]),
+                   [np.int64(48), 40, 8]):
+        out = validate_widths(widths, 3, 48)
+        assert out == (48, 40, 8) and all(type(w) is int for w in out)
+    for bad in ("488", {48: 1, 40: 1, 8: 1}, 48, torch.tensor(48)):
+        with pytest.raises(ValueError, match=r"^widths: expected a sequence of 3 integers, got "):
+            validate_widths(bad, 3, 48)
+    with pytest.raises(ValueError, match=r"^final_width\[0\]: 49 is outside"):
+        validate_widths([49], 1, 48, "final_width")
 
 
 def test_bad_inputs() -> None:
@@ -117,7 +135,7 @@ def test_bad_inputs() -> None:
         sliced_params(dims, [8, 8, 8], final_width=0)
     with pytest.raises(ValueError, match="count:"):
         sliced_params_continuous(dims, [8, 8, 8], count="both")
-    with pytest.raises(ValueError, match="hidden: 0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^hidden: 0 is outside hidden >= 1$"):
         ArchDims(vocab=1, hidden=0, layers=1, intermediate=1, heads=1, kv_heads=1, head_dim=1,
                  qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
 
@@ -128,11 +146,8 @@ def test_bad_inputs() -> None:
         ArchDims.from_config(GPT2Like())
 
 
-@needs_slicing
 @pytest.mark.parametrize("tied", [True, False])
 def test_sliced_count_matches_sliced_structure(tiny_arch: str, tied: bool) -> None:
-    from dynslice.core.slicing import build_sliced_structure
-
     model = make_tiny_model(tiny_arch, tied=tied)
     dims = ArchDims.from_config(model.config)
     widths, final = [40, 24, 33], 45
@@ -141,10 +156,7 @@ def test_sliced_count_matches_sliced_structure(tiny_arch: str, tied: bool) -> No
     assert sliced_params(dims, widths, final).total == numel(model)
 
 
-@needs_slicing
 def test_sliced_count_matches_sliced_structure_with_biases() -> None:
-    from dynslice.core.slicing import build_sliced_structure
-
     model = llama_with_biases()
     dims = ArchDims.from_config(model.config)
     build_sliced_structure(model, [20, 12], final_width=30)
@@ -152,11 +164,8 @@ def test_sliced_count_matches_sliced_structure_with_biases() -> None:
     assert sliced_params(dims, [20, 12], 30).total == numel(model)
 
 
-@needs_slicing
 def test_sliced_count_matches_slice_model(tiny_arch: str) -> None:
     """The real engine on calibration data: every parameter of the result is accounted for."""
-    from dynslice.core.slicing import slice_model
-
     model = make_tiny_model(tiny_arch, tied=True)
     dims = ArchDims.from_config(model.config)
     widths = [32, 40, 16]

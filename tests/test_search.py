@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynslice.core.allocate import sb_grid
-from dynslice.search import SBSearch, default_budget, evals_needed, find_best_sb
+from dynslice.search import SBSearch, best_sb_key, default_budget, evals_needed, find_best_sb
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
 GRIDS = [(0.3, 0.02), (0.3, 0.01), (0.5, 0.02), (0.5, 0.01), (0.2, 0.02), (0.1, 0.02), (0.04, 0.02)]
@@ -146,17 +146,27 @@ def test_deterministic_and_json() -> None:
     assert j["best_sb"] == a.best_sb and len(j["tried"]) == a.n_evals and j["grid_size"] == 16
 
 
+def test_best_sb_rule_lowest_value_then_larger_sb() -> None:
+    """The one best-SB rule (search, sweep and report tables all sort by it)."""
+    rows = [(0.3, 20.0), (0.1, 18.0), (0.2, 18.0), (0.0, 19.0)]  # (sb, perplexity)
+    assert min(rows, key=lambda r: best_sb_key(r[1], r[0])) == (0.2, 18.0)
+    assert best_sb_key(18.0, 0.0) < best_sb_key(18.5, 0.3)  # a lower value beats a larger SB
+    assert best_sb_key(math.inf, 0.3) < best_sb_key(math.inf, 0.1)  # infeasible everywhere: closest to constant
+    # The search applies it to the points it tried: a flat objective picks SB = SP.
+    assert find_best_sb(lambda sb: 1.0, 0.3).best_sb == 0.3
+
+
 def test_single_point_grid() -> None:
     res = find_best_sb(lambda sb: 3.0, 0.0)
     assert (res.best_sb, res.best_value, res.n_evals, res.grid_size) == (0.0, 3.0, 1, 1)
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="^max_evals: 0 must be"):
+    with pytest.raises(ValueError, match="^max_evals: 0 is outside max_evals >= 1$"):
         find_best_sb(lambda sb: sb, 0.3, max_evals=0)
     with pytest.raises(ValueError, match="^sp: 1.0 is outside"):
         find_best_sb(lambda sb: sb, 1.0)
-    with pytest.raises(ValueError, match="^step: -0.02 must be"):
+    with pytest.raises(ValueError, match="^step: -0.02 is outside step > 0$"):
         find_best_sb(lambda sb: sb, 0.3, step=-0.02)
     with pytest.raises(ValueError, match="^objective: "):
         find_best_sb(3.0, 0.3)

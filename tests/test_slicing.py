@@ -9,7 +9,8 @@ import torch
 from conftest import make_batch, make_tiny_model
 
 from dynslice.core.layers import RMSN, SlicedDecoderLayer
-from dynslice.core.slicing import fuse_norms, pca_basis, slice_model, validate_widths
+from dynslice.core.params import validate_widths
+from dynslice.core.slicing import fuse_norms, pca_basis, slice_model
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:

@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from dynslice.core.params import ArchDims, ParamCount, sliced_params, sliced_params_continuous
+from dynslice.core.checks import check_choice, check_int, check_real
+from dynslice.core.params import COUNTS, ArchDims, ParamCount, sliced_params, sliced_params_continuous
 
 BUDGETS = ("width", "params")
 ROUNDINGS = ("total", "reference")
-COUNTS = ("total", "weights")
 _BISECT_ITERS = 200
 
 
@@ -67,27 +67,9 @@ def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
 
 
 def _check_sp_sb(sp: float, sb: float) -> tuple[float, float]:
-    for name, v in (("sp", sp), ("sb", sb)):
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-            raise ValueError(f"{name}: {v!r} is not a finite number")
-    if not 0 <= sp < 1:
-        raise ValueError(f"sp: {sp} is outside 0 <= sp < 1")
-    if not 0 <= sb <= sp:
-        raise ValueError(f"sb: {sb} is outside 0 <= sb <= sp ({sp})")
-    return float(sp), float(sb)
-
-
-def _check_int(name: str, v: Any, low: int, high: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, Integral) or v < low or (high is not None and v > high):
-        rng = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name}: {v!r} is not an integer with {rng}")
-    return int(v)
-
-
-def _check_choice(name: str, v: str, choices: tuple[str, ...]) -> str:
-    if v not in choices:
-        raise ValueError(f"{name}: {v!r} is not one of {', '.join(repr(c) for c in choices)}")
-    return v
+    """``sp`` and ``sb`` as floats when ``0 <= sb <= sp < 1``."""
+    sp = check_real("sp", sp, 0, 1, high_open=True)
+    return sp, check_real("sb", sb, 0, sp, allowed=f"0 <= sb <= sp ({sp})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,8 +124,8 @@ def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
 
 def constant_width(hidden: int, sp: float, round_interval: int) -> int:
     """SliceGPT's width at slice fraction ``sp``: ``int((1-sp)·D)`` rounded down to a multiple of ``round_interval``."""
-    hidden = _check_int("hidden", hidden, 1)
-    round_interval = _check_int("round_interval", round_interval, 1, hidden)
+    hidden = check_int("hidden", hidden, 1)
+    round_interval = check_int("round_interval", round_interval, 1, hidden)
     sp, _ = _check_sp_sb(sp, 0.0)
     width = int((1 - sp) * hidden)
     return width - width % round_interval
@@ -155,8 +137,7 @@ def sb_grid(sp: float, step: float = 0.02) -> list[float]:
     Values are rounded to 10 decimals so that e.g. ``sb_grid(0.3)`` holds 0.28, not 0.27999999999999997.
     """
     sp, _ = _check_sp_sb(sp, 0.0)
-    if isinstance(step, bool) or not isinstance(step, Real) or not (math.isfinite(step) and step > 0):
-        raise ValueError(f"step: {step!r} must be a finite number > 0")
+    step = check_real("step", step, 0, low_open=True)
     count = int(math.floor(sp / step + 1e-9)) + 1
     return [max(0.0, round(sp - k * step, 10)) for k in range(count)]
 
@@ -294,7 +275,7 @@ def redundancy_scores(scores: Sequence[float], metric: str) -> np.ndarray:
     ``cosine`` is redundancy already; ``bi`` (1 - cos) and ``angular`` are distances, so they are negated. The
     allocator is only ever given this function's output.
     """
-    _check_choice("metric", metric, tuple(ORIENTATION))
+    check_choice("metric", metric, tuple(ORIENTATION))
     return normalize_lr(ORIENTATION[metric] * _as_lr(scores))
 
 
@@ -315,7 +296,7 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
     names the file in errors.
     """
     if metric is not None:
-        _check_choice("metric", metric, tuple(ORIENTATION))
+        check_choice("metric", metric, tuple(ORIENTATION))
     if isinstance(obj, list):
         obj = {"lr": obj}
     if isinstance(obj, dict) and "lr" not in obj and "normalized" in obj and "metric" not in obj:
@@ -379,11 +360,11 @@ def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_in
         ValueError: every bad argument, with its name and the allowed range; an ``sb`` that would slice a
             layer entirely; a params budget that no ``s`` with all ``FS_i`` in [0, 1) reaches.
     """
-    hidden = _check_int("hidden", hidden, 1)
-    round_interval = _check_int("round_interval", round_interval, 1, hidden)
-    _check_choice("budget", budget, BUDGETS)
-    _check_choice("count", count, COUNTS)
-    _check_choice("rounding", rounding, ROUNDINGS)
+    hidden = check_int("hidden", hidden, 1)
+    round_interval = check_int("round_interval", round_interval, 1, hidden)
+    check_choice("budget", budget, BUDGETS)
+    check_choice("count", count, COUNTS)
+    check_choice("rounding", rounding, ROUNDINGS)
     sp, sb = _check_sp_sb(sp, sb)
     if dims is not None:
         if not isinstance(dims, ArchDims):
@@ -394,8 +375,8 @@ def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_in
             raise ValueError(f"num_layers: {num_layers} differs from dims.layers ({dims.layers})")
         num_layers = dims.layers
     if num_layers is not None:
-        num_layers = _check_int("num_layers", num_layers, 1)
-    final = hidden if final_width is None else _check_int("final_width", final_width, 1, hidden)
+        num_layers = check_int("num_layers", num_layers, 1)
+    final = hidden if final_width is None else check_int("final_width", final_width, 1, hidden)
     scores = _as_lr(lr, num_layers)
     n_layers = scores.size
     const = constant_width(hidden, sp, round_interval)

@@ -19,7 +19,6 @@ redundant): the cosine itself, or the negated distance for ``bi`` and ``angular`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +44,6 @@ class LRScore:
     def to_json(self) -> dict:
         return {"metric": self.metric, "lr": list(self.raw), "normalized": list(self.normalized),
                 "tokens": self.tokens}
-
-
-def minmax(values: Sequence[float]) -> list[float]:
-    """Min-max normalise to [0, 1]; a constant vector maps to all zeros."""
-    lo, hi = min(values), max(values)
-    if hi - lo <= 0:
-        return [0.0 for _ in values]
-    return [(v - lo) / (hi - lo) for v in values]
 
 
 def _token_metric(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch.Tensor:

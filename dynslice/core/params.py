@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any
 
+from dynslice.core.checks import check_choice, check_int
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: What a parameter budget counts: weights plus shortcut matrices, or the weights alone.
+COUNTS = ("total", "weights")
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,7 @@ class ArchDims:
 
     def __post_init__(self) -> None:
         for name in ("vocab", "hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name}: {value!r} must be an integer >= 1")
+            check_int(name, getattr(self, name), 1)
 
     @classmethod
     def from_config(cls, config: Any) -> ArchDims:
@@ -120,30 +121,25 @@ def _sliced_terms(dims: ArchDims, widths: Sequence[float], final_width: float) -
     return weights, shortcuts
 
 
-def _check_width(name: str, w: Any, hidden: int) -> int:
-    if isinstance(w, bool) or not isinstance(w, Integral):
-        raise ValueError(f"{name}: {w!r} is not an integer (allowed: 1 <= width <= {hidden})")
-    if not 1 <= int(w) <= hidden:
-        raise ValueError(f"{name}: {int(w)} is outside 1 <= width <= {hidden} (the hidden size)")
-    return int(w)
+def check_width(name: str, width: Any, hidden: int) -> int:
+    """One residual-stream width: an integer with ``1 <= width <= hidden``."""
+    return check_int(name, width, 1, hidden, allowed=f"1 <= width <= {hidden} (the hidden size)")
 
 
-def validate_widths(dims: ArchDims, widths: Sequence[int],
-                    final_width: int | None = None) -> tuple[tuple[int, ...], int]:
-    """Check one integer width per layer (and the final width) in ``[1, hidden]``; return them as ints."""
-    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__"):
-        raise ValueError(f"widths: expected a sequence of {dims.layers} integers, got {type(widths).__name__}")
-    widths = list(widths.tolist() if hasattr(widths, "tolist") else widths)
-    if len(widths) != dims.layers:
-        raise ValueError(f"widths: expected one width per layer ({dims.layers}), got {len(widths)}")
-    checked = tuple(_check_width(f"widths[{i}]", w, dims.hidden) for i, w in enumerate(widths))
-    final = dims.hidden if final_width is None else _check_width("final_width", final_width, dims.hidden)
-    return checked, final
+def validate_widths(widths: Sequence[int], num_layers: int, hidden: int, name: str = "widths") -> tuple[int, ...]:
+    """Check one integer width per decoder layer in ``[1, hidden]`` (a sequence, array or tensor); return a tuple."""
+    values = widths.tolist() if hasattr(widths, "tolist") else widths
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name}: expected a sequence of {num_layers} integers, got {type(widths).__name__}")
+    if len(values) != num_layers:
+        raise ValueError(f"{name}: expected one width per decoder layer ({num_layers}), got {len(values)}")
+    return tuple(check_width(f"{name}[{i}]", w, hidden) for i, w in enumerate(values))
 
 
 def sliced_params(dims: ArchDims, widths: Sequence[int], final_width: int | None = None) -> ParamCount:
     """Parameter count of the model sliced to input widths ``widths`` (final width ``final_width``, default D)."""
-    widths, final = validate_widths(dims, widths, final_width)
+    widths = validate_widths(widths, dims.layers, dims.hidden)
+    final = dims.hidden if final_width is None else check_width("final_width", final_width, dims.hidden)
     weights, shortcuts = _sliced_terms(dims, widths, final)
     return ParamCount(weights=int(weights), shortcuts=int(shortcuts))
 
@@ -154,7 +150,6 @@ def sliced_params_continuous(dims: ArchDims, widths: Sequence[float], final_widt
 
     ``count`` is ``"total"`` (weights plus shortcuts) or ``"weights"``.
     """
-    if count not in ("total", "weights"):
-        raise ValueError(f"count: {count!r} is not one of 'total', 'weights'")
+    check_choice("count", count, COUNTS)
     weights, shortcuts = _sliced_terms(dims, list(widths), dims.hidden if final_width is None else final_width)
     return weights + shortcuts if count == "total" else weights

@@ -68,6 +68,19 @@ def mark_untied(config) -> None:
         config.get_text_config().tie_word_embeddings = False
 
 
+class _BodyModule:
+    """A module of the decoder body (``model.model.<attr>``), read and replaced through the adapter."""
+
+    def __init__(self, attr: str, doc: str) -> None:
+        self.attr, self.__doc__ = attr, doc
+
+    def __get__(self, adapter: LlamaLikeAdapter | None, owner: type | None = None):
+        return self if adapter is None else getattr(adapter._body, self.attr)
+
+    def __set__(self, adapter: LlamaLikeAdapter, module: nn.Module) -> None:
+        setattr(adapter._body, self.attr, module)
+
+
 class LlamaLikeAdapter:
     """Adapter for pre-RMSNorm decoders with ``q/k/v/o_proj`` attention and ``gate/up/down_proj`` SwiGLU MLP.
 
@@ -112,25 +125,9 @@ class LlamaLikeAdapter:
 
     # -- the residual stream's ends ----------------------------------------------------------------------------
 
-    @property
-    def embeddings(self) -> nn.Embedding:
-        return self._body.embed_tokens
-
-    @embeddings.setter
-    def embeddings(self, module: nn.Embedding) -> None:
-        self._body.embed_tokens = module
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self._body.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._body.norm
-
-    @final_norm.setter
-    def final_norm(self, module: nn.Module) -> None:
-        self._body.norm = module
+    embeddings = _BodyModule("embed_tokens", "the token embedding (nn.Embedding)")
+    layers = _BodyModule("layers", "the decoder layers (nn.ModuleList)")
+    final_norm = _BodyModule("norm", "the norm before the LM head")
 
     @property
     def head(self) -> nn.Linear:

@@ -18,6 +18,7 @@ import numpy as np
 from torch import nn
 
 from dynslice.core.adapters import get_adapter
+from dynslice.core.checks import check_int
 from dynslice.core.params import ArchDims, dense_params
 
 
@@ -31,8 +32,8 @@ def deletion_order(bi: Sequence[float]) -> list[int]:
 
 def params_after_deletion(dims: ArchDims, n_deleted: int) -> int:
     """Dense parameter count with ``n_deleted`` decoder layers removed (all layers have the same shape)."""
-    if isinstance(n_deleted, bool) or not isinstance(n_deleted, int) or not 0 <= n_deleted < dims.layers:
-        raise ValueError(f"n_deleted: {n_deleted!r} is outside 0 <= n_deleted < {dims.layers} (the layer count)")
+    check_int("n_deleted", n_deleted, 0, dims.layers - 1,
+              allowed=f"0 <= n_deleted < {dims.layers} (the layer count)")
     return dense_params(dataclasses.replace(dims, layers=dims.layers - n_deleted))
 
 

@@ -101,7 +101,7 @@ def pct_change(new: float, old: float) -> float:
 
 # --------------------------------------------------------------------------------------------------- headlines
 def pick_best(rows: pd.DataFrame, col: str) -> pd.Series:
-    """The row with the lowest ``col``; ties go to the larger SB (the rule of :func:`dynslice.sweep.best_dynamic`)."""
+    """The row with the lowest ``col``; ties go to the larger SB (as :func:`dynslice.profiles.best_dynamic`)."""
     if rows.empty:
         raise ValueError(f"rows: no candidate rows to choose the best {col} from")
     order = sorted(range(len(rows)), key=lambda i: (float(rows[col].iloc[i]), -float(rows["sb"].iloc[i])))

@@ -128,7 +128,7 @@ if [[ "$MODE" == plan ]]; then
 fi
 # ---------------------------------------------------------------------------------------------- the run
 NAME="$("$PY" -c 'import sys
-from dynslice.sweep import load_profile
+from dynslice.profiles import load_profile
 try:
     print(load_profile(sys.argv[1]).name)
 except ValueError as e:
@@ -199,7 +199,7 @@ import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
 from dynslice.notebook import tidy_streams
-from dynslice.sweep import load_profile
+from dynslice.profiles import load_profile
 
 profile, root, figures, only, results = sys.argv[1:6]
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

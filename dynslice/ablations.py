@@ -117,10 +117,11 @@ class AblationConfig:
 
 
 def settings_path() -> Path:
-    """``configs/ablations/06_ablations.yaml``: the ablation settings of each profile (notebook 06)."""
-    from dynslice.paths import PROJECT_ROOT
+    """``dynslice/profiles/ablations/06_ablations.yaml`` (package data): the ablation settings of each profile
+    (notebook 06)."""
+    from importlib import resources
 
-    return PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml"
+    return Path(str(resources.files("dynslice.profiles").joinpath("ablations", "06_ablations.yaml")))
 
 
 def load_config(path: str | Path, profile: str) -> AblationConfig | None:

@@ -13,10 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynslice.paths import configure_hf_cache
 
-METRIC_CHOICES = ["cosine", "bi", "angular", "redundancy"]
+if TYPE_CHECKING:
+    from dynslice.config import RunConfig
+
+#: Marks a flag whose default is its RunConfig field's (or its protocol's).
+_FIELD_DEFAULT = object()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,9 +31,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _at_least(low: int):
-    """argparse type: an integer >= ``low``."""
-    def parse(text: str) -> int:
+def _at_least(low: int, none: bool = False):
+    """argparse type: an integer >= ``low`` (``none``: or the word ``none``, for ``None``)."""
+    def parse(text: str) -> int | None:
+        if none and text == "none":
+            return None
         try:
             value = int(text)
         except ValueError:
@@ -53,37 +60,112 @@ def _finite(text: str) -> float:
     return value
 
 
+def _number_or_auto(text: str) -> float | str:
+    """argparse type of ``--sb``: a finite number, or ``auto``."""
+    from dynslice.config import AUTO
+
+    if text == AUTO:
+        return AUTO
+    try:
+        return _finite(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, sp] nor '{AUTO}'") from None
+
+
+def _default_text(name: str) -> str:
+    """A field's default as ``--help`` shows it: its value, or each protocol's for a protocol setting."""
+    from dynslice.config import PROTOCOL_SETTINGS, PROTOCOLS, default_of
+
+    if name in PROTOCOL_SETTINGS:
+        return "the protocol's: " + ", ".join(f"{v} ({p})" for p, v in zip(PROTOCOLS, PROTOCOL_SETTINGS[name]))
+    value = default_of(name)
+    return " ".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _field_arg(p, name: str, *flags: str, default: object = _FIELD_DEFAULT, **overrides) -> None:
+    """Add RunConfig field ``name`` to ``p`` with the type, choices, default and help of its
+    :class:`~dynslice.config.Option`.
+
+    Without ``flags`` the field's own spellings are used and the value lands in ``args.<name>``; with ``flags``
+    (another command's spelling, e.g. ``lr --dataset`` for ``lr_dataset``) argparse names it after the flag.
+    ``default=argparse.SUPPRESS`` leaves an absent flag out of the namespace, so that RunConfig's own default (or
+    the protocol's) applies. ``overrides`` replace any argparse keyword (``type``, ``help``, ``required``, ...).
+    """
+    from dynslice.config import OPTIONS, default_of
+
+    opt = OPTIONS[name]
+    to_config = default is argparse.SUPPRESS  # the value goes to a RunConfig, which fills what is absent
+    spec: dict = {} if flags else {"dest": name}
+    flags = flags or opt.flags or (f"--{name.replace('_', '-')}",)
+    spec["default"] = default_of(name) if default is _FIELD_DEFAULT else default
+    shown = _default_text(name) if to_config else spec["default"]
+    if isinstance(shown, tuple):
+        shown = " ".join(shown)
+    if opt.kind == "bool":
+        spec["action"] = argparse.BooleanOptionalAction
+    elif opt.kind == "names":
+        spec.update(nargs="*" if default_of(name) == () else "+", metavar="NAME")
+    elif opt.kind == "int":  # in a RunConfig, an optional field whose default is a number may be set to None
+        spec["type"] = _at_least(opt.low or 0, none=to_config and opt.optional and default_of(name) is not None)
+    elif opt.kind in ("float", "sb"):
+        spec["type"] = _finite if opt.kind == "float" else _number_or_auto
+    text = overrides.pop("help", opt.help)
+    if opt.choices and opt.cli_choices and opt.kind != "names":
+        spec["choices"] = opt.choices
+    elif opt.choices:  # checked after parsing, with the field's name in the error
+        text += f"; one of {', '.join(opt.choices)}"
+    spec.update(overrides)
+    if spec.get("required"):
+        spec.pop("default", None)
+    elif shown not in (None, ""):
+        text += f" (default: {shown})"
+    p.add_argument(*flags, help=text, **spec)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model spec: smollm2-135m, a hub id, a folder or a .gguf file")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--seed", type=_at_least(0), default=42)
-    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    _field_arg(p, "model", "--model", required=True)
+    for name in ("dtype", "device", "seed", "batch_size"):
+        _field_arg(p, name, f"--{name.replace('_', '-')}")
     p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out")
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """Every RunConfig field as a flag of ``dynslice run`` (absent flags keep the field's default)."""
+    from dynslice.config import OPTIONS
+
+    for name in OPTIONS:
+        _field_arg(p, name, default=argparse.SUPPRESS, required=name in ("model", "sp", "sb"))
+    p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out "
+                                                            "(and at --save-model)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun and replace the record even if --out already holds this config's record")
+    p.add_argument("--out", required=True)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from dynslice.core.allocate import ORIENTATION
+
+    lr_file_metrics = tuple(ORIENTATION)  # the metrics an LR file may state (``redundancy``: already oriented)
     p = _Parser(prog="dynslice", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     lr = sub.add_parser("lr", help="Layer Redundancy score of a dense model")
     _model_args(lr)
-    lr.add_argument("--dataset", default="wiki")
-    lr.add_argument("--nsamples", type=_at_least(1), default=32)
-    lr.add_argument("--seqlen", type=_at_least(2), default=512)
-    lr.add_argument("--metric", default="cosine", choices=["cosine", "bi", "angular"])
+    _field_arg(lr, "lr_dataset", "--dataset")
+    _field_arg(lr, "lr_nsamples", "--nsamples", help="LR windows")
+    _field_arg(lr, "lr_seqlen", "--seqlen")
+    _field_arg(lr, "lr_metric", "--metric")
     lr.add_argument("--out", required=True)
 
     al = sub.add_parser("allocate", help="per-layer widths from an LR file")
     al.add_argument("--lr", required=True, help="LR JSON written by `dynslice lr`, {\"lr\": [...]} or a bare list")
-    al.add_argument("--lr-metric", default=None, choices=METRIC_CHOICES,
+    al.add_argument("--lr-metric", default=None, choices=lr_file_metrics,
                     help="metric of a hand-written LR file that does not state one")
-    al.add_argument("--sp", type=_finite, required=True)
-    al.add_argument("--sb", type=_finite, required=True)
-    al.add_argument("--round-interval", type=int, default=8)
-    al.add_argument("--rounding", default="total", choices=["total", "reference"])
-    al.add_argument("--budget", default="width", choices=["width", "params"])
-    al.add_argument("--count", default="total", choices=["total", "weights"])
+    _field_arg(al, "sp", "--sp", required=True)
+    _field_arg(al, "sb", "--sb", type=_finite, required=True, help="slicing base SB, a number in [0, sp]")
+    _field_arg(al, "round_interval", "--round-interval", type=int)  # the allocator names its range (1..64)
+    for name in ("rounding", "budget", "count"):
+        _field_arg(al, name, f"--{name}")
     al.add_argument("--model", default=None, help="model spec (its config is needed for --budget params)")
     al.add_argument("--hidden", type=_at_least(1), default=None,
                     help="dense width D, for an LR file that does not record it")
@@ -94,78 +176,43 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(sl)
     g = sl.add_mutually_exclusive_group(required=True)
     g.add_argument("--widths", help="widths JSON written by `dynslice allocate` (or a JSON list)")
-    g.add_argument("--sp", type=_finite)
-    sl.add_argument("--sb", type=_finite, default=None)
+    _field_arg(g, "sp", "--sp", default=None)
+    _field_arg(sl, "sb", "--sb", type=_finite, default=None, help="slicing base SB, a number in [0, sp] (default: sp)")
     sl.add_argument("--lr", default=None, help="LR JSON; computed on the calibration data when omitted")
-    sl.add_argument("--lr-metric", default=None, choices=METRIC_CHOICES,
+    sl.add_argument("--lr-metric", default=None, choices=lr_file_metrics,
                     help="metric of a hand-written LR file that does not state one")
-    sl.add_argument("--round-interval", type=int, default=8)
-    sl.add_argument("--rounding", default="total", choices=["total", "reference"])
-    sl.add_argument("--budget", default="width", choices=["width", "params"])
-    sl.add_argument("--cal-dataset", default="wiki")
-    sl.add_argument("--cal-nsamples", type=_at_least(1), default=32)
-    sl.add_argument("--cal-seqlen", type=_at_least(2), default=512)
+    _field_arg(sl, "round_interval", "--round-interval", type=int)
+    for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen"):
+        _field_arg(sl, name, f"--{name.replace('_', '-')}")
     sl.add_argument("--out", required=True, help="folder for the sliced model")
     sl.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
                     help="read one layer at a time from safetensors (auto: when the model does not fit in RAM)")
 
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _model_args(ev)
-    ev.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
-    ev.add_argument("--ppl-seqlen", type=_at_least(2), default=512)
-    ev.add_argument("--ppl-protocol", default="slicegpt", choices=["slicegpt", "paper"])
-    ev.add_argument("--ppl-max-chunks", type=_at_least(1), default=None)
-    ev.add_argument("--ppl-nsamples", type=_at_least(1), default=None)
-    ev.add_argument("--tasks", nargs="*", default=[], metavar="T")
-    ev.add_argument("--limit", type=_at_least(1), default=None)
+    for name in ("ppl_datasets", "ppl_seqlen", "ppl_protocol", "ppl_max_chunks", "ppl_nsamples", "tasks",
+                 "task_limit"):
+        _field_arg(ev, name)
     ev.add_argument("--out", required=True)
 
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
-    _model_args(rn)
-    rn.set_defaults(dtype=None)  # the protocol's (fp32 for dynslice, fp16 for reference)
-    rn.add_argument("--sp", type=_finite, required=True)
-    rn.add_argument("--sb", required=True, help="a number in [0, sp], or 'auto'")
-    rn.add_argument("--budget", default="width", choices=["width", "params"])
-    rn.add_argument("--count", default="total", choices=["total", "weights"])
-    rn.add_argument("--protocol", default="dynslice", choices=["dynslice", "reference"],
-                    help="defaults of the settings below (dynslice.protocol); explicit flags win")
-    rn.add_argument("--round-interval", type=int, default=None, help="default: the protocol's (8 or 1)")
-    rn.add_argument("--rounding", default=None, choices=["total", "reference"], help="default: the protocol's")
-    rn.add_argument("--lr-dataset", default="wiki")
-    rn.add_argument("--lr-nsamples", type=_at_least(1), default=32)
-    rn.add_argument("--lr-seqlen", type=_at_least(2), default=None, help="default: the protocol's (512 or 1024)")
-    rn.add_argument("--lr-metric", default="cosine", choices=["cosine", "bi", "angular"])
-    rn.add_argument("--cal-dataset", default="wiki")
-    rn.add_argument("--cal-nsamples", type=_at_least(1), default=32)
-    rn.add_argument("--cal-seqlen", type=_at_least(2), default=512)
-    rn.add_argument("--ppl", nargs="+", default=["wiki"], metavar="NAME")
-    rn.add_argument("--ppl-seqlen", type=_at_least(2), default=512)
-    rn.add_argument("--ppl-protocol", default=None, choices=["slicegpt", "paper", "documents"],
-                    help="default: the protocol's")
-    rn.add_argument("--ppl-max-chunks", type=_at_least(1), default=None)
-    rn.add_argument("--ppl-nsamples", type=_at_least(1), default=None)
-    rn.add_argument("--tasks", nargs="*", default=[], metavar="T")
-    rn.add_argument("--limit", type=_at_least(1), default=None)
-    rn.add_argument("--save-model", default=None, help="also save the sliced model to this folder")
-    rn.add_argument("--force", action="store_true",
-                    help="rerun and replace the record even if --out already holds this config's record")
-    rn.add_argument("--out", required=True)
+    _run_args(rn)
 
     pl = sub.add_parser("plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a "
                                      "profile (--profile)")
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model spec, or a folder holding only config.json")
-    what.add_argument("--profile", help="a profile (smoke, cpu, paper or a YAML file): list its runs and their cost")
+    what.add_argument("--profile", help=f"a profile ({_profile_names()} or a YAML file): list its runs and their cost")
     pl.add_argument("--shards", type=_at_least(1), default=1, help="with --profile: the hours of N shards")
     pl.add_argument("--gpu-tflops", type=_finite, default=None,
                     help="with --profile: assumed effective GPU throughput (default 125; no GPU was measured)")
     pl.add_argument("--list", action="store_true", help="with --profile: print every run and its predicted time")
-    pl.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
-    pl.add_argument("--device", default="cpu", help="where layers are computed: cpu or cuda[:N]")
-    pl.add_argument("--batch-size", type=_at_least(1), default=8)
-    pl.add_argument("--cal-nsamples", type=_at_least(1), default=128)
-    pl.add_argument("--cal-seqlen", type=_at_least(2), default=2048)
-    pl.add_argument("--sp", type=_finite, default=0.3, help="constant slicing fraction used for the output size")
+    _field_arg(pl, "dtype", "--dtype", default="bf16")
+    _field_arg(pl, "device", "--device")
+    _field_arg(pl, "batch_size", "--batch-size")
+    _field_arg(pl, "cal_nsamples", "--cal-nsamples", default=128)  # the paper's calibration size
+    _field_arg(pl, "cal_seqlen", "--cal-seqlen", default=2048)
+    _field_arg(pl, "sp", "--sp", default=0.3, help="constant slicing fraction used for the output size")
     pl.add_argument("--stream", default="auto", choices=["auto", "on", "off"])
     pl.add_argument("--host-gib", type=_finite, default=None, help="host RAM to plan for (default: available now)")
     pl.add_argument("--gpu-gib", type=_finite, default=None, help="GPU memory to plan for (default: free now)")
@@ -201,8 +248,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _profile_names() -> str:
+    from dynslice.profiles import shipped_profiles
+
+    return ", ".join(shipped_profiles())
+
+
 def _profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, help="smoke, cpu, paper or a profile YAML file")
+    p.add_argument("--profile", required=True, help=f"{_profile_names()} or a profile YAML file")
     p.add_argument("--root", default="results", help="records go to <root>/<profile>/runs/")
 
 
@@ -233,18 +286,18 @@ def _read_widths(spec: str) -> list[int]:
     return widths
 
 
-def _check_model(a: argparse.Namespace, *, dense: bool) -> None:
+def _check_model(command: str, model: str, dtype: str, device: str, *, dense: bool) -> None:
     """Validate ``--model``, ``--dtype`` and ``--device`` before any work; ``dense`` refuses sliced models."""
     from dynslice.models import parse_device, parse_dtype, resolve_spec
 
-    parse_dtype(a.dtype)
-    parse_device(a.device)
-    r = resolve_spec(a.model)
+    parse_dtype(dtype)
+    parse_device(device)
+    r = resolve_spec(model)
     if dense and r.kind == "sliced":
         from dynslice.io import read_sliced_meta
 
         base = read_sliced_meta(r.location)["base_model"]
-        raise ValueError(f"model: {a.model} is already sliced (from {base}); {a.command} needs a dense model, "
+        raise ValueError(f"model: {model} is already sliced (from {base}); {command} needs a dense model, "
                          f"such as its base model {base}")
 
 
@@ -268,15 +321,15 @@ def _check_lr_fits(a: argparse.Namespace, redundancy, dims) -> None:
 
 def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets: str) -> None:
     """Dataset and task names, checked before any model is loaded."""
-    from dynslice.data import ALL_DATASETS
+    from dynslice.config import DATASETS
     from dynslice.evaluate import METRIC
 
     for param, name in datasets.items():
-        if name not in ALL_DATASETS:
-            raise ValueError(f"{param}: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)}")
+        if name not in DATASETS:
+            raise ValueError(f"{param}: {name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
     for name in ppl:
-        if name not in ALL_DATASETS:
-            raise ValueError(f"ppl: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)}")
+        if name not in DATASETS:
+            raise ValueError(f"ppl: {name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
     unknown = [t for t in tasks if t not in METRIC]
     if unknown:
         raise ValueError(f"tasks: {unknown} are not known tasks; known tasks are {', '.join(sorted(METRIC))}")
@@ -292,7 +345,7 @@ def _cmd_lr(a: argparse.Namespace) -> None:
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     _check_names(dataset=a.dataset)
-    _check_model(a, dense=True)
+    _check_model(a.command, a.model, a.dtype, a.device, dense=True)
     model = load_model(a.model, a.dtype, a.device)
     _check_context(model.config, seqlen=a.seqlen)
     tok = load_tokenizer(a.model)
@@ -339,8 +392,8 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     from dynslice import data
     from dynslice.core.allocate import _check_sp_sb, allocate, redundancy_scores
     from dynslice.core.lr import layer_redundancy
-    from dynslice.core.params import ArchDims
-    from dynslice.core.slicing import slice_model, validate_widths
+    from dynslice.core.params import ArchDims, validate_widths
+    from dynslice.core.slicing import slice_model
     from dynslice.io import read_lr, save_sliced
     from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_model_out
@@ -354,7 +407,7 @@ def _cmd_slice(a: argparse.Namespace) -> None:
                                  "given); drop one of them")
         widths = _read_widths(a.widths)
     _check_names(cal_dataset=a.cal_dataset)
-    _check_model(a, dense=True)
+    _check_model(a.command, a.model, a.dtype, a.device, dense=True)
     redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
     placement = _slice_plan(a)  # printed once every input has been checked, just before the work starts
     if placement is not None and placement.mode == "stream":
@@ -396,8 +449,14 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     save_sliced(model, out, a.model, tok, extra=extra, overwrite=a.overwrite)
 
 
+def _config_from(a: argparse.Namespace, **fixed) -> RunConfig:
+    """The RunConfig of the fields in ``a`` (flags made by :func:`_field_arg`), then ``fixed``."""
+    from dynslice.config import OPTIONS, RunConfig
+
+    return RunConfig(**{**{k: v for k, v in vars(a).items() if k in OPTIONS}, **fixed})
+
+
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from dynslice.config import RunConfig
     from dynslice.core.adapters import count_parameters
     from dynslice.jsonio import write_json
     from dynslice.models import load_model, load_tokenizer
@@ -405,12 +464,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.pipeline import evaluate_model, versions
 
     out = check_json_out(a.out, overwrite=a.overwrite)
-    _check_names(ppl=a.ppl, tasks=a.tasks)
-    _check_model(a, dense=False)
-    cfg = RunConfig(model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, sp=0.0, sb=0.0,
-                    batch_size=a.batch_size, ppl_datasets=tuple(a.ppl), ppl_seqlen=a.ppl_seqlen,
-                    ppl_protocol=a.ppl_protocol, ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples,
-                    tasks=tuple(a.tasks), task_limit=a.limit)
+    _check_names(ppl=a.ppl_datasets, tasks=a.tasks)
+    _check_model(a.command, a.model, a.dtype, a.device, dense=False)
+    cfg = _config_from(a, sp=0.0, sb=0.0)
     model = load_model(a.model, a.dtype, a.device)
     _check_context(model.config, ppl_seqlen=a.ppl_seqlen)
     tok = load_tokenizer(a.model)
@@ -425,38 +481,22 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
-    from dynslice.config import AUTO, RunConfig
     from dynslice.jsonio import read_json
     from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
     from dynslice.pipeline import Workbench, run
 
-    if a.sb == AUTO:
-        sb: float | str = AUTO
-    else:
-        try:
-            sb = _finite(a.sb)
-        except argparse.ArgumentTypeError:
-            raise ValueError(f"sb: {a.sb!r} is neither a number in [0, sp] nor 'auto'") from None
-    cfg = RunConfig(model=a.model, protocol=a.protocol, dtype=a.dtype, device=a.device, seed=a.seed, sp=a.sp, sb=sb,
-                    budget=a.budget, count=a.count, round_interval=a.round_interval, rounding=a.rounding,
-                    lr_metric=a.lr_metric, lr_dataset=a.lr_dataset,
-                    lr_nsamples=a.lr_nsamples, lr_seqlen=a.lr_seqlen, cal_dataset=a.cal_dataset,
-                    cal_nsamples=a.cal_nsamples, cal_seqlen=a.cal_seqlen, batch_size=a.batch_size,
-                    ppl_datasets=tuple(a.ppl), ppl_protocol=a.ppl_protocol, ppl_seqlen=a.ppl_seqlen,
-                    ppl_max_chunks=a.ppl_max_chunks, ppl_nsamples=a.ppl_nsamples, tasks=tuple(a.tasks),
-                    task_limit=a.limit, save_dir=a.save_model)
+    cfg = _config_from(a)
     out = Path(a.out) if a.out and a.out.strip() else None
     done = (out is not None and not a.force and out.is_file() and is_dynslice_record(out)
             and read_json(out).get("config") == cfg.to_json())
     if done:
         return  # this config's record is already there: nothing to do
     out = check_json_out(a.out, overwrite=a.overwrite or a.force)
-    if a.save_model is not None:
-        check_model_out(a.save_model, overwrite=a.overwrite, param="save_model")
-    _check_names(ppl=a.ppl, tasks=a.tasks, lr_dataset=a.lr_dataset, cal_dataset=a.cal_dataset)
-    a.dtype = cfg.dtype  # the protocol's default when --dtype was not given
-    _check_model(a, dense=True)
+    if cfg.save_dir is not None:
+        check_model_out(cfg.save_dir, overwrite=a.overwrite, param="save_model")
+    _check_names(tasks=cfg.tasks)  # the datasets are checked by the config
+    _check_model(a.command, cfg.model, cfg.dtype, cfg.device, dense=True)
     model = load_model(cfg.model, cfg.dtype, cfg.device)
     _check_context(model.config, lr_seqlen=cfg.lr_seqlen, cal_seqlen=cfg.cal_seqlen, ppl_seqlen=cfg.ppl_seqlen)
     bench = Workbench(cfg.model, cfg.dtype, cfg.device, _model=model, _tokenizer=load_tokenizer(cfg.model))
@@ -591,8 +631,9 @@ def _cmd_plan(a: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(a: argparse.Namespace) -> None:
-    from dynslice.shard import missing_text, parse_shard, profile_missing, run_phase
-    from dynslice.sweep import load_profile, run_name
+    from dynslice.profiles import load_profile, run_name
+    from dynslice.shard import parse_shard
+    from dynslice.sweep import missing_text, profile_missing, run_phase
 
     profile = load_profile(a.profile)
     shard = parse_shard(a.shard) if a.shard is not None else None
@@ -633,7 +674,7 @@ COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval
 
 def _one_line(command: str, kind: str, message: object) -> str:
     text = " ".join(str(message).split()) or type(message).__name__
-    return f"dynslice {command}: {kind}: {text}"
+    return f"{command}: {kind}: {text}"
 
 
 def _interrupt_tracker() -> tuple[list[int], object]:
@@ -654,33 +695,34 @@ def _interrupt_tracker() -> tuple[list[int], object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynslice`` command: 0 done, 2 bad input, 1 failure, 130 interrupted."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
-        return e.code if isinstance(e.code, int) else 2
-    configure_hf_cache()
+    # Ctrl-C is caught from the start: building the parser imports torch (through the run configuration).
     seen, previous = _interrupt_tracker()
-    # on a line of its own: a progress bar may be half-drawn when Ctrl-C comes
-    interrupted = f"\ndynslice {args.command}: interrupted; nothing half-written was left at the output"
+    command = "dynslice"
     try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
+            return e.code if isinstance(e.code, int) else 2
+        command = f"dynslice {args.command}"
+        configure_hf_cache()
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        print(_interrupted(command), file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if seen:
-            print(interrupted, file=sys.stderr)
+            print(_interrupted(command), file=sys.stderr)
             return 130
-        print(_one_line(args.command, "error", e), file=sys.stderr)
+        print(_one_line(command, "error", e), file=sys.stderr)
         return 2
     except Exception as e:  # a failure that is not the input's fault: one line, the traceback on request
         if seen:
-            print(interrupted, file=sys.stderr)
+            print(_interrupted(command), file=sys.stderr)
             return 130
         if os.environ.get("DYNSLICE_DEBUG"):
             raise
-        print(_one_line(args.command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the "
-                                                 "traceback)"), file=sys.stderr)
+        print(_one_line(command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the "
+                                           "traceback)"), file=sys.stderr)
         return 1
     finally:
         if previous is not None:
@@ -688,6 +730,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "out", None):
         print(f"wrote {Path(args.out)}")
     return 0
+
+
+def _interrupted(command: str) -> str:
+    # on a line of its own: a progress bar may be half-drawn when Ctrl-C comes
+    return f"\n{command}: interrupted; nothing half-written was left at the output"
 
 
 if __name__ == "__main__":  # pragma: no cover

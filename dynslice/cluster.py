@@ -1,6 +1,6 @@
 """A cluster: a profile as a Slurm job array through ``submitit``, one shard per array task, in two phases.
 
-Each task runs :func:`dynslice.shard.run_phase` for its shard; finished records are skipped, so a failed or
+Each task runs :func:`dynslice.sweep.run_phase` for its shard; finished records are skipped, so a failed or
 pre-empted task reruns only its unfinished runs (on pre-emption or timeout submitit requeues the task through
 :meth:`ShardTask.checkpoint`). The zero-shot phase is a second array that starts when the sweep array is done
 (a Slurm ``afterany`` dependency; with the local executor, after waiting). Install with ``pip install
@@ -26,8 +26,8 @@ class ShardTask:
     phase: str
 
     def __call__(self) -> dict[str, int]:
-        from dynslice.shard import run_phase
-        from dynslice.sweep import load_profile
+        from dynslice.profiles import load_profile
+        from dynslice.sweep import run_phase
 
         results = run_phase(load_profile(self.profile), self.root, self.phase, shard=(self.k, self.n))
         return {"ran": sum(len(r.ran) for r in results), "skipped": sum(len(r.skipped) for r in results),
@@ -58,7 +58,7 @@ def submit(profile: str, root: str | Path, shards: int, *, cluster: str | None =
     ``gpus_per_node``). With the local executor (no dependencies) the first array is waited for before the
     second is submitted; ``wait`` also waits for the second.
     """
-    from dynslice.sweep import load_profile
+    from dynslice.profiles import load_profile
 
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards: {shards!r} is outside shards >= 1")

@@ -8,7 +8,8 @@ an automatic-SB run slices once per SB it tries. The FLOPs of one token through 
 weights plus the attention over the sequence; the LM head adds ``2 x vocab x hidden``.
 
 Seconds = FLOPs / throughput. The CPU throughput is measured (``bench/results/slicing_cpu.json``: tokens/s of
-SmolLM2's forward pass on this project's CPUs). No GPU figure has been measured yet, so GPU hours are a
+SmolLM2's forward pass on this project's CPUs; the package carries a copy, ``dynslice/measured/``, so that an
+installed package plans without the repository). No GPU figure has been measured yet, so GPU hours are a
 **CPU-scaled estimate**: the same FLOP counts and the CPU's measured phase ratios, divided by an assumed effective
 GPU throughput (``gpu_tflops``; default 125 TFLOP/s, about 40 % of an A100's fp16 peak). Every figure says which.
 Zero-shot request sizes are approximations of the lm-eval tasks (documents x choices x tokens), not measurements.
@@ -16,17 +17,21 @@ Zero-shot request sizes are approximations of the lm-eval tasks (documents x cho
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dynslice.config import RunConfig
 from dynslice.memory import Shapes
+from dynslice.profiles import Profile, load_profile, run_name, sweep_configs
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "results" / "slicing_cpu.json"
+#: The measured CPU throughput: a copy of ``bench/results/slicing_cpu.json`` in the package (``dynslice.measured``).
+BENCH = "slicing_cpu.json"
 DEFAULT_GPU_TFLOPS = 125.0
 #: Shapes of the paper's models, so that a plan needs neither the hub nor a download (config.json values).
 KNOWN_SHAPES = {
@@ -140,10 +145,13 @@ def lr_flops(cfg: RunConfig, shapes: Shapes | None = None) -> float:
 
 
 @lru_cache(maxsize=4)
-def _cpu_bench(path: str) -> tuple[float, float]:
-    from dynslice.jsonio import read_json
-
-    b = read_json(path)
+def _cpu_bench(path: str | None) -> tuple[float, float]:
+    """FLOP/s and slicing ratio of a CPU benchmark file (``None``: the copy shipped in the package)."""
+    if path is None:
+        text = resources.files("dynslice.measured").joinpath(BENCH).read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    b = json.loads(text)
     s = KNOWN_SHAPES[b["model"]]
     floor = b["floor"]
     flops = floor["tokens_per_s"] * token_flops(s, b["seqlen"], head=False)
@@ -151,15 +159,16 @@ def _cpu_bench(path: str) -> tuple[float, float]:
     return flops, (sum(ratios) / len(ratios) if ratios else SLICING_RATIO)
 
 
-def throughput(device: str, gpu_tflops: float | None = None, bench: str | Path = BENCH) -> Throughput:
+def throughput(device: str, gpu_tflops: float | None = None, bench: str | Path | None = None) -> Throughput:
     """The throughput for ``device`` (``cpu`` or ``cuda``): measured on the CPU, CPU-scaled on a GPU."""
-    cpu_flops, ratio = _cpu_bench(str(bench))
+    cpu_flops, ratio = _cpu_bench(None if bench is None else str(bench))
+    source = Path(bench).name if bench is not None else BENCH
     if device.startswith("cpu"):
-        return Throughput(cpu_flops, "cpu", f"measured: {cpu_flops / 1e9:.0f} GFLOP/s ({Path(bench).name})", ratio)
+        return Throughput(cpu_flops, "cpu", f"measured: {cpu_flops / 1e9:.0f} GFLOP/s ({source})", ratio)
     tf = DEFAULT_GPU_TFLOPS if gpu_tflops is None else gpu_tflops
     if not tf > 0:
         raise ValueError(f"gpu_tflops: {tf} is outside gpu_tflops > 0")
-    return Throughput(tf * 1e12, "gpu", (f"CPU-scaled estimate: phase ratios measured on CPU ({Path(bench).name}), "
+    return Throughput(tf * 1e12, "gpu", (f"CPU-scaled estimate: phase ratios measured on CPU ({source}), "
                                         f"assumed {tf:.0f} TFLOP/s effective on the GPU"), ratio)
 
 
@@ -185,7 +194,7 @@ def kind_of(cfg: RunConfig) -> str:
     return "dynamic+zs" if cfg.tasks else "dynamic"
 
 
-def predicted_zero_shot(profile: Any) -> list[RunConfig]:
+def predicted_zero_shot(profile: Profile) -> list[RunConfig]:
     """The best-SB zero-shot runs the profile will have (their SB is not known before the sweep: SP/2 stands in)."""
     if not profile.tasks:
         return []
@@ -226,8 +235,6 @@ def _wall_hours(configs: Sequence[RunConfig], shards: int, tp_of, lr_h: Mapping[
 def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) -> dict[str, Any]:
     """The runs of a profile and their predicted hours (per model, in all, in ``shards`` shards), and what the
     automatic SB search saves against the full fixed-SB grid. JSON-ready."""
-    from dynslice.sweep import load_profile, run_name, sweep_configs
-
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards: {shards!r} is outside shards >= 1")
     profile = load_profile(name)

@@ -53,7 +53,7 @@ def launch(profile: str, root: str | Path, *, gpus: Sequence[str] | None = None,
 
     Returns 0 when every shard of every phase exited 0, else 1 (a failed phase stops before the next one).
     """
-    from dynslice.sweep import load_profile
+    from dynslice.profiles import load_profile
 
     if (gpus is None) == (processes is None):
         raise ValueError("gpus: give either gpus or processes")

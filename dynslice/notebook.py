@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 from dynslice.paths import PROJECT_ROOT, configure_hf_cache
 
 if TYPE_CHECKING:
-    from dynslice.sweep import Profile
+    from dynslice.profiles import Profile
 
 
 def _abs(path: str | Path) -> Path:
-    """``path`` itself if absolute, else relative to the repository (wherever Jupyter runs)."""
+    """``path`` itself if absolute, else relative to the repository when dynslice runs from a checkout (wherever
+    Jupyter runs), else to the working directory."""
     p = Path(path)
-    return p if p.is_absolute() else PROJECT_ROOT / p
+    return p if p.is_absolute() else (PROJECT_ROOT or Path.cwd()) / p
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def setup(profile: str, root: str | Path = "results", figures: str | Path = "fig
     import pandas as pd
     import seaborn as sns
 
-    from dynslice.sweep import load_profile
+    from dynslice.profiles import load_profile
 
     prof = load_profile(profile)
     root_dir = _abs(root)

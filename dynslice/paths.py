@@ -5,12 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+def _checkout() -> Path | None:
+    """The repository this package runs from (an editable install or ``PYTHONPATH``), or ``None`` when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "run_all.sh").is_file() else None
+
+
+#: The repository checkout holding the package, or ``None`` for an installed package (no notebooks, no results).
+PROJECT_ROOT: Path | None = _checkout()
 
 
 def cache_dir() -> Path:
-    """The project's cache folder: ``$DYNSLICE_CACHE`` or ``<project>/.cache``; created on first use."""
-    root = Path(os.environ.get("DYNSLICE_CACHE", PROJECT_ROOT / ".cache"))
+    """The project's cache folder, created on first use: ``$DYNSLICE_CACHE``, else ``<checkout>/.cache``, else
+    ``$XDG_CACHE_HOME/dynslice`` (``~/.cache/dynslice``) for an installed package."""
+    if os.environ.get("DYNSLICE_CACHE"):
+        root = Path(os.environ["DYNSLICE_CACHE"])
+    elif PROJECT_ROOT is not None:
+        root = PROJECT_ROOT / ".cache"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynslice"
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -2,9 +2,9 @@
 
 ``reference`` does what the authors' code does (RazvanDu/DynamicSlicing: ``calculate_LR.py`` and ``short_hf.py``
 for LR, its SliceGPT fork for calibration, slicing and perplexity); ``dynslice`` is this library's own, more
-careful protocol. A protocol only sets defaults: a run config (profile key or CLI flag) may override any setting,
-and the run record lists every setting that differs from ``dynslice`` and from the chosen protocol
-(:func:`differences`).
+careful protocol. A protocol only sets defaults (:data:`dynslice.config.PROTOCOL_SETTINGS`, next to the run
+configuration's definition): a run config (profile key or CLI flag) may override any setting, and the run record
+lists every setting that differs from ``dynslice`` and from the chosen protocol (:func:`differences`).
 
 =====================  ===================  ===================================================================
 setting                dynslice             reference (the authors' code)
@@ -36,22 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS: tuple[str, ...] = ("dynslice", "reference")
-
-#: ``setting: (dynslice value, reference value)``; the RunConfig fields a protocol decides.
-SETTINGS: dict[str, tuple[Any, Any]] = {
-    "lr_split": ("train", "validation"),
-    "lr_sampler": ("random", "sliding"),
-    "lr_seqlen": (512, 1024),
-    "lr_stride": (None, 256),
-    "lr_last_layer": ("raw", "final_norm"),
-    "cal_sampler": ("windows", "documents"),
-    "ppl_protocol": ("slicegpt", "documents"),
-    "embedding_mean": (False, True),
-    "rounding": ("total", "reference"),
-    "round_interval": (8, 1),
-    "dtype": ("fp32", "fp16"),
-}
+from dynslice.config import protocol_defaults
 
 #: The note every "best SB" table of the paper carries.
 BEST_SB_NOTE = (
@@ -60,19 +45,11 @@ BEST_SB_NOTE = (
     "calibration data instead and never sees the evaluation split.")
 
 
-def defaults(protocol: str) -> dict[str, Any]:
-    """The value of every protocol setting under ``protocol``."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    col = PROTOCOLS.index(protocol)
-    return {name: values[col] for name, values in SETTINGS.items()}
-
-
 def differences(config: dict[str, Any]) -> dict[str, Any]:
     """What a run record says about its protocol: its name, every setting that differs from ``dynslice``'s
     protocol (``{setting: {"value", "dynslice"}}``), and every setting overridden against its own protocol."""
     protocol = config.get("protocol", "dynslice")
-    ours, chosen = defaults("dynslice"), defaults(protocol)
+    ours, chosen = protocol_defaults("dynslice"), protocol_defaults(protocol)
     return {
         "name": protocol,
         "differs_from_dynslice": {k: {"value": config[k], "dynslice": v} for k, v in ours.items()

@@ -37,8 +37,9 @@ from pathlib import Path
 from dynslice.jsonio import read_json, write_json
 from dynslice.paths import PROJECT_ROOT
 
-#: Where the published reference of each profile lives: ``results/published/<profile>/``.
-PUBLISHED_ROOT = PROJECT_ROOT / "results" / "published"
+#: Where the published reference of each profile lives: ``results/published/<profile>/`` of the checkout (``None``
+#: for an installed package, which carries no results).
+PUBLISHED_ROOT = None if PROJECT_ROOT is None else PROJECT_ROOT / "results" / "published"
 MARKER = "RUN.json"
 #: What a results folder holds (everything a run writes there); ``publish`` copies these.
 RESULT_ITEMS = ("runs", "lr", "tables", "executed", "headline.json", "zero_shot.json", "summary.json",

@@ -163,9 +163,9 @@ def test_config_validation():
         A.AblationConfig.from_dict({"spp": [0.3]})
     with pytest.raises(ValueError, match="permutations"):
         A.AblationConfig(permutations=0)
-    cfg = A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "ablations")
+    cfg = A.load_config(A.settings_path(), "ablations")
     assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(A.BUDGETS)
-    assert A.load_config(PROJECT_ROOT / "configs" / "ablations" / "06_ablations.yaml", "no-such-profile") is None
+    assert A.load_config(A.settings_path(), "no-such-profile") is None
 
 
 TINY = {"model": "tiny-random", "cal_nsamples": 4, "cal_seqlen": 64, "ppl_seqlen": 64, "ppl_max_chunks": 4,
@@ -260,7 +260,7 @@ REDUCED = PROJECT_ROOT / "bench" / "results" / "ablations_reduced_smollm2.json"
 
 
 def test_profiles_choose_their_notebooks(tmp_path):
-    from dynslice.sweep import load_profile
+    from dynslice.profiles import load_profile
 
     assert load_profile("ablations").notebooks == ("06",)
     assert not load_profile("cpu").runs_notebook("06_ablations") and load_profile("cpu").runs_notebook("05_x")
@@ -306,7 +306,7 @@ def test_run_all_runs_only_the_profiles_notebooks(tmp_path):
     """A profile with `notebooks: ["06"]` (smoke's tiny settings) runs notebook 06 alone, then skips the check."""
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
     prof = tmp_path / "smoke06.yaml"
-    prof.write_text((PROJECT_ROOT / "configs" / "smoke.yaml").read_text() + '\nnotebooks: ["06"]\n')
+    prof.write_text((PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text() + '\nnotebooks: ["06"]\n')
     args = [str(PROJECT_ROOT / "run_all.sh"), "--profile", str(prof), "--root", str(tmp_path / "r"), "--figures",
             str(tmp_path / "f")]
     proc = subprocess.run(args, cwd=PROJECT_ROOT, env=env, text=True, capture_output=True, timeout=900, check=False)

@@ -22,7 +22,7 @@ import pytest
 
 from dynslice.jsonio import read_json
 from dynslice.paths import PROJECT_ROOT
-from dynslice.sweep import load_profile, sweep_configs
+from dynslice.profiles import load_profile, sweep_configs
 
 NOTEBOOKS = sorted(p.stem for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = ["fig1_allocation", "headline", "lr_per_layer", "ppl_vs_params", "ppl_vs_sb", "zero_shot", "ablations"]

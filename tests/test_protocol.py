@@ -15,17 +15,11 @@ from conftest import make_batch, make_tiny_model
 
 from dynslice import data
 from dynslice.cli import main
-from dynslice.config import RunConfig
+from dynslice.config import PROTOCOL_SETTINGS, RunConfig, protocol_defaults
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.slicing import slice_model
 from dynslice.evaluate import perplexity
-from dynslice.protocol import (
-    DEVIATIONS,
-    SETTINGS,
-    defaults,
-    deviations_markdown,
-    differences,
-)
+from dynslice.protocol import DEVIATIONS, deviations_markdown, differences
 
 
 def _words(text: str) -> list[str]:
@@ -157,26 +151,26 @@ def test_sample_reduction_is_mean_of_per_sample_means():
 # ------------------------------------------------------------------------------------------------ config and CLI
 def test_protocol_defaults_and_overrides():
     ours, ref = RunConfig(), RunConfig(protocol="reference")
-    for name, (mine, theirs) in SETTINGS.items():
+    for name, (mine, theirs) in PROTOCOL_SETTINGS.items():
         assert getattr(ours, name) == mine and getattr(ref, name) == theirs
     cpu_ref = RunConfig(protocol="reference", dtype="fp32")
     diff = differences(cpu_ref.to_json())
     assert diff["name"] == "reference" and diff["overrides"] == {"dtype": {"value": "fp32", "reference": "fp16"}}
-    assert set(diff["differs_from_dynslice"]) == set(SETTINGS) - {"dtype"}
+    assert set(diff["differs_from_dynslice"]) == set(PROTOCOL_SETTINGS) - {"dtype"}
     assert differences(ours.to_json())["differs_from_dynslice"] == {}
     assert RunConfig.from_json(cpu_ref.to_json()) == cpu_ref
     with pytest.raises(ValueError, match="protocol"):
         RunConfig(protocol="paper")
     with pytest.raises(ValueError, match="lr_sampler"):
         RunConfig(lr_sampler="every")
-    assert defaults("reference")["round_interval"] == 1
+    assert protocol_defaults("reference")["round_interval"] == 1
 
 
 def test_deviations_table_covers_every_setting():
     table = deviations_markdown()
     assert table.count("\n") == len(DEVIATIONS) + 1
     switched = " ".join(d.switch for d in DEVIATIONS)
-    for name in SETTINGS:
+    for name in PROTOCOL_SETTINGS:
         assert f"`{name}:" in switched, name
     assert "held-out" in deviations_markdown(short=True)
 

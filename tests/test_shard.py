@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 import pytest
 
-from dynslice import cost, report, shard, sweep
+from dynslice import cost, profiles, report, shard, sweep
 from dynslice.cli import main as cli
 
 
@@ -20,7 +20,7 @@ from dynslice.cli import main as cli
 @pytest.mark.parametrize("name", ["paper", "cpu", "smoke"])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16])
 def test_every_run_in_exactly_one_shard(name, n):
-    configs = sweep.sweep_configs(sweep.load_profile(name))
+    configs = profiles.sweep_configs(profiles.load_profile(name))
     keys = [c.key() for c in configs]
     assert len(set(keys)) == len(keys)
     parts = [shard.shard_configs(configs, k, n) for k in range(n)]
@@ -34,7 +34,7 @@ def test_every_run_in_exactly_one_shard(name, n):
 
 
 def test_split_is_stable_under_reordering():
-    configs = sweep.sweep_configs(sweep.load_profile("paper"))
+    configs = profiles.sweep_configs(profiles.load_profile("paper"))
     ref = {c.key(): s for c, s in zip(configs, shard.assign(configs, 8))}
     shuffled = list(configs)
     random.Random(0).shuffle(shuffled)
@@ -42,7 +42,7 @@ def test_split_is_stable_under_reordering():
 
 
 def test_balanced_by_cost_not_count():
-    configs = sweep.sweep_configs(sweep.load_profile("paper"))
+    configs = profiles.sweep_configs(profiles.load_profile("paper"))
     loads = shard.shard_loads(configs, 4)
     counts = [len(shard.shard_configs(configs, k, 4)) for k in range(4)]
     assert max(loads) / min(loads) < 1.02
@@ -70,7 +70,7 @@ def test_plan_profile_paper(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "CPU-scaled estimate" in text and "GPU-hours" in text and "sb: auto" in text
     plan = json.loads(out.read_text())
-    assert plan["sweep_runs"] == len(sweep.sweep_configs(sweep.load_profile("paper")))
+    assert plan["sweep_runs"] == len(profiles.sweep_configs(profiles.load_profile("paper")))
     assert plan["zero_shot_runs"] == 2 * 3 * 3  # models x corpora x SP, width budget
     assert plan["device_hours"] == pytest.approx(sum(m["hours"] for m in plan["models"]))
     one, eight = plan["wall_hours"]["1"], plan["wall_hours"]["8"]
@@ -80,8 +80,8 @@ def test_plan_profile_paper(tmp_path, capsys):
 
 
 def test_plan_cost_grows_with_model_and_tokens():
-    p = sweep.load_profile("paper")
-    c = sweep.sweep_configs(p)[1]
+    p = profiles.load_profile("paper")
+    c = profiles.sweep_configs(p)[1]
     small = c.replace(cal_nsamples=64)
     assert cost.run_cost(small) < cost.run_cost(c)
     flops = cost.run_flops(c)
@@ -112,9 +112,9 @@ def assert_same_tables(a, b):
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory):
     root = tmp_path_factory.mktemp("unsharded")
-    profile = sweep.load_profile("smoke")
-    shard.run_phase(profile, root, "all")
-    assert shard.profile_missing(profile, root)[0] == []
+    profile = profiles.load_profile("smoke")
+    sweep.run_phase(profile, root, "all")
+    assert sweep.profile_missing(profile, root)[0] == []
     return root
 
 
@@ -126,8 +126,8 @@ def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
     logs = sorted(p.name for p in (tmp_path / "smoke" / "logs").glob("*.log"))
     assert logs == ["sweep-shard0of2.log", "sweep-shard1of2.log", "zero-shot-shard0of2.log",
                     "zero-shot-shard1of2.log"]
-    profile = sweep.load_profile("smoke")
-    assert shard.profile_missing(profile, tmp_path)[0] == []
+    profile = profiles.load_profile("smoke")
+    assert sweep.profile_missing(profile, tmp_path)[0] == []
     def names(root):
         return sorted(p.name for p in (root / "smoke" / "runs").rglob("*.json"))
 
@@ -135,29 +135,29 @@ def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
     assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
     # each shard ran only its own part of the sweep
     ran = [(tmp_path / "smoke" / "logs" / f"sweep-shard{k}of2.log").read_text() for k in range(2)]
-    parts = [len(shard.shard_configs(sweep.sweep_configs(profile), k, 2)) for k in range(2)]
-    assert sum(parts) == len(sweep.sweep_configs(profile)) and min(parts) > 0
+    parts = [len(shard.shard_configs(profiles.sweep_configs(profile), k, 2)) for k in range(2)]
+    assert sum(parts) == len(profiles.sweep_configs(profile)) and min(parts) > 0
     for k in range(2):
         assert f"shard {k}/2: {parts[k]} runs" in ran[k] and f"ran {parts[k]}," in ran[k]
 
 
 def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
     shutil.copytree(unsharded / "smoke", tmp_path / "smoke")
-    profile = sweep.load_profile("smoke")
+    profile = profiles.load_profile("smoke")
     dyn = next(p for p in (tmp_path / "smoke" / "runs").rglob("sp0.30-sb0.10-width-*.json") if "-zs" not in p.name)
     dyn.unlink()
-    missing, total = shard.profile_missing(profile, tmp_path)
-    assert [sweep.run_name(c) for c in missing] == ["sp0.30-sb0.10-width-calwiki"]
-    assert "1 of" in shard.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in shard.missing_text(
+    missing, total = sweep.profile_missing(profile, tmp_path)
+    assert [profiles.run_name(c) for c in missing] == ["sp0.30-sb0.10-width-calwiki"]
+    assert "1 of" in sweep.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in sweep.missing_text(
         missing, total)
     records = report.load_records(tmp_path / "smoke" / "runs")
 
     def budgets(configs):
         return sorted(c.budget for c in configs)
 
-    assert budgets(sweep.zero_shot_configs(profile, records)) == ["params", "width"]
+    assert budgets(profiles.zero_shot_configs(profile, records)) == ["params", "width"]
     # with the root, the width group waits for its missing sweep run; the params group is complete
-    assert budgets(sweep.zero_shot_configs(profile, records, root=tmp_path)) == ["params"]
+    assert budgets(profiles.zero_shot_configs(profile, records, root=tmp_path)) == ["params"]
     assert tables_of(tmp_path / "smoke")["sweep"].shape[0] == tables_of(unsharded / "smoke")["sweep"].shape[0] - 1
 
 
@@ -173,7 +173,7 @@ def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
     jobs = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True, log=lambda s: None)
     results = [j.result() for j in jobs]
     assert sum(r["ran"] for r in results) == 12
-    assert shard.profile_missing(sweep.load_profile("smoke"), tmp_path)[0] == []
+    assert sweep.profile_missing(profiles.load_profile("smoke"), tmp_path)[0] == []
     assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
     # resumable: a rerun of the same array does nothing new
     again = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True,
@@ -191,12 +191,12 @@ def test_infeasible_runs_are_noted_and_not_retried(tmp_path):
     """An infeasible run leaves a note; a rerun reports it again without loading the model."""
     from dynslice.jsonio import write_json
 
-    profile = sweep.load_profile("smoke")
-    cfg = next(c for c in sweep.sweep_configs(profile) if not c.dense and not c.auto_sb)
-    write_json(sweep.infeasible_path(cfg, tmp_path, "smoke"), {"config": cfg.to_json(), "infeasible": "why"})
+    profile = profiles.load_profile("smoke")
+    cfg = next(c for c in profiles.sweep_configs(profile) if not c.dense and not c.auto_sb)
+    write_json(profiles.infeasible_path(cfg, tmp_path, "smoke"), {"config": cfg.to_json(), "infeasible": "why"})
     res = sweep.run_sweep([cfg], tmp_path, "smoke", log=lambda s: None)
-    assert res.ran == () and res.infeasible == ((str(sweep.result_path(cfg, tmp_path, "smoke")), "why"),)
-    assert shard.missing_runs([cfg], tmp_path, "smoke") == []
+    assert res.ran == () and res.infeasible == ((str(profiles.result_path(cfg, tmp_path, "smoke")), "why"),)
+    assert profiles.missing_runs([cfg], tmp_path, "smoke") == []
 
 
 def test_run_all_bad_shard_exits_2():

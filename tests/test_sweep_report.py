@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from dynslice import report, sweep
+from dynslice import profiles, report, sweep
 from dynslice.config import RunConfig
 from dynslice.core.params import ArchDims
 from dynslice.jsonio import read_json, write_json
+from dynslice.paths import PROJECT_ROOT
 
 SMOKE = {
     "name": "t", "models": [{"spec": "tiny-random"}], "base": {"lr_nsamples": 4, "ppl_datasets": ["wiki", "news"]},
@@ -23,18 +24,18 @@ SMOKE = {
 # ------------------------------------------------------------------------------------------------ profiles
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
 def test_shipped_profiles_load(name):
-    p = sweep.load_profile(name)
+    p = profiles.load_profile(name)
     assert p.name == name
-    configs = sweep.sweep_configs(p)
+    configs = profiles.sweep_configs(p)
     keys = [c.key() for c in configs]
     assert len(set(keys)) == len(keys)  # no run twice
-    paths = {sweep.result_path(c, "r", name) for c in configs}
+    paths = {profiles.result_path(c, "r", name) for c in configs}
     assert len(paths) == len(configs)
 
 
 def test_sweep_configs_enumerates_the_grid():
-    p = sweep.parse_profile(SMOKE, "t")
-    configs = sweep.sweep_configs(p)
+    p = profiles.parse_profile(SMOKE, "t")
+    configs = profiles.sweep_configs(p)
     dense = [c for c in configs if c.dense]
     const = [c for c in configs if not c.dense and not c.auto_sb and c.sb == c.sp]
     dyn = [c for c in configs if not c.dense and not c.auto_sb and c.sb < c.sp]
@@ -50,20 +51,20 @@ def test_sweep_configs_enumerates_the_grid():
                                                       (0.3, "width")]
     assert all(c.auto_sb_step == 0.1 and c.auto_sb_max_evals == 2 for c in auto)
     assert all(c.lr_nsamples == 4 and c.ppl_datasets == ("wiki", "news") for c in configs)
-    assert [c.key() for c in sweep.sweep_configs(sweep.parse_profile(SMOKE, "t"))] == [c.key() for c in configs]
+    assert [c.key() for c in profiles.sweep_configs(profiles.parse_profile(SMOKE, "t"))] == [c.key() for c in configs]
 
 
 def test_auto_sb_budgets_and_off():
-    on = sweep.sweep_configs(sweep.parse_profile({**SMOKE, "auto_sb": {"step": 0.05, "budgets": ["width"]}}, "t"))
+    on = profiles.sweep_configs(profiles.parse_profile({**SMOKE, "auto_sb": {"step": 0.05, "budgets": ["width"]}}, "t"))
     assert [(c.sp, c.budget, c.auto_sb_step) for c in on if c.auto_sb] == [(0.2, "width", 0.05), (0.3, "width", 0.05)]
-    off = sweep.sweep_configs(sweep.parse_profile({**SMOKE, "auto_sb": False}, "t"))
+    off = profiles.sweep_configs(profiles.parse_profile({**SMOKE, "auto_sb": False}, "t"))
     assert not any(c.auto_sb for c in off) and len(off) == len(on) - 2
 
 
 def test_dynamic_sbs_excludes_constant():
-    assert sweep.dynamic_sbs(0.3, 0.1) == [0.2, 0.1, 0.0]
-    assert sweep.dynamic_sbs(0.2, 0.02)[0] == 0.18 and sweep.dynamic_sbs(0.2, 0.02)[-1] == 0.0
-    assert len(sweep.dynamic_sbs(0.2, 0.02)) == 10
+    assert profiles.dynamic_sbs(0.3, 0.1) == [0.2, 0.1, 0.0]
+    assert profiles.dynamic_sbs(0.2, 0.02)[0] == 0.18 and profiles.dynamic_sbs(0.2, 0.02)[-1] == 0.0
+    assert len(profiles.dynamic_sbs(0.2, 0.02)) == 10
 
 
 @pytest.mark.parametrize("change, message", [
@@ -80,45 +81,45 @@ def test_dynamic_sbs_excludes_constant():
 ])
 def test_bad_profiles_name_the_key(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        sweep.parse_profile({**SMOKE, **change}, "t")
+        profiles.parse_profile({**SMOKE, **change}, "t")
 
 
 def test_missing_required_key():
     obj = dict(SMOKE)
     del obj["sp"]
     with pytest.raises(ValueError, match=r"t\.sp: required"):
-        sweep.parse_profile(obj, "t")
+        profiles.parse_profile(obj, "t")
 
 
 def test_unknown_profile_name():
     with pytest.raises(ValueError, match="profile: 'nope'"):
-        sweep.load_profile("nope")
+        profiles.load_profile("nope")
 
 
 def test_run_name_and_path():
     cfg = RunConfig(model="meta-llama/Meta-Llama-3-8B", sp=0.3, sb=0.1, budget="params", cal_dataset="ptb")
-    path = sweep.result_path(cfg, "res", "paper")
+    path = profiles.result_path(cfg, "res", "paper")
     assert path.parts[:4] == ("res", "paper", "runs", "meta-llama--Meta-Llama-3-8B")
     assert path.name == f"sp0.30-sb0.10-params-calptb-{cfg.key()}.json"
-    assert sweep.run_name(cfg.replace(sb="auto")) == "sp0.30-sbauto-params-calptb"
-    assert sweep.run_name(cfg.replace(sp=0.0, sb=0.0, tasks=("piqa",))) == "dense-zs"
+    assert profiles.run_name(cfg.replace(sb="auto")) == "sp0.30-sbauto-params-calptb"
+    assert profiles.run_name(cfg.replace(sp=0.0, sb=0.0, tasks=("piqa",))) == "dense-zs"
 
 
 def test_is_done(tmp_path):
     cfg = RunConfig(sp=0.3, sb=0.2)
     path = tmp_path / "r.json"
-    assert not sweep.is_done(cfg, path)
+    assert not profiles.is_done(cfg, path)
     write_json(path, {"config": cfg.to_json(), "ppl": {}})
-    assert sweep.is_done(cfg, path)
-    assert not sweep.is_done(cfg.replace(sb=0.1), path)
+    assert profiles.is_done(cfg, path)
+    assert not profiles.is_done(cfg.replace(sb=0.1), path)
     path.write_text('{"config": ')  # truncated
-    assert not sweep.is_done(cfg, path)
+    assert not profiles.is_done(cfg, path)
 
 
 def test_run_sweep_skips_finished_runs_without_loading(tmp_path):
     configs = [RunConfig(model="no-such-model-anywhere", sp=0.3, sb=sb) for sb in (0.3, 0.2)]
     for c in configs:
-        write_json(sweep.result_path(c, tmp_path, "p"), {"config": c.to_json(), "ppl": {"wiki": 1.0}})
+        write_json(profiles.result_path(c, tmp_path, "p"), {"config": c.to_json(), "ppl": {"wiki": 1.0}})
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
     logs = []
     result = sweep.run_sweep(configs, tmp_path, "p", log=logs.append)  # would fail if it tried to load the model
@@ -215,14 +216,14 @@ def test_best_vs_constant(records):
 def test_sweep_and_report_choose_the_same_best(records):
     f = report.records_frame(records)
     head = report.best_vs_constant(f, "wiki")
-    best = sweep.best_dynamic(records, "wiki")
+    best = profiles.best_dynamic(records, "wiki")
     assert {(k[2], rec["config"]["sb"]) for k, rec in best.items()} == set(zip(head["budget"], head["best_sb"]))
 
 
 def test_zero_shot_configs(records):
-    p = sweep.parse_profile({**SMOKE, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4,
+    p = profiles.parse_profile({**SMOKE, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4,
                                                     "budgets": ["width"]}}, "t")
-    out = sweep.zero_shot_configs(p, records)
+    out = profiles.zero_shot_configs(p, records)
     assert [(c.sp, c.sb, c.budget, c.tasks, c.task_limit) for c in out] == [(0.3, 0.1, "width",
                                                                               ("dynslice_cloze",), 4)]
 
@@ -277,7 +278,7 @@ def test_load_records(tmp_path, records):
 
 
 # ------------------------------------------------------------------ tables, narrative and check on published data
-PUBLISHED_CPU = sweep.PROFILE_DIR.parent / "results" / "published" / "cpu"
+PUBLISHED_CPU = PROJECT_ROOT / "results" / "published" / "cpu"
 
 
 @pytest.fixture(scope="module")

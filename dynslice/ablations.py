@@ -630,14 +630,18 @@ def figure_note(record: dict[str, Any], dataset: str | None = None) -> str:
 
 
 def figure(record: dict[str, Any], dataset: str | None = None):
-    """Perplexity vs parameters: one marker per method (filled: params budget, hollow: width budget), error
-    bars = sd over seeds or permutations; one panel per SP."""
+    """Per SP, two panels. Left: perplexity (log scale) vs parameters, one marker per method (filled: params
+    budget, hollow: width budget), error bars = sd over seeds or permutations. Right: the equal-parameter
+    methods side by side, sorted, on a linear scale (off-scale failures such as inverted LR are named in the
+    title instead)."""
     import matplotlib.pyplot as plt
 
     cfg = AblationConfig.from_dict(record["config"])
     d = dataset or cfg.ppl_datasets[0]
-    fig, axes = plt.subplots(1, len(cfg.sp), figsize=(5.2 * len(cfg.sp), 4.0), squeeze=False)
-    for ax, sp in zip(axes[0], cfg.sp, strict=True):
+    fig, axes = plt.subplots(len(cfg.sp), 2, figsize=(12.0, 4.2 * len(cfg.sp)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.25, 1.0]})
+    dense = _find(record["summary"], None, None, "dense")
+    for (ax, bars), sp in zip(axes, cfg.sp, strict=True):
         seen = set()
         for s in record["summary"]:
             if s["sp"] not in (sp, None):  # None: the dense model, shown in every panel
@@ -651,7 +655,30 @@ def figure(record: dict[str, Any], dataset: str | None = None):
                         mfc="none" if hollow else color, ms=8, capsize=3, label=label)
         ax.set_title(f"SP = {sp}  (filled: equal params, hollow: equal mean width)", fontsize=9)
         ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(f"{d} perplexity")
-    axes[0][-1].legend(fontsize=7, loc="best")
+        ax.set_ylabel(f"{d} perplexity (log scale)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper left")
+        _bars(bars, record, sp, d, dense)
     fig.tight_layout()
     return fig
+
+
+def _bars(ax, record: dict[str, Any], sp: float, d: str, dense: dict | None) -> None:
+    """Equal-parameter methods at ``sp``, sorted by perplexity, with their spread; failures named, not drawn."""
+    rows = sorted((s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"),
+                  key=lambda s: s["ppl"][d]["mean"])
+    const = next((s["ppl"][d]["mean"] for s in rows if s["method"] == "constant"), None)
+    cap = 3 * const if const else float("inf")
+    shown = [s for s in rows if s["ppl"][d]["mean"] <= cap]
+    off = [f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.0f}" for s in rows if s["ppl"][d]["mean"] > cap]
+    ys = range(len(shown))
+    ax.barh(list(ys), [s["ppl"][d]["mean"] for s in shown], xerr=[s["ppl"][d]["sd"] or 0.0 for s in shown],
+            color=[f"C{list(MARKERS).index(s['method'])}" for s in shown], capsize=3)
+    ax.set_yticks(list(ys), [LABELS[s["method"]] + (f" (n={s['n']})" if s["n"] > 1 else "") for s in shown],
+                  fontsize=8)
+    ax.invert_yaxis()
+    if dense:
+        ax.axvline(dense["ppl"][d]["mean"], color="k", lw=0.8, ls="--", label="dense")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel(f"{d} perplexity (mean ± sd)")
+    ax.set_title(f"SP = {sp}, equal parameters" + (f"; off scale: {', '.join(off)}" if off else ""), fontsize=9)

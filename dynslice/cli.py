@@ -568,8 +568,7 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
     """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
     from dynslice import data
     from dynslice.core.allocate import _check_sp_sb, allocate
-    from dynslice.core.params import ArchDims
-    from dynslice.core.slicing import validate_widths
+    from dynslice.core.params import ArchDims, validate_widths
     from dynslice.models import load_tokenizer, resolve_spec
     from dynslice.stream import slice_streaming
 

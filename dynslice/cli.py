@@ -129,17 +129,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out")
 
 
+#: What one ``dynslice run`` needs, unless it runs a whole profile (``--profile``).
+RUN_REQUIRED = ("model", "sp", "sb", "out")
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
-    """Every RunConfig field as a flag of ``dynslice run`` (absent flags keep the field's default)."""
+    """Every RunConfig field as a flag of ``dynslice run`` (absent flags keep the field's default), or
+    ``--profile`` to run every run of a profile (as ``dynslice sweep``)."""
     from dynslice.config import OPTIONS
 
     for name in OPTIONS:
-        _field_arg(p, name, default=argparse.SUPPRESS, required=name in ("model", "sp", "sb"))
+        _field_arg(p, name, default=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out "
                                                             "(and at --save-model)")
     p.add_argument("--force", action="store_true",
                    help="rerun and replace the record even if --out already holds this config's record")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=argparse.SUPPRESS, help="the run record (JSON); required without --profile")
+    p.add_argument("--profile", default=None, help=f"instead of one run: every run of a profile "
+                                                   f"({_profile_names()} or a YAML file), as `dynslice sweep`")
+    p.add_argument("--root", default="results", help="with --profile: records go to <root>/<profile>/runs/")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -481,6 +489,17 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
+    if a.profile is not None:
+        given = sorted(k for k in vars(a) if k not in ("command", "overwrite", "force", "profile", "root"))
+        if given:
+            raise ValueError(f"profile: --profile runs every run of the profile; leave out "
+                             f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+        _cmd_sweep(argparse.Namespace(profile=a.profile, root=a.root, shard=None, phase="all", force=a.force,
+                                      missing=False))
+        return
+    missing = [f"--{k}" for k in RUN_REQUIRED if k not in vars(a)]
+    if missing:
+        raise ValueError(f"run: {', '.join(missing)} required (or --profile NAME to run a whole profile)")
     from dynslice.jsonio import read_json
     from dynslice.models import load_model, load_tokenizer
     from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record

@@ -4,11 +4,14 @@ For each config (Llama-3-8B and Mistral-7B shapes with the layer count cut, plus
 tests), a random-init model is saved as safetensors, then sliced in a fresh subprocess, once in RAM
 (``from_pretrained`` + :func:`dynslice.core.slicing.slice_model` + :func:`dynslice.io.save_sliced`) and once streaming
 (:func:`dynslice.stream.slice_streaming`). The subprocess reports its peak RSS (VmHWM) minus its RSS once everything is
-imported; :func:`dynslice.memory.predict` gives the prediction. Also recorded: wall times (streaming vs in-RAM),
-logits agreement of the two outputs, and the ratio of the weights on disk to the streaming peak.
+imported; :func:`dynslice.memory.predict` (``weights="mapped"``: the checkpoint is loaded in its own dtype) gives the
+prediction. The peak of one run varies by about ±10% on the reduced shapes (glibc reuses freed heap blocks in an
+order that differs from run to run), so each mode runs ``--repeats`` times and the median is compared; every run's
+peak is recorded. Also recorded: wall times (streaming vs in-RAM), logits agreement of the two outputs, and the ratio
+of the weights on disk to the streaming peak.
 
-Run: ``python bench/memory_model.py [--configs llama3-8b-2l mistral-7b-2l] [--nsamples 8 --seqlen 256]``.
-Writes ``bench/results/memory_model.json``.
+Run: ``python bench/memory_model.py [--configs llama3-8b-1l/4 mistral-7b-1l/4] [--nsamples 16 --seqlen 256]
+[--repeats 5]``. Writes ``bench/results/memory_model.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,12 +148,15 @@ def measure(src: Path, out: Path, mode: str, widths: list[int], vocab: int, nsam
 
 
 def compare(name: str, cfg: dict, nsamples: int, seqlen: int, dtype: str, sp: float, workdir: Path,
-            modes: tuple[str, ...] = ("memory", "stream"), threads: int = 1) -> dict:
-    """Measured and predicted peaks for one config; both outputs' logits compared when both modes ran."""
+            modes: tuple[str, ...] = ("memory", "stream"), threads: int = 1, repeats: int = 1) -> dict:
+    """Measured (the median of ``repeats`` fresh-process runs) and predicted peaks for one config; both outputs'
+    logits compared when both modes ran."""
     from transformers import AutoConfig
 
     from dynslice.memory import Shapes, _round_down, predict
 
+    if repeats < 1:
+        raise ValueError(f"repeats: {repeats} is outside repeats >= 1")
     cfg_obj = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
     shapes = Shapes.from_config(cfg_obj)
     widths = [_round_down(shapes.hidden * (1 - sp), 8)] * shapes.layers
@@ -157,11 +165,18 @@ def compare(name: str, cfg: dict, nsamples: int, seqlen: int, dtype: str, sp: fl
     row: dict = {"config": name, "dtype": dtype, "nsamples": nsamples, "seqlen": seqlen, "widths": widths,
                  "weights_on_disk_bytes": disk}
     for mode in modes:
-        m = measure(src, workdir / mode, mode, widths, shapes.vocab, nsamples, seqlen, dtype, threads=threads)
-        p = predict(shapes, nsamples, seqlen, dtype, mode=mode, widths=widths)
-        row[mode] = {"measured_bytes": m["peak_bytes"], "predicted_bytes": p.peak_host_bytes,
-                     "error": round(p.peak_host_bytes / m["peak_bytes"] - 1, 4), "wall_s": round(m["wall_s"], 2),
-                     "phases": p.phase_host_bytes}
+        runs = []
+        for k in range(repeats):
+            runs.append(measure(src, workdir / f"{mode}{k}", mode, widths, shapes.vocab, nsamples, seqlen, dtype,
+                                threads=threads))
+            if k + 1 < repeats:
+                shutil.rmtree(workdir / f"{mode}{k}")
+        (workdir / f"{mode}{repeats - 1}").rename(workdir / mode)
+        peak = int(statistics.median(r["peak_bytes"] for r in runs))
+        p = predict(shapes, nsamples, seqlen, dtype, mode=mode, widths=widths, weights="mapped")
+        row[mode] = {"measured_bytes": peak, "measured_runs_bytes": [r["peak_bytes"] for r in runs],
+                     "predicted_bytes": p.peak_host_bytes, "error": round(p.peak_host_bytes / peak - 1, 4),
+                     "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2), "phases": p.phase_host_bytes}
     if set(modes) == {"memory", "stream"}:
         row["stream_wall_ratio"] = round(row["stream"]["wall_s"] / row["memory"]["wall_s"], 3)
         row["disk_to_stream_peak"] = round(disk / row["stream"]["measured_bytes"], 3)
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--sp", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per mode; the median is compared")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     from dynslice.jsonio import write_json
@@ -196,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.configs:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(compare(name, CONFIGS[name], a.nsamples, a.seqlen, a.dtype, a.sp, Path(tmp),
-                                threads=a.threads))
+                                threads=a.threads, repeats=a.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    write_json(a.out, {"rows": rows, "load_average": os.getloadavg(), "threads": a.threads})
+    write_json(a.out, {"rows": rows, "load_average": os.getloadavg(), "threads": a.threads, "repeats": a.repeats})
     print(f"wrote {a.out}")
     return 0
 

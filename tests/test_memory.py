@@ -11,7 +11,7 @@ from conftest import make_batch, make_tiny_model
 
 from dynslice.cli import main
 from dynslice.core.params import ArchDims, dense_params, sliced_params
-from dynslice.memory import GIB, Shapes, plan, predict
+from dynslice.memory import GIB, RUNTIME_BYTES, Shapes, plan, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import memory_model as mm
@@ -77,16 +77,37 @@ def test_output_size_matches_streamed_folder(tmp_path):
     assert predicted <= written <= predicted + 8192  # safetensors' JSON header
 
 
+def test_weights_kind_follows_the_load(tmp_path):
+    """`plan` assumes mapped weights for safetensors loaded in the checkpoint's dtype, anonymous copies otherwise;
+    only anonymous weights have a load phase (file bytes plus the converted copy)."""
+    from transformers import AutoConfig
+
+    folder = _config_dir(tmp_path, {**mm.MISTRAL_7B, "dtype": "bfloat16"})
+    shapes = Shapes.from_config(AutoConfig.from_pretrained(folder))
+    assert shapes.checkpoint_dtype == "bf16"
+    kw = {"stream": "off", "host_bytes": 1 << 50}
+    assert plan(shapes, 8, 256, "bf16", **kw).weights == "mapped"
+    assert plan(shapes, 8, 256, "fp32", **kw).weights == "anonymous"  # converted on load
+    assert plan(shapes, 8, 256, "bf16", streamable=False, **kw).weights == "anonymous"  # GGUF, built-in models
+    mapped = predict(shapes, 8, 256, "fp32", weights="mapped")
+    anonymous = predict(shapes, 8, 256, "fp32", weights="anonymous")
+    assert "load" not in mapped.phase_host_bytes
+    assert anonymous.phase_host_bytes["load"] == RUNTIME_BYTES + anonymous.dense_bytes * 3 // 2  # bf16 file
+    assert anonymous.phase_host_bytes["save"] < mapped.phase_host_bytes["save"]  # replaced tensors are freed
+    with pytest.raises(ValueError, match="^weights: "):
+        predict(shapes, 8, 256, weights="copied")
+
+
 @pytest.mark.parametrize("name", ["llama3-8b-1l/4", "mistral-7b-1l/4"])
 def test_predicted_peaks_within_15_percent(tmp_path, name):
-    """Reduced 8B/7B shapes (real head counts, widths / 4, one layer), bf16, measured in fresh processes."""
+    """Reduced 8B/7B shapes (real head counts, widths / 4, one layer), bf16, measured in fresh processes.
+
+    On these shapes most working blocks are below glibc's 32 MiB mmap ceiling, so the heap keeps freed blocks and
+    one run's peak varies by about ±10% (seven runs of each case: llama 356-404 MiB in RAM, 252-289 MiB streaming;
+    mistral 226-260 and 193-221 MiB): the median of three runs is compared.
+    """
     cfg = mm.CONFIGS[name]
-    row = mm.compare(name, cfg, 16, 256, "bf16", 0.3, tmp_path)
-    # Streaming lands within 15% for the Llama-3 shapes (+9%) but over-predicts the Mistral shapes by ~21%
-    # (measured 196 MiB, predicted 236 MiB; cause not yet found): the 15% target is still open for these reduced
-    # shapes, so this guards the accuracy reached so far.
-    assert abs(row["stream"]["error"]) <= 0.25, row["stream"]
-    # In RAM the measured peak moves with how many file-backed pages of the loaded checkpoint stay resident
-    # (measured -19% .. +24% against the two accounting choices tried); a 15% model of it is still open.
-    assert abs(row["memory"]["error"]) <= 0.30, row["memory"]
+    row = mm.compare(name, cfg, 16, 256, "bf16", 0.3, tmp_path, repeats=3)
+    assert abs(row["stream"]["error"]) <= 0.15, row["stream"]
+    assert abs(row["memory"]["error"]) <= 0.15, row["memory"]
     assert row["logits_rel_diff"] <= 1e-2  # bf16 outputs of the two paths agree

@@ -1,7 +1,5 @@
 """``python -m dynslice``: the command line."""
 
-import sys
+from dynslice.cli import entry
 
-from dynslice.cli import main
-
-sys.exit(main())
+entry()

@@ -750,6 +750,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``dynslice`` console command and ``python -m dynslice``: :func:`main`, then exit with its code.
+
+    After Ctrl-C the process leaves at once with 130. CPython remembers a KeyboardInterrupt that passed through
+    Python code run from C++ (pybind11's ``exec``, used while torch imports) and would otherwise kill itself with
+    SIGINT at shutdown, even though :func:`main` handled the interrupt.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 def _interrupted(command: str) -> str:
     # on a line of its own: a progress bar may be half-drawn when Ctrl-C comes
     return f"\n{command}: interrupted; nothing half-written was left at the output"

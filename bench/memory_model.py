@@ -55,6 +55,7 @@ CONFIGS = {
     "llama3-8b-1l": shaped(LLAMA3_8B, 1),
     "mistral-7b-1l": shaped(MISTRAL_7B, 1),
     "llama3-8b-2l": shaped(LLAMA3_8B, 2),
+    "llama3-8b-16l": shaped(LLAMA3_8B, 16),  # half of Llama-3-8B at full width: for the disk / streaming-peak ratio
     "mistral-7b-2l": shaped(MISTRAL_7B, 2),
     "llama3-8b-1l/4": shaped(LLAMA3_8B, 1, 4),
     "mistral-7b-1l/4": shaped(MISTRAL_7B, 1, 4),
@@ -177,9 +178,10 @@ def compare(name: str, cfg: dict, nsamples: int, seqlen: int, dtype: str, sp: fl
         row[mode] = {"measured_bytes": peak, "measured_runs_bytes": [r["peak_bytes"] for r in runs],
                      "predicted_bytes": p.peak_host_bytes, "error": round(p.peak_host_bytes / peak - 1, 4),
                      "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2), "phases": p.phase_host_bytes}
+    if "stream" in modes:
+        row["disk_to_stream_peak"] = round(disk / row["stream"]["measured_bytes"], 3)
     if set(modes) == {"memory", "stream"}:
         row["stream_wall_ratio"] = round(row["stream"]["wall_s"] / row["memory"]["wall_s"], 3)
-        row["disk_to_stream_peak"] = round(disk / row["stream"]["measured_bytes"], 3)
         row["logits_rel_diff"] = _logits_diff(workdir / "memory", workdir / "stream", shapes.vocab)
     return row
 
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per mode; the median is compared")
+    p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"],
+                   help="which slicings to measure (stream alone for models larger than this machine's RAM)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     from dynslice.jsonio import write_json
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.configs:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(compare(name, CONFIGS[name], a.nsamples, a.seqlen, a.dtype, a.sp, Path(tmp),
-                                threads=a.threads, repeats=a.repeats))
+                                modes=tuple(a.modes), threads=a.threads, repeats=a.repeats))
         print(json.dumps(rows[-1]), flush=True)
     write_json(a.out, {"rows": rows, "load_average": os.getloadavg(), "threads": a.threads, "repeats": a.repeats})
     print(f"wrote {a.out}")

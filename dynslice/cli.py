@@ -494,8 +494,9 @@ def _cmd_run(a: argparse.Namespace) -> None:
         if given:
             raise ValueError(f"profile: --profile runs every run of the profile; leave out "
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}")
-        _cmd_sweep(argparse.Namespace(profile=a.profile, root=a.root, shard=None, phase="all", force=a.force,
-                                      missing=False))
+        from dynslice.profiles import load_profile
+
+        _run_profile(a.command, load_profile(a.profile), a.root, "all", None, a.force)
         return
     missing = [f"--{k}" for k in RUN_REQUIRED if k not in vars(a)]
     if missing:
@@ -651,7 +652,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
 def _cmd_sweep(a: argparse.Namespace) -> None:
     from dynslice.profiles import load_profile, run_name
     from dynslice.shard import parse_shard
-    from dynslice.sweep import missing_text, profile_missing, run_phase
+    from dynslice.sweep import missing_text, profile_missing
 
     profile = load_profile(a.profile)
     shard = parse_shard(a.shard) if a.shard is not None else None
@@ -661,10 +662,17 @@ def _cmd_sweep(a: argparse.Namespace) -> None:
         for c in missing:
             print(f"  {c.model}  {run_name(c)}  {c.key()}")
         return
-    results = run_phase(profile, a.root, a.phase, shard=shard, force=a.force)
+    _run_profile(a.command, profile, a.root, a.phase, shard, a.force)
+
+
+def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int, int] | None, force: bool) -> None:
+    """Run ``phase`` of a loaded profile (``dynslice sweep``, ``dynslice run --profile``); name infeasible runs."""
+    from dynslice.sweep import run_phase
+
+    results = run_phase(profile, root, phase, shard=shard, force=force)
     if any(r.infeasible for r in results):
-        print(f"dynslice sweep: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
-              f"{Path(a.root) / profile.name / 'infeasible'})", file=sys.stderr)
+        print(f"dynslice {command}: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
+              f"{Path(root) / profile.name / 'infeasible'})", file=sys.stderr)
 
 
 def _cmd_launch(a: argparse.Namespace) -> None:

@@ -657,7 +657,7 @@ def figure(record: dict[str, Any], dataset: str | None = None):
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(f"{d} perplexity (log scale)")
         ax.set_yscale("log")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")
         _bars(bars, record, sp, d, dense)
     fig.tight_layout()
     return fig
@@ -679,6 +679,6 @@ def _bars(ax, record: dict[str, Any], sp: float, d: str, dense: dict | None) -> 
     ax.invert_yaxis()
     if dense:
         ax.axvline(dense["ppl"][d]["mean"], color="k", lw=0.8, ls="--", label="dense")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel(f"{d} perplexity (mean ± sd)")
     ax.set_title(f"SP = {sp}, equal parameters" + (f"; off scale: {', '.join(off)}" if off else ""), fontsize=9)

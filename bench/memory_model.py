@@ -55,7 +55,8 @@ CONFIGS = {
     "llama3-8b-1l": shaped(LLAMA3_8B, 1),
     "mistral-7b-1l": shaped(MISTRAL_7B, 1),
     "llama3-8b-2l": shaped(LLAMA3_8B, 2),
-    "llama3-8b-16l": shaped(LLAMA3_8B, 16),  # half of Llama-3-8B at full width: for the disk / streaming-peak ratio
+    "llama3-8b-16l": shaped(LLAMA3_8B, 16),  # half of Llama-3-8B at full width: streaming vs in-RAM wall time
+    "llama3-8b-32l": shaped(LLAMA3_8B, 32),  # all of Llama-3-8B (16 GB in bf16): the disk / streaming-peak ratio
     "mistral-7b-2l": shaped(MISTRAL_7B, 2),
     "llama3-8b-1l/4": shaped(LLAMA3_8B, 1, 4),
     "mistral-7b-1l/4": shaped(MISTRAL_7B, 1, 4),

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dynslice.core.checks import check_choice, check_int, check_real
-from dynslice.core.slicing import EMBEDDING_CHUNK_ROWS
+from dynslice.core.slicing import EMBEDDING_CHUNK_ROWS, forms_in_input_basis
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1 << 30
@@ -209,6 +209,11 @@ class _Step:
         if not self.cpu:  # host: weights and signals; the rest is on the GPU
             return weights() + max(x + mid, mid + self.sig + nxt)
         pca = PCA_MATRICES * mat
+        # with many tokens a sublayer's output is formed in its input's full basis: a rotated copy of the output
+        # linear lives beside the original through its forwards and PCA, and the composed basis is one more matrix
+        tokens = self.sig // (d * b)
+        ca = q * d * b + mat if forms_in_input_basis(d, q, tokens, d_in) else 0
+        cm = inter * d * b + mat if forms_in_input_basis(d, inter, tokens, d_in) else 0
         attn_ws = tb * (2 * d_in * 4 + 2 * qkv * b + 2 * d * b)  # the fp32 norm, q/k/v and their rotary copies, out
         mlp_ws = tb * (3 * inter + d_in) * b  # gate/up outputs, their product, the projected input
         rot_ws = inter * d * 4 + inter * d_out * 4  # the largest weight in fp32 and its rotated fp32 product
@@ -216,14 +221,16 @@ class _Step:
         a = ("attn_in",)
         m = ("attn_in", "attn_out", "mlp_in")
         steps = [
-            weights(*a) + x + mid + mat + attn_ws,  # attention forwards: x consumed as mid is produced
-            weights(*a) + mid + mat + pca,  # PCA of the mid position
-            weights(*m) + mid + 2 * mat + mlp_ws + left,  # MLP forwards: mid consumed as out is produced
-            weights(*m, "mlp_out") + self.sig + 3 * mat + rot_ws + left,  # rotation of the MLP output
+            weights(*a) + x + mid + mat + attn_ws + ca,  # attention forwards: x consumed as mid is produced
+            weights(*a) + mid + mat + pca + ca,  # PCA of the mid position
         ]
-        if not (last and d_out == d):
-            steps.append(weights(*m) + self.sig + 2 * mat + pca + left)  # PCA of the output position
-            steps.append(weights(*m, "mlp_out", "shortcuts") + self.sig + nxt + 3 * mat + left)  # next input
+        if not (last and d_out == d):  # after the last layer nothing reads its output: its MLP does not run
+            steps += [
+                weights(*m) + mid + 2 * mat + mlp_ws + left + cm,  # MLP forwards: mid consumed as out is produced
+                weights(*m) + self.sig + 2 * mat + pca + left + cm,  # PCA of the output position
+                weights(*m, "mlp_out") + self.sig + 3 * mat + rot_ws + left,  # rotation of the MLP output
+                weights(*m, "mlp_out", "shortcuts") + self.sig + nxt + 3 * mat + left,  # next input
+            ]
         return max(steps)
 
 
@@ -274,7 +281,7 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     pca = 4 * d * d * 8 + 4096 * d * 4
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     fwd = batch_tokens * (3 * inter * b + (3 * (q + 2 * kv) + 2 * d) * b + 2 * d * 4)
-    rot = 2 * inter * d * 4
+    rot = 2 * inter * d * 4 + inter * d * b  # fp32 weight and product; the rotated copy of the output linear
     emb_rot = v * widths[0] * b + 8192 * (d + widths[0]) * 4
     if mode == "memory":
         mapped = weights == "mapped"

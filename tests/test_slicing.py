@@ -62,7 +62,7 @@ def test_shapes_match_widths(tiny_arch):
 
 
 # ------------------------------------------------------------------------------------------------ naive SliceGPT
-def _naive_slicegpt(model, batch, widths):
+def _naive_slicegpt(model, batch, widths, final_width=None):
     """Plain SliceGPT the slow way, as the reference code does it: every signal is recomputed from the token ids
     through the sliced layers built so far, and each attention block runs twice (before and after its output
     rotation) instead of projecting cached signals."""
@@ -91,7 +91,8 @@ def _naive_slicegpt(model, batch, widths):
             h = done[j](h, **kw[j])
         return h
 
-    outs = list(widths[1:]) + [d]
+    final_width = d if final_width is None else final_width
+    outs = list(widths[1:]) + [final_width]
     for i in range(n_layers):
         layer = ad.layers[i]
         p = ad.parts(layer)
@@ -106,7 +107,7 @@ def _naive_slicegpt(model, batch, widths):
         h = stream(i)
         m = h @ (q_prev.T @ q_mid).float() + layer.self_attn(p.attn_norm(h), **kw[i])[0]
         out = m @ q_mid.T.float() + layer.mlp(p.mlp_norm(m))
-        q_next = torch.eye(d, dtype=torch.float64) if i == n_layers - 1 else pca(out, outs[i])
+        q_next = torch.eye(d, dtype=torch.float64) if outs[i] == d and i == n_layers - 1 else pca(out, outs[i])
         _rotate_outputs(p.mlp_out, q_next)
         new = ad.sliced_layer(layer, widths[i], outs[i])
         _set_shortcut(new.attn_shortcut, q_prev, q_mid)
@@ -114,6 +115,8 @@ def _naive_slicegpt(model, batch, widths):
         done.append(new)
         ad.layers[i] = new
         q_prev = q_next
+    if final_width < d:
+        _rotate_inputs(model.lm_head, q_prev)
     model.model.embed_tokens = torch.nn.Embedding.from_pretrained(emb_w)
     return model
 
@@ -231,3 +234,44 @@ def test_hflm_accepts_sliced_model(smol_tokenizer):
     logp = torch.log_softmax(sliced(input_ids=full).logits[0, :-1].float(), -1)
     by_hand = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
     assert abs(by_hand - out[0][0]) < 1e-3
+
+
+@pytest.mark.parametrize("n_seqs", [6, 24])
+def test_both_signal_coordinate_paths_match_naive_slicegpt(tiny_arch, n_seqs):
+    """Few calibration tokens: each sublayer's output signal is formed in the dense basis (the residual lifted
+    back); many: in the previous position's full basis (the output linear rotated into it). Both paths are taken,
+    rotation alone stays exact on either, and slicing equals the naive SliceGPT on either."""
+    from dynslice.core.adapters import get_adapter
+    from dynslice.core.slicing import _coords_for
+
+    model = make_tiny_model(tiny_arch)
+    batch = make_batch(n=n_seqs, seqlen=24, padded=True)
+    p = get_adapter(model).parts(get_adapter(model).layers[0])
+    basis = torch.eye(48, dtype=torch.float64)
+    for width in (48, 32):
+        chosen = [_coords_for(basis, lin, batch["input_ids"].numel(), width) is not None
+                  for lin in (p.attn_out, p.mlp_out)]
+        assert chosen == [n_seqs == 24] * 2, (width, chosen)
+
+    ref = model(**batch).logits
+    rotated = slice_model(copy.deepcopy(model), batch, [48, 48, 48], progress=False)
+    assert _rel_err(rotated(**batch).logits, ref, batch["attention_mask"]) <= 1e-4
+
+    widths = [40, 32, 36]
+    fast = slice_model(copy.deepcopy(model), batch, widths, progress=False)
+    slow = _naive_slicegpt(model, batch, widths)
+    assert _rel_err(fast(**batch).logits, slow(**batch).logits, batch["attention_mask"]) <= 1e-4
+    assert _rel_err(fast(**batch).logits, ref, batch["attention_mask"]) > 1e-3
+
+
+@pytest.mark.parametrize("n_seqs", [6, 24])
+def test_sliced_head_matches_naive_slicegpt(n_seqs):
+    """A sliced last position (final_width < D): the head is rotated by the basis composed across the coordinate
+    changes, and the model equals the naive SliceGPT's on both signal paths."""
+    model = make_tiny_model("llama", tied=False)
+    batch = make_batch(n=n_seqs, seqlen=24, padded=True)
+    widths = [40, 32, 36]
+    fast = slice_model(copy.deepcopy(model), batch, widths, final_width=40, progress=False)
+    slow = _naive_slicegpt(model, batch, widths, final_width=40)
+    assert fast.lm_head.weight.shape == slow.lm_head.weight.shape == (96, 40)
+    assert _rel_err(fast(**batch).logits, slow(**batch).logits, batch["attention_mask"]) <= 1e-4

@@ -16,9 +16,11 @@ the already-sliced earlier layers.
 Layer ``i`` reads a residual of width ``widths[i]``; its attention writes back at that same width (the "mid"
 position) and its MLP writes ``widths[i+1]`` (``final_width``, default ``D``, after the last layer).
 
-Every sublayer runs exactly once per calibration batch: its output is computed in the unrotated basis, the PCA of
-the new position is taken, and the rotated signal is obtained by projecting (``X·Q[:, :d]``) instead of running the
-sublayer a second time. Only the kept columns of each rotated weight are ever computed.
+Every sublayer runs exactly once per calibration batch: its output is computed before its output linear takes its
+final rotation, the PCA of the new position is taken, and the rotated signal is obtained by projecting
+(``X·Q[:, :d]``) instead of running the sublayer a second time. With many calibration tokens the new position's
+signal is formed in the previous position's full basis rather than the dense one, which saves lifting every token
+back (:func:`slice_layer`). Only the kept columns of each final weight are ever computed.
 
 The model's anatomy (module paths, norms, checkpoint names) is the adapter's business
 (:mod:`dynslice.core.adapters`); this module only does the maths.
@@ -144,7 +146,7 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
     # The head reads the last position; it is rotated only when that position is sliced.
     with timings("rotate"):
         if final_width < adapter.hidden_size:
-            _rotate_inputs(adapter.head, q.to(adapter.head.weight.device))
+            _rotate_inputs(adapter.head, q[:, :final_width].to(adapter.head.weight.device))
     model.dynslice_info = SliceInfo(widths, final_width, timings.summary())
     return model
 
@@ -154,41 +156,54 @@ def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, devic
                      timings: Timings) -> tuple[list[torch.Tensor], torch.Tensor]:
     """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
 
-    Returns the rotated first-layer input signals (``sig.x`` is emptied) and the basis ``Q[:, :width]``.
+    Returns the rotated first-layer input signals (``sig.x`` is emptied) and the full (D × D) basis of position 0,
+    whose first ``width`` columns are kept.
     """
     with timings("pca"):
-        q = _pca(sig.x, sig.masks, device)[:, :width]
+        basis = _pca(sig.x, sig.masks, device)
+    q = basis[:, :width]
     with timings("rotate"):
         emb = adapter.embeddings
         adapter.embeddings = nn.Embedding(emb.num_embeddings, width, padding_idx=emb.padding_idx,
                                           _weight=rotate_embedding(emb.weight, q, device), _freeze=True)
         x = [_project(s, q, device) for s in _drain(sig.x)]
-    return x, q
+    return x, basis
 
 
 @torch.no_grad()
 def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tensor], kwargs: list[dict],
-                masks: list[torch.Tensor], q_in: torch.Tensor, d_in: int, d_out: int, last: bool,
+                masks: list[torch.Tensor], basis_in: torch.Tensor, d_in: int, d_out: int, last: bool,
                 device: torch.device, home: torch.device,
                 timings: Timings) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
     """Rotate and slice one norm-fused decoder layer (moved to ``device``).
 
-    ``x``: the layer's rotated input signals (emptied as they are consumed); ``q_in``: the basis of its input
-    position. Returns the sliced layer (still on ``device``), the next layer's rotated input signals (on ``home``)
-    and the basis of its output position.
+    ``x``: the layer's rotated input signals (emptied as they are consumed); ``basis_in``: the full (D × D) basis
+    of its input position (float64, on ``device``), of which the first ``d_in`` columns are kept. Returns the sliced
+    layer (still on ``device``), the next layer's rotated input signals (on ``home``; empty after the last layer
+    when its output is not sliced, since nothing reads them) and the full basis of its output position.
 
-    Each sublayer output is computed once, with its output linear not yet rotated, so it lands in the dense
-    basis; the lift ``xb @ Q_inᵀ`` (:func:`_lift`) takes the sliced input back to that basis, and their sum is the
-    next position's residual in dense coordinates: the signal whose PCA gives that position's basis.
+    Each sublayer output is computed once, before its output linear takes its final rotation. The next position's
+    signal (residual plus sublayer output, whose PCA gives that position's basis) is formed in one of two
+    orthonormal coordinate systems, whichever costs less (:func:`_coords_for`):
+
+    * the dense basis: the residual is lifted back (``xb·Q_inᵀ``, one product per token);
+    * the input position's full basis ``B``: the output linear is first rotated to write ``Bᵀ·y`` (one product per
+      weight), and the residual is then just the first ``d_in`` coordinates. The PCA, taken in those coordinates,
+      is mapped back to the dense basis by ``B``. With many calibration tokens this removes half of the per-token
+      products that slicing adds to a layer's forward.
     """
     d = adapter.hidden_size
     layer.to(device)
     p = adapter.parts(layer)
+    n_tokens = sum(int(m.numel()) for m in masks)
+    q_in = basis_in[:, :d_in]
 
     # Attention inputs: q/k/v read the rotated, sliced stream.
     with timings("rotate"):
         for lin in p.attn_in:
             _rotate_inputs(lin, q_in)
+        coords = _coords_for(basis_in, p.attn_out, n_tokens, d_in)
+        saved = _enter_coords(p.attn_out, coords)
 
     # Attention output: the mid position, its PCA, and o_proj writing it rotated.
     with timings("forward"):
@@ -196,50 +211,91 @@ def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tenso
         for xb, kw in zip(_drain(x), kwargs):
             xb = xb.to(device)
             a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
-            mid.append((_lift(xb, q_in) + a).to(home))
+            mid.append(_add_residual(a, xb, q_in, coords).to(home))
     with timings("pca"):
-        q_mid = _pca(mid, masks, device)[:, :d_in]
+        v_mid = _pca(mid, masks, device)
+        basis_mid = v_mid if coords is None else coords @ v_mid
+    q_mid = basis_mid[:, :d_in]
     with timings("rotate"):
-        _rotate_outputs(p.attn_out, q_mid)
-
-    # MLP inputs: gate/up read the mid position.
-    with timings("rotate"):
+        _leave_coords(p.attn_out, saved, q_mid)
         for lin in p.mlp_in:
             _rotate_inputs(lin, q_mid)
 
-    # MLP output: the next position, its PCA, and down_proj writing it rotated. The head keeps the dense basis
-    # when nothing after the last layer is sliced: no PCA, no rotation.
-    with timings("forward"):
-        out = []
-        for mb in _drain(mid):
-            m = _project(mb, q_mid, device, keep_on_device=True)
-            y = p.mlp_block(p.mlp_norm(m))
-            out.append((_lift(m, q_mid) + y).to(home))
-    with timings("pca"):
-        if last and d_out == d:
-            q_out = torch.eye(d, dtype=torch.float64, device=device)
-        else:
-            q_out = _pca(out, masks, device)[:, :d_out]
-    with timings("rotate"):
-        _rotate_outputs(p.mlp_out, q_out)
+    if last and d_out == d:
+        # Nothing after the last layer reads a sliced stream: down_proj and the head keep the dense basis, and no
+        # signal is needed past this point, so the MLP does not run.
+        basis_out = torch.eye(d, dtype=torch.float64, device=device)
+        nxt: list[torch.Tensor] = []
+    else:
+        # MLP output: the next position, its PCA, and down_proj writing it rotated.
+        with timings("rotate"):
+            coords = _coords_for(basis_mid, p.mlp_out, n_tokens, d_in)
+            saved = _enter_coords(p.mlp_out, coords)
+        with timings("forward"):
+            out = []
+            keep = v_mid[:, :d_in]
+            for mb in _drain(mid):
+                m = _project(mb, keep, device, keep_on_device=True)
+                y = p.mlp_block(p.mlp_norm(m))
+                out.append(_add_residual(y, m, q_mid, coords).to(home))
+        with timings("pca"):
+            v_out = _pca(out, masks, device)
+            basis_out = v_out if coords is None else coords @ v_out
+        with timings("rotate"):
+            _leave_coords(p.mlp_out, saved, basis_out[:, :d_out])
+            nxt = [_project(o, v_out[:, :d_out], device) for o in _drain(out)]
 
     # Shortcuts: the residual path from each position to the next, Q_inᵀ·Q_mid and Q_midᵀ·Q_out.
     with timings("rotate"):
         new = adapter.sliced_layer(layer, d_in, d_out, dtype=p.mlp_out.weight.dtype, device=device)
         _set_shortcut(new.attn_shortcut, q_in, q_mid)
-        _set_shortcut(new.mlp_shortcut, q_mid, q_out)
-        nxt = out if last else [_project(o, q_out, device) for o in _drain(out)]
-    return new, nxt, q_out
+        _set_shortcut(new.mlp_shortcut, q_mid, basis_out[:, :d_out])
+    return new, nxt, basis_out
 
 
-def _lift(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``x · Qᵀ``: a rotated, sliced signal (width ``d``) taken back to the dense ``D``-wide basis.
+def forms_in_input_basis(hidden: int, out_features_in: int, n_tokens: int, d_in: int) -> bool:
+    """Whether a sublayer's output signal is formed in its input position's full basis rather than the dense one:
+    when rotating its output linear (``out_features_in`` inputs) into that basis and mapping the PCA back
+    (``D·(K + 2D)`` multiply-adds, the float64 product counted twice) cost less than lifting every token's
+    residual back to the dense basis (``n_tokens·d_in·D``)."""
+    return hidden * (out_features_in + 2 * hidden) < n_tokens * d_in
 
-    This is the residual stream as the sliced model carries it (the dropped directions are zero), written in the
-    dense coordinates; adding a sublayer output that is still in the dense basis gives the next position's signal
-    for its PCA. Computed on ``x``'s device, in ``x``'s dtype.
+
+def _coords_for(basis: torch.Tensor, out_linear: nn.Linear, n_tokens: int, d_in: int) -> torch.Tensor | None:
+    """``basis`` when :func:`forms_in_input_basis` says so, else ``None`` (the dense basis)."""
+    return basis if forms_in_input_basis(basis.shape[0], out_linear.in_features, n_tokens, d_in) else None
+
+
+def _enter_coords(linear: nn.Linear, coords: torch.Tensor | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """Make ``linear`` write its output in ``coords`` (``W ← coordsᵀ·W``, for the forward only). Returns the original
+    weight and bias, from which :func:`_leave_coords` computes the final rotation (one rounding, not two)."""
+    saved = (linear.weight, linear.bias)
+    if coords is not None:
+        _rotate_outputs(linear, coords)
+    return saved
+
+
+def _leave_coords(linear: nn.Linear, saved: tuple[nn.Parameter, nn.Parameter | None], q: torch.Tensor) -> None:
+    """Put back the weight and bias saved by :func:`_enter_coords`, then rotate the outputs by ``q``."""
+    linear.weight, bias = saved
+    if bias is not None:
+        linear.bias = bias
+    linear.out_features = linear.weight.shape[0]
+    _rotate_outputs(linear, q)
+
+
+def _add_residual(y: torch.Tensor, xb: torch.Tensor, q_in: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+    """A sublayer output ``y`` plus its rotated, sliced residual input ``xb``, in ``y``'s coordinates, in place.
+
+    In the dense basis (``coords`` None) the residual is lifted back, ``y + xb·Q_inᵀ``, as one fused product; in the
+    input position's own full basis it is the first ``d_in`` coordinates: ``y[..., :d_in] += xb``.
     """
-    return x @ q.T.to(x.dtype)
+    if coords is not None:
+        y[..., :xb.shape[-1]].add_(xb)
+        return y
+    flat = y.reshape(-1, y.shape[-1])
+    flat.addmm_(xb.reshape(-1, xb.shape[-1]), q_in.T.to(y.dtype))
+    return flat.view(y.shape)
 
 
 def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:

@@ -237,10 +237,29 @@ def masked_gram_fp32(x: torch.Tensor, mask: torch.Tensor | None = None, out: tor
         flat = flat.index_select(0, keep.nonzero().squeeze(1))
     h = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for start in range(0, flat.shape[0], chunk_tokens):
-        rows = flat[start:start + chunk_tokens].to(torch.float32)
-        h.add_(rows.T @ rows)
+        _add_upper_gram(h, flat[start:start + chunk_tokens].to(torch.float32))
     h = h.add_(h.T.clone()).mul_(0.5)
     return h if out is None else out.add_(h)
+
+
+#: Row panels of the Gram matrix computed by :func:`_add_upper_gram` (torch has no SYRK): with two, the block
+#: below the diagonal is mirrored instead of multiplied, a quarter fewer products (measured on a 4096 × 576 fp32
+#: chunk, one thread: 35 → 23 ms; more panels gain little as the products get thinner).
+GRAM_PANELS = 2
+
+
+def _add_upper_gram(h: torch.Tensor, rows: torch.Tensor, panels: int = GRAM_PANELS) -> None:
+    """``h += rowsᵀ·rows`` (fp32 products added into float64 ``h``), computing each block on or above the diagonal
+    of a ``panels`` × ``panels`` split once and mirroring the ones above it."""
+    d = rows.shape[1]
+    edges = [d * k // panels for k in range(panels + 1)]
+    for a, b in zip(edges, edges[1:]):
+        if a == b:
+            continue
+        block = rows[:, a:b].T @ rows[:, a:]  # (b - a) × (d - a): the diagonal block and everything right of it
+        h[a:b, a:].add_(block)
+        if b < d:
+            h[b:, a:b].add_(block[:, b - a:].T)
 
 
 # --------------------------------------------------------------------------------------------------- Triton path

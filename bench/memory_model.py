@@ -59,6 +59,8 @@ CONFIGS = {
     "llama3-8b-32l": shaped(LLAMA3_8B, 32),  # all of Llama-3-8B (16 GB in bf16): the disk / streaming-peak ratio
     "mistral-7b-2l": shaped(MISTRAL_7B, 2),
     "llama3-8b-1l/4": shaped(LLAMA3_8B, 1, 4),
+    "llama3-8b-2l/4": shaped(LLAMA3_8B, 2, 4),
+    "mistral-7b-2l/4": shaped(MISTRAL_7B, 2, 4),
     "mistral-7b-1l/4": shaped(MISTRAL_7B, 1, 4),
     "llama3-8b-3l/8": shaped(LLAMA3_8B, 3, 8),
     "mistral-7b-3l/8": shaped(MISTRAL_7B, 3, 8),

@@ -151,6 +151,13 @@ def _heap(*blocks: int) -> int:
     return sum(n for n in blocks if n < MMAP_THRESHOLD_MAX)
 
 
+def _reusing(kept: int, *blocks: int) -> int:
+    """Resident bytes once ``blocks`` are allocated next to ``kept`` freed-but-resident heap bytes: the heap serves
+    its blocks from the freed ones first, so only what exceeds them is new; larger blocks are mapped anew."""
+    heap = _heap(*blocks)
+    return sum(blocks) - heap + max(kept, heap)
+
+
 @dataclass(frozen=True)
 class _Step:
     """Sizes (bytes) shared by the steps of one prediction."""
@@ -177,9 +184,9 @@ class _Step:
             return self.sig + s.vocab * w0 * b + self.signals(w0) + kept
         rows = min(s.vocab, EMBEDDING_CHUNK_ROWS)
         pca = self.sig + PCA_MATRICES * self.mat
-        rotate = self.sig + self.mat + s.vocab * w0 * b + rows * (s.hidden + w0) * 4
-        project = self.sig + self.mat + s.vocab * w0 * b + self.signals(w0)
-        return max(pca, rotate + kept, project + kept)
+        rotate = self.sig + self.mat + _reusing(kept, s.vocab * w0 * b, rows * s.hidden * 4, rows * w0 * 4)
+        project = self.sig + self.mat + _reusing(kept, s.vocab * w0 * b, self.signals(w0))
+        return max(pca, rotate, project)
 
     def layer(self, d_in: int, d_out: int, last: bool, dense: str) -> int:
         """One decoder layer beyond the bytes held outside it: its weights (dense and rotated), signals, bases and
@@ -270,7 +277,7 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     rows = min(v, EMBEDDING_CHUNK_ROWS)
     # glibc keeps the embedding PCA's small blocks, and those of the embedding rotation once a second block of
     # rows reuses them, resident to the end (module docstring)
-    kept = 0 if gpu else _heap(*[step.mat] * 3, 2 * step.mat) + (
+    kept = 0 if gpu else _heap(*[step.mat] * 3) + (
         _heap(rows * widths[0] * 4, rows * widths[0] * b) if v > rows else 0)
     base = RUNTIME_BYTES + kwargs  # before the first PCA
     extra = base + kept  # from the embedding rotation on

@@ -224,6 +224,7 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
         x, q_in = slice_embeddings(adapter, sig, widths[0], device, timings)
         writer.add(names.embeddings, adapter.embeddings.weight)
         adapter.embeddings.to("meta")
+        release_freed_heap()
 
         # The decoder layers: read one, fold its norms, slice it, write it, drop it.
         outs = list(widths[1:]) + [final_width]

@@ -319,7 +319,8 @@ def test_narrative_states_the_numbers(published_frame):
     assert f"{row['ppl_wiki_dynamic']:.2f} vs {row['ppl_wiki_constant']:.2f}" in text
     assert f"{-row['ppl_wiki_change_pct']:.1f}% lower perplexity, more than the paper's up to 7%" in text
     zs = narrative.zero_shot_text(head)
-    assert "+4.0 points, within the paper's up to 5" in zs  # SP 0.2: 0.42 vs 0.38
+    assert "0.400 vs 0.390 (+1.0 points, within the paper's up to 5)" in zs  # SP 0.2
+    assert "0.380 vs 0.330 (+5.0 points, within the paper's up to 5)" in zs  # SP 0.3: 5 is not more than 5
     worse = head.assign(ppl_wiki_change_pct=lambda f: f["ppl_wiki_change_pct"].abs())
     assert "gains nothing" in narrative.headline_text(worse, "wiki")
 

@@ -139,7 +139,7 @@ def anon_mib():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
 
-torch.empty(4 << 20)  # made and freed at once: freeing a 16 MiB mapping raises glibc's mmap threshold, as any real run does
+torch.empty(4 << 20)  # made and freed at once: that raises glibc's mmap threshold, as any real run does
 w = ShardWriter(Path(sys.argv[1]), 1 << 30)
 for k in range(96):
     w.add(f"t{k}", torch.full((256, 1024), float(k)))  # 1 MiB each, now from the heap

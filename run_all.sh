@@ -127,13 +127,26 @@ if [[ "$MODE" == plan ]]; then
   exec "$PY" -m dynslice plan --profile "$PROFILE" --shards "$SHARDS"
 fi
 # ---------------------------------------------------------------------------------------------- the run
-NAME="$("$PY" -c 'import sys
+PROFILE_INFO="$("$PY" -c 'import sys
+from dynslice.numerics import PINNED_ENV
 from dynslice.profiles import load_profile
 try:
-    print(load_profile(sys.argv[1]).name)
+    p = load_profile(sys.argv[1])
 except ValueError as e:
     print(f"run_all.sh: {e}", file=sys.stderr)
-    sys.exit(2)' "$PROFILE")"
+    sys.exit(2)
+print(p.name)
+print(" ".join(f"{k}={v}" for k, v in PINNED_ENV.items()) if p.numerics == "pinned" else "")' "$PROFILE")"
+NAME="${PROFILE_INFO%%$'\n'*}"
+PIN_ENV="${PROFILE_INFO#*$'\n'}"
+[[ "$PROFILE_INFO" == *$'\n'* ]] || PIN_ENV=""
+if [[ -n "$PIN_ENV" && "$MODE" != check && "$MODE" != publish ]]; then
+  # The profile's reference was computed with the CPU arithmetic pinned (dynslice/numerics.py): ATen's AVX2
+  # kernels, MKL's strict conditional numerical reproducibility and oneDNN's AVX2 kernels. They override a user's
+  # own settings of these variables, so that any thread count gives the reference's bits on the same kind of CPU.
+  for kv in $PIN_ENV; do export "${kv?}"; done
+  echo "== numerics: pinned ($PIN_ENV)"
+fi
 RESULTS="$ROOT/$NAME"
 FIGS="$FIGURES/$NAME"
 PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dynslice import data
+from dynslice import data, numerics
 from dynslice.core.adapters import count_parameters
 from dynslice.core.allocate import Allocation, allocate
 from dynslice.core.checks import check_int
@@ -410,6 +410,7 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
     record["gap_tests"] = gap_tests(record)
     record["answer"] = answer(record)
     record["time_s"] = round(time.perf_counter() - t_start, 1)
+    record["versions"], record["numerics"] = numerics.versions(), numerics.describe(cfg.device)
     if out is not None:
         write_json(out, record)
         if checkpoint is not None:

@@ -468,6 +468,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.core.adapters import count_parameters
     from dynslice.jsonio import write_json
     from dynslice.models import load_model, load_tokenizer
+    from dynslice.numerics import describe as describe_numerics
     from dynslice.outputs import check_json_out
     from dynslice.pipeline import evaluate_model, versions
 
@@ -485,7 +486,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
                      "versions": versions(), "model": a.model, "ppl": ppl, "tasks": tasks,
                      "params": {"total": count_parameters(model)},
                      "widths": None if widths is None else list(widths),
-                     "timings_s": {"eval": round(time.perf_counter() - t, 3)}})
+                     "timings_s": {"eval": round(time.perf_counter() - t, 3)},
+                     "numerics": describe_numerics(a.device)})
 
 
 def _cmd_run(a: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynslice import __version__, data
+from dynslice import data, numerics
 from dynslice.config import RunConfig
 from dynslice.core.adapters import count_parameters, get_adapter
 from dynslice.core.allocate import allocate, lr_input
@@ -27,26 +26,11 @@ from dynslice.core.slicing import slice_model
 from dynslice.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.jsonio import read_json, write_json
 from dynslice.models import load
+from dynslice.numerics import versions
 from dynslice.protocol import differences
 from dynslice.search import find_best_sb
 
 RECORD_VERSION = 1
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries a result depends on."""
-    import datasets
-    import transformers
-
-    out = {"dynslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "datasets": datasets.__version__, "python": platform.python_version()}
-    try:
-        import lm_eval
-
-        out["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
-    except ImportError:  # pragma: no cover
-        pass
-    return out
 
 
 @dataclass
@@ -238,6 +222,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, bench: Workbench | Non
     record["ppl"], record["tasks"] = evaluate_model(eval_model, bench.tokenizer, cfg)
     timings["eval"] = time.perf_counter() - t
     record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    record["numerics"] = numerics.describe(cfg.device)
     if out is not None:
         write_json(out, record)
     return record

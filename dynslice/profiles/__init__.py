@@ -32,6 +32,7 @@ import yaml
 
 from dynslice.config import AUTO, OPTIONS, PROTOCOL_SETTINGS, RunConfig, default_of
 from dynslice.jsonio import read_json
+from dynslice.numerics import MODES as NUMERICS_MODES
 from dynslice.search import best_sb_key
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ BASE_KEYS = frozenset(name for name, opt in OPTIONS.items() if opt.profile == "b
 FIELD_KEYS = {name: opt.profile for name, opt in OPTIONS.items() if opt.profile not in (None, "base")}
 #: Keys of a profile that are not RunConfig fields: names, the sweep's lists and grids, the notebooks.
 PROFILE_ONLY_KEYS = frozenset({"name", "description", "models", "base", "lr_datasets", "auto_sb", "zero_shot",
-                               "notebooks"})
+                               "notebooks", "numerics"})
 
 
 def _fields_in(section: str) -> dict[str, str]:
@@ -92,6 +93,7 @@ class Profile:
     zero_shot_budgets: tuple[str, ...]
     description: str = ""
     notebooks: tuple[str, ...] = ()  # the notebooks run_all.sh runs, as two-digit prefixes ("01"); () = all
+    numerics: str = "native"  # "pinned": run_all.sh exports dynslice.numerics.PINNED_ENV (bit-reproducible CPU runs)
 
     def runs_notebook(self, name: str) -> bool:
         """Whether run_all.sh runs ``notebooks/<name>.ipynb`` (e.g. ``06_ablations``) for this profile."""
@@ -226,6 +228,9 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     _check_section(f"{name}.zero_shot", "zero_shot", zs)
     budgets_allowed = OPTIONS["budget"].choices
     budgets = _str_list(f"{name}.budgets", top.get("budgets", [default_of("budget")]), budgets_allowed)
+    mode = top.get("numerics", "native")
+    if mode not in NUMERICS_MODES:
+        raise ValueError(f"{name}.numerics: {mode!r} is not one of {', '.join(NUMERICS_MODES)}")
     sb_step = top.get("sb_step", 0.02)
     if isinstance(sb_step, bool) or not isinstance(sb_step, int | float) or not 0 < sb_step < 1:
         raise ValueError(f"{name}.sb_step: {sb_step!r} is outside 0 < sb_step < 1")
@@ -246,7 +251,8 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         zero_shot_budgets=_str_list(f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), budgets_allowed,
                                     empty_ok=True),
         description=str(top.get("description", "")), notebooks=_notebook_list(f"{name}.notebooks",
-                                                                              top.get("notebooks", [])))
+                                                                              top.get("notebooks", [])),
+        numerics=mode)
     # Build one config of each kind so that the rules between fields are checked now, with RunConfig's messages.
     for model in profile.models:
         for cal in profile.cal_datasets:

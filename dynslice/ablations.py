@@ -59,7 +59,7 @@ RECORD_VERSION = 1
 # ------------------------------------------------------------------------------------------------ configuration
 @dataclass(frozen=True)
 class AblationConfig:
-    """Everything the ablation experiment depends on (same config -> same JSON, timings aside)."""
+    """Everything the ablation experiment depends on (same config and arithmetic -> same JSON, timings aside)."""
 
     model: str = "smollm2-135m"
     dtype: str = "fp32"

@@ -669,8 +669,14 @@ def _cmd_sweep(a: argparse.Namespace) -> None:
 
 def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int, int] | None, force: bool) -> None:
     """Run ``phase`` of a loaded profile (``dynslice sweep``, ``dynslice run --profile``); name infeasible runs."""
+    from dynslice.numerics import PINNED_ENV, is_pinned
     from dynslice.sweep import run_phase
 
+    if profile.numerics == "pinned" and not is_pinned():
+        print(f"dynslice {command}: note: profile {profile.name} is published with pinned arithmetic; this process "
+              f"is not pinned (export {' '.join(f'{k}={v}' for k, v in PINNED_ENV.items())} before starting, as "
+              "run_all.sh does), so its records are checked with the measured tolerances, not bit for bit",
+              file=sys.stderr)
     results = run_phase(profile, root, phase, shard=shard, force=force)
     if any(r.infeasible for r in results):
         print(f"dynslice {command}: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "

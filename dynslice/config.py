@@ -142,7 +142,9 @@ class RunConfig:
     """Every input of one ``dynslice run``: model -> LR -> widths -> slicing -> perplexity + zero-shot.
 
     ``sp = 0`` evaluates the dense model (no LR, no slicing). ``sb = "auto"`` searches the slicing base on held-out
-    calibration chunks. Two runs with equal configs produce the same JSON (timings aside).
+    calibration chunks. Two runs with equal configs on the same arithmetic (:mod:`dynslice.numerics`: pinned, or
+    the same threads and SIMD level on one CPU) produce the same JSON (timings aside); elsewhere a sliced model's
+    perplexity moves by up to about 1% (``bench/results/numerics_noise.json``).
 
     ``protocol`` (``dynslice`` or ``reference``, see :mod:`dynslice.protocol`) fills every setting left at
     ``None`` among :data:`PROTOCOL_SETTINGS`; a value given explicitly always wins. ``save_dir`` is the only field

@@ -132,3 +132,47 @@ def headline_text(head: pd.DataFrame, dataset: str) -> str:
         claim += f", the accuracy gain {acc_rel} its up to {PAPER_ACC_GAIN_POINTS:g} points"
     parts.append(claim + " (the paper measured much larger models).")
     return " ".join(parts) + f"\n\n*{BEST_SB_NOTE}*"
+
+
+def within_noise(change: float, numerical: float, seed_sd: float | None) -> bool:
+    """Whether a difference is inside the noise: no larger than the numerical spread measured for it, or than two
+    calibration-seed standard deviations."""
+    return abs(change) <= numerical or (seed_sd is not None and abs(change) <= 2 * seed_sd)
+
+
+def noise_text(head: pd.DataFrame, dataset: str, noise: Mapping[str, Any], documents: int | None = None) -> str:
+    """Each headline difference next to its numerical spread and its calibration-seed spread; "within noise" where
+    it is no larger than either (``noise``: the record of ``bench/bench_numerics.py``)."""
+    if head.empty:
+        return "No headline comparison in these runs."
+    col = f"ppl_{dataset}_change_pct"
+    classes = noise["classes"]
+    numerical = float(noise["tolerances"]["by_quantity"]["ppl_change_pct"]["largest_seen"])
+    ppl_rel = float(noise["tolerances"]["by_quantity"]["ppl_sliced"]["largest_seen"])
+    paired = noise["seed_spread"]["paired_change"].get(dataset)
+    seed_sd = None if paired is None else float(paired["change_sd_points"])
+    seed_note = ("" if paired is None else
+                 f" A different calibration seed moves the dynamic-vs-constant difference by sd {seed_sd:.1f} points "
+                 f"({dataset}, SP {paired['sp']:g}, {paired['budget']} budget, {paired['seeds']} seeds, notebook 06).")
+    lines = []
+    for _, r in head.iterrows():
+        d = float(r[col])
+        verdict = "within noise" if within_noise(d, numerical, seed_sd) else "beyond both spreads"
+        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: {d:+.1f}% ({verdict}).")
+    text = (f"**The noise under these numbers.** Recomputed under other thread counts and SIMD levels, and on "
+            f"another CPU, a sliced model's perplexity moved by up to {100 * ppl_rel:.2f}% and a % change by up to "
+            f"{numerical:.2f} points ({classes['ppl_sliced']['numbers']} perplexities, bench/results/"
+            f"numerics_noise.json); run_all.sh pins the arithmetic, so on the CPU kind of the reference its bits "
+            f"are reproduced exactly.{seed_note} A difference no larger than the numerical spread or two seed "
+            f"standard deviations is within noise:\n\n" + "\n".join(lines))
+    if documents and "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
+        acc = []
+        for _, r in head[head["acc_delta_points"].notna()].iterrows():
+            p1, p2 = float(r["acc_dynamic"]), float(r["acc_constant"])
+            se = 100 * ((p1 * (1 - p1) + p2 * (1 - p2)) / documents) ** 0.5
+            d = float(r["acc_delta_points"])
+            verdict = "within noise" if abs(d) <= 2 * se else "beyond two standard errors"
+            acc.append(f"- SP {r['sp']:g}, {r['comparison']}: {d:+.1f} points, standard error {se:.1f} ({verdict}).")
+        text += (f"\n\nZero-shot accuracy at {documents} documents per model has a sampling standard error of its "
+                 "own, far larger than its numerical spread:\n\n" + "\n".join(acc))
+    return text

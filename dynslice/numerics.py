@@ -88,11 +88,14 @@ def _blas() -> str:
 def describe(device: str = "cpu") -> dict[str, Any]:
     """The arithmetic of this process: pinned or not, SIMD level, threads, BLAS, CPU (or GPU), the variables set.
 
-    Called where a record is written, so it reports what the run used (torch is already imported then).
+    Called where a record is written, so it reports what the run used. Setting the variables after torch has
+    started does not pin anything, and is not reported as pinned.
     """
     import torch
 
-    out: dict[str, Any] = {"pinned": is_pinned(), "isa": torch.backends.cpu.get_cpu_capability(),
+    isa = torch.backends.cpu.get_cpu_capability()
+    # Pinned only when the variables were set before torch started: then ATen reports the pinned SIMD level.
+    out: dict[str, Any] = {"pinned": is_pinned() and isa == "AVX2", "isa": isa,
                            "threads": torch.get_num_threads(), "blas": _blas(), "cpu": cpu(),
                            "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
                            "torch": torch.__version__}

@@ -295,7 +295,9 @@ def test_repro_checks_an_ablations_record(tmp_path, capsys):
     assert repro.main(["check", str(res), str(pub)]) == 0
     rec = read_json(res / "ablations.json")
     lr = next(s for s in rec["summary"] if s["method"] == "lr" and s["budget"] == "params")
-    lr["ppl"]["wiki"]["mean"] *= 1.001  # ten times the perplexity tolerance
+    # the reduced record ran unpinned, so the check applies the measured tolerance; move it by twice that
+    assert repro.regime(pub, res).name == "different arithmetic"
+    lr["ppl"]["wiki"]["mean"] *= 1 + 2 * repro.measured_tolerances()["ppl_sliced"].rel
     write_json(res / "ablations.json", rec)
     assert repro.main(["check", str(res), str(pub)]) == 1
     assert "ablations lr SP 0.3 params ppl wiki" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dynslice.numerics import is_pinned
 from dynslice.paths import PROJECT_ROOT, cache_dir
 from dynslice.profiles import load_profile, sweep_configs
 
@@ -95,6 +96,9 @@ def test_installed_package_runs_the_smoke_profile(venv, tmp_path):
     written = {json.dumps(r["config"], sort_keys=True) for r in records}
     assert {json.dumps(c.to_json(), sort_keys=True) for c in expected} <= written
     assert any(r["config"]["tasks"] for r in records), "the zero-shot phase wrote nothing"
+    # smoke is published pinned; outside run_all.sh the CLI says that this process is not, and the records agree
+    assert ("this process is not pinned" in res.stderr) == (not is_pinned()), res.stderr[-2000:]
+    assert all(r["numerics"]["pinned"] == is_pinned() for r in records)
     assert not (tmp_path / "results").exists() and not (PROJECT_ROOT / "out").exists()
     res = _run(venv, tmp_path, "sweep", "--profile", "smoke", "--root", "out", "--phase", "sweep")
     assert res.returncode == 0 and f"skipped {len(expected)} already finished" in res.stdout, res.stderr[-3000:]

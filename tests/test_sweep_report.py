@@ -330,16 +330,21 @@ def test_check_tolerances_and_names(tmp_path):
 
     numbers = repro.headline_numbers(PUBLISHED_CPU)
     assert numbers["smollm2-135m/dense-zs params"] == ("params", 134515008.0)
+    assert numbers["smollm2-135m/dense-zs ppl wiki"][0] == "ppl_dense"
+    assert numbers["smollm2-135m/sp0.20-sb0.10-width-calwiki ppl wiki"][0] == "ppl_sliced"
     assert numbers["smollm2-135m/sp0.30-sbauto-width-calwiki chosen SB"][0] == "sb"
+    measured, exact = repro.measured_tolerances(), repro.identical_tolerances()
+    tol = measured["ppl_sliced"].rel
     changed = dict(numbers)
     name = "smollm2-135m/sp0.20-sb0.10-width-calwiki ppl news"
     q, v = changed[name]
-    changed[name] = (q, v * (1 + 5e-5))  # inside rel 1e-4
-    assert all(r.status == "ok" for r in repro.compare(numbers, changed))
-    changed[name] = (q, v * (1 + 2e-4))
-    changed["smollm2-135m/dense-zs params"] = ("params", 134515009.0)  # params are exact
+    changed[name] = (q, v * (1 + tol / 2))  # inside the measured tolerance, outside the exact one
+    assert all(r.status == "ok" for r in repro.compare(numbers, changed, measured))
+    assert {r.name for r in repro.compare(numbers, changed, exact) if r.status != "ok"} == {name}
+    changed[name] = (q, v * (1 + 2 * tol))
+    changed["smollm2-135m/dense-zs params"] = ("params", 134515009.0)  # params are exact in every regime
     del changed["smollm2-135m/dense-zs acc average"]
-    rows = {r.name: r.status for r in repro.compare(numbers, changed)}
+    rows = {r.name: r.status for r in repro.compare(numbers, changed, measured)}
     assert rows[name] == "FAIL" and rows["smollm2-135m/dense-zs params"] == "FAIL"
     assert rows["smollm2-135m/dense-zs acc average"] == "MISSING"
     assert sum(s != "ok" for s in rows.values()) == 3

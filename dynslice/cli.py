@@ -281,22 +281,32 @@ def _read_widths(spec: str) -> list[int]:
 
     text = spec.strip()
     if text.startswith("["):
+        if len(text) > 1 << 20:
+            raise ValueError(f"widths: the --widths list is {len(text)} characters; at most {1 << 20} are allowed")
         try:
             obj = json.loads(text, parse_constant=lambda c: float(c))
+        except RecursionError:
+            raise ValueError("widths: the --widths list nests too deeply") from None
         except ValueError as e:
-            raise ValueError(f"widths: {text!r} is not a JSON list of integers ({e})") from None
+            raise ValueError(f"widths: {text[:60]!r} is not a JSON list of integers ({e})") from None
         where = "the --widths list"
     else:
-        obj = read_json(spec)
+        from dynslice.io import MAX_LR_BYTES
+
+        obj = read_json(spec, max_bytes=MAX_LR_BYTES)
         where = spec
     if isinstance(obj, dict) and "widths" not in obj and "lr" in obj:
         raise ValueError(f"widths: {where} holds LR scores, not widths; pass it as --lr")
+    from dynslice.core.checks import MAX_HIDDEN, MAX_LAYERS
+
     widths = obj.get("widths") if isinstance(obj, dict) else obj
     if not isinstance(widths, list) or not widths:
         raise ValueError(f"widths: {where} holds no non-empty 'widths' list")
+    if len(widths) > MAX_LAYERS:
+        raise ValueError(f"widths: {where} has {len(widths)} widths; at most {MAX_LAYERS} layers are allowed")
     for i, w in enumerate(widths):
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer >= 1")
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_HIDDEN:
+            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer in 1..{MAX_HIDDEN}")
     return widths
 
 
@@ -759,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        from dynslice import outputs
+
+        outputs.release_claims()
     if getattr(args, "out", None):
         print(f"wrote {Path(args.out)}")
     return 0

@@ -21,6 +21,8 @@ from dynslice.core.allocate import LRInput, lr_input
 from dynslice.jsonio import read_json, write_json
 
 SLICED_META = "dynslice.json"
+#: Largest LR or widths file read (4096 layers of scores take well under 1 MiB).
+MAX_LR_BYTES = 4 << 20
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -280,7 +282,7 @@ def _rebuild_buffers(model: nn.Module) -> None:
 
 def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:
     """:func:`~dynslice.core.allocate.lr_input` of an LR JSON file."""
-    return lr_input(read_json(path), metric, source=str(path))
+    return lr_input(read_json(path, max_bytes=MAX_LR_BYTES), metric, source=str(path))
 
 
 def load_lr(path: str | os.PathLike, metric: str | None = None) -> list[float]:

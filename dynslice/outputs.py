@@ -83,6 +83,11 @@ def claim(path: str | os.PathLike) -> None:
     _CLAIMS[_key(path)] = ownership.fingerprint(path) if path.is_file() else None
 
 
+def release_claims() -> None:
+    """Forget every :func:`claim` (the end of a command)."""
+    _CLAIMS.clear()
+
+
 def _guard(path: Path, tmp: Path) -> str:
     """How to put ``tmp`` at ``path``: ``"create"`` (exclusively) or ``"replace"``; refuses a file that is not
     what the output check saw, or (during a run_all.sh run) a file under the run's folders the run did not write."""

@@ -286,9 +286,9 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
         return info
     busy = _entries(results)
     if busy:
+        why = "--resume continues only a run of run_all.sh" if resume else "a new run needs an empty folder"
         raise ValueError(f"results: {results} holds {ownership.describe(busy)} but no run of run_all.sh (no "
-                         f"{MARKER}); {'--resume continues only a run of run_all.sh' if resume else 'a new run'} "
-                         "needs an empty folder: choose another --root, or move these away")
+                         f"{MARKER}); {why}: choose another --root, or move these away")
     if figures is not None and _entries(figures):
         raise ValueError(f"figures: {figures} holds {ownership.describe(_entries(figures))}, which no run in "
                          f"{results} wrote; a new run needs an empty figures folder: choose another --figures, or "

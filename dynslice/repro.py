@@ -39,7 +39,7 @@ from pathlib import Path
 
 from dynslice import ownership
 from dynslice.jsonio import read_json, write_json
-from dynslice.outputs import atomic_write, dir_mode
+from dynslice.outputs import atomic_write, dir_mode, umask
 from dynslice.paths import PROJECT_ROOT
 
 #: Where the published reference of each profile lives: ``results/published/<profile>/`` of the checkout (``None``
@@ -296,17 +296,22 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
     info = {"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:12], "profile": profile,
             "started": _now(), "status": "running", "ledger": True}
     results.mkdir(parents=True, exist_ok=True)
-    ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
-                                     {"results": results, **({"figures": figures} if figures else {})})
+    # The marker is written beside the folder and linked in: it appears complete, and only once (a shard started
+    # at the same moment finds it and joins the run).
+    fd, staged = tempfile.mkstemp(prefix=f".{results.name[:100]}.RUN.", suffix=".tmp", dir=results.parent)
     try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:  # another process started a run here a moment ago
-        ledger.path.unlink()
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+        os.chmod(staged, 0o666 & ~umask())
+        os.link(staged, marker)
+    except FileExistsError:
         if resume:
             return start_run(results, profile, resume=True, figures=figures)
         raise ValueError(f"results: another run started in {results} meanwhile; pass --resume to join it") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(info, indent=2) + "\n")
+    finally:
+        os.unlink(staged)
+    ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
+                                     {"results": results, **({"figures": figures} if figures else {})})
     ledger.record(marker)
     return info
 

@@ -610,3 +610,28 @@ def test_no_sequence_of_commands_changes_a_user_file(steps):
                 pass  # a one-line refusal
             for rel, data in USER_TREE.items():
                 assert (w / rel).read_bytes() == data, (rel, step)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_papermill_exits_130_with_one_line(tmp_path):
+    """SIGINT to run_all.sh's process group (Ctrl-C) while a notebook runs: status 130, one line, no traceback."""
+    import signal
+    import time
+
+    env = {**os.environ, "DYNSLICE_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    env.pop(ownership.LEDGER_ENV, None)
+    proc = subprocess.Popen([str(REPO / "run_all.sh"), "--profile", "smoke", "--root", str(tmp_path / "r"),
+                             "--figures", str(tmp_path / "f")], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        if line.startswith("== 01_") or time.time() > deadline:
+            break
+    time.sleep(8)  # papermill has started the kernel and runs a cell
+    assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(lines) == 1 and "interrupted" in lines[0], err
+    assert json.loads((tmp_path / "r" / "smoke" / "RUN.json").read_text())["status"] == "running"

@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh [--profile cpu|smoke|ablations|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a run, then the check
 #   ./run_all.sh --resume [--only NN]   # continue an interrupted run (finished run records are kept)
-#   ./run_all.sh --force                # delete this profile's previous outputs under --root, then a new run
+#   ./run_all.sh --force                # delete the previous run's own files (its ledger), then a new run
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
 #   ./run_all.sh --publish              # make the finished run in <root>/<profile> the published reference
 #   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then run the tests

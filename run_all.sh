@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh [--profile cpu|smoke|ablations|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a run, then the check
 #   ./run_all.sh --resume [--only NN]   # continue an interrupted run (finished run records are kept)
-#   ./run_all.sh --force                # delete this profile's previous outputs under --root, then a new run
+#   ./run_all.sh --force                # delete the previous run's own files (its ledger), then a new run
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
 #   ./run_all.sh --publish              # make the finished run in <root>/<profile> the published reference
 #   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then run the tests
@@ -77,12 +77,19 @@ if [[ -n "$SHARD" ]]; then
   RESUME=1  # shards share the results folder: each one resumes it
 fi
 cd "$CALLER_PWD"
-mkdir -p "$ROOT" "$FIGURES"
-ROOT="$(cd "$ROOT" && pwd)"
-FIGURES="$(cd "$FIGURES" && pwd)"
+# Folders as the file system sees them (links resolved), so that every check below compares real locations.
+for var in ROOT FIGURES; do
+  if ! mkdir -p "${!var}" 2>/dev/null || ! cd "${!var}" 2>/dev/null; then
+    echo "run_all.sh: --${var,,}: '${!var}' cannot be created or entered (a file, or not writable?)" >&2; exit 2
+  fi
+  printf -v "$var" '%s' "$(pwd -P)"
+  cd "$CALLER_PWD"
+done
 if [[ -n "$PUBLISHED" ]]; then
-  mkdir -p "$(dirname "$PUBLISHED")"
-  PUBLISHED="$(cd "$(dirname "$PUBLISHED")" && pwd)/$(basename "$PUBLISHED")"
+  if ! mkdir -p "$(dirname "$PUBLISHED")" 2>/dev/null; then
+    echo "run_all.sh: --published: the folder of '$PUBLISHED' cannot be created" >&2; exit 2
+  fi
+  PUBLISHED="$(cd "$(dirname "$PUBLISHED")" && pwd -P)/$(basename "$PUBLISHED")"
 fi
 cd "$HERE"
 
@@ -132,7 +139,7 @@ from dynslice.numerics import PINNED_ENV
 from dynslice.profiles import load_profile
 try:
     p = load_profile(sys.argv[1])
-except ValueError as e:
+except (ValueError, OSError) as e:
     print(f"run_all.sh: {e}", file=sys.stderr)
     sys.exit(2)
 print(p.name)
@@ -185,18 +192,22 @@ if [[ "$KERNEL_PY" != "$PY" ]]; then
 fi
 
 case "$RESULTS/" in
-  "$HERE/results/published/"*) echo "run_all.sh: --root: $RESULTS is inside the published reference;" \
-                                    "runs write elsewhere (default: results/)" >&2; exit 2 ;;
+  "$(cd "$HERE" && pwd -P)/results/published/"*) echo "run_all.sh: --root: $RESULTS is inside the published" \
+                                    "reference; runs write elsewhere (default: results/)" >&2; exit 2 ;;
 esac
 mkdir -p "$RESULTS" "$FIGS"
 if [[ "$FORCE" == 1 ]]; then
-  repro clear "$RESULTS" "$FIGS"
+  repro clear "$RESULTS" "$FIGS"  # only what the run's ledger lists; refuses (deleting nothing) otherwise
 fi
 if [[ "$RESUME" == 1 || -n "$ONLY" ]]; then
-  repro start "$RESULTS" "$NAME" --resume
+  repro start "$RESULTS" "$NAME" --figures "$FIGS" --resume
 else
-  repro start "$RESULTS" "$NAME"
+  repro start "$RESULTS" "$NAME" --figures "$FIGS"
 fi
+# Every file the run writes under $RESULTS and $FIGS is listed here (dynslice.ownership), so that --force later
+# deletes exactly those, and no write of the run replaces a file the run did not write.
+DYNSLICE_LEDGER="$(repro ledger "$RESULTS")"
+export DYNSLICE_LEDGER
 
 # Progress bars: off where the code lets the environment decide, and the rest folded to their final line in the
 # executed copies (dynslice.notebook.tidy_streams); the sweep logs one line per run instead.
@@ -204,17 +215,42 @@ export TQDM_DISABLE=1 TQDM_MININTERVAL=30
 export DYNSLICE_SHARD="$SHARD"  # dynslice.sweep.run_sweep runs only this shard of every list of runs
 "$PY" - "$PROFILE" "$ROOT" "$FIGURES" "$ONLY" "$RESULTS" <<'PYEOF'
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import papermill as pm
-from papermill.exceptions import PapermillExecutionError
 
-from dynslice.notebook import tidy_streams
-from dynslice.profiles import load_profile
+current: list[Path] = []  # the executed copy being written
+
+
+def interrupted(*_):
+    """Ctrl-C: one line and status 130, whatever papermill or the kernel is doing (no traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if ledger is not None and current and current[-1].is_file():
+            ledger.record(current[-1])
+    except Exception:  # noqa: BLE001 - leaving anyway; an unlisted copy is only ever kept, never deleted
+        pass
+    print("\nrun_all.sh: interrupted; finished run records are kept (continue with --resume)", file=sys.stderr,
+          flush=True)
+    os._exit(130)
+
+
+ledger = None
+signal.signal(signal.SIGINT, interrupted)
+signal.signal(signal.SIGTERM, interrupted)
+
+import papermill as pm  # noqa: E402
+from papermill.exceptions import PapermillExecutionError  # noqa: E402
+
+from dynslice import ownership  # noqa: E402
+from dynslice.notebook import tidy_streams  # noqa: E402
+from dynslice.profiles import load_profile  # noqa: E402
 
 profile, root, figures, only, results = sys.argv[1:6]
+ledger = ownership.active_ledger()
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 prof = load_profile(profile)
 notebooks = [nb for nb in sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb")) if prof.runs_notebook(nb.stem)]
@@ -229,11 +265,22 @@ executed.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 for nb in notebooks:
     out = executed / nb.name
+    if ledger is not None and ledger.guard and os.path.lexists(out) and not ownership.is_ours(
+            executed, nb.name, ledger.listing()["results"].get(f"executed/{nb.name}", ())):
+        print(f"run_all.sh: results: {out} exists and was not written by this run; refusing to replace it (move it"
+              " away)", file=sys.stderr)
+        sys.exit(2)
     print(f"== {nb.name} -> {out}", flush=True)
+    current.append(out)
     t = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb), str(out), parameters={"profile": profile, "root": root, "figures": figures},
-                            kernel_name="python3", cwd=str(Path.cwd()), log_output=True, progress_bar=False)
+        try:
+            pm.execute_notebook(str(nb), str(out), parameters={"profile": profile, "root": root,
+                                                               "figures": figures},
+                                kernel_name="python3", cwd=str(Path.cwd()), log_output=True, progress_bar=False)
+        finally:
+            if ledger is not None and out.is_file():
+                ledger.record(out)  # papermill writes the executed copy itself: list it as the run's
     except PapermillExecutionError as e:
         tidy_streams(out)
         print(f"\nrun_all.sh: FAILED in {nb.name}, cell [{e.exec_count}] (executed copy: {out})", file=sys.stderr)

@@ -31,19 +31,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _at_least(low: int, none: bool = False):
-    """argparse type: an integer >= ``low`` (``none``: or the word ``none``, for ``None``)."""
+def _at_least(low: int, none: bool = False, high: int | None = None):
+    """argparse type: an integer >= ``low`` (and <= ``high``; ``none``: or the word ``none``, for ``None``)."""
+    allowed = f">= {low}" + ("" if high is None else f" and <= {high}")
+
     def parse(text: str) -> int | None:
         if none and text == "none":
             return None
         try:
-            value = int(text)
+            value = int(text) if len(text) <= 100 else None
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is outside >= {low}")
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer {allowed}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {allowed}")
         return value
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer {allowed}"
     return parse
 
 
@@ -106,7 +110,8 @@ def _field_arg(p, name: str, *flags: str, default: object = _FIELD_DEFAULT, **ov
     elif opt.kind == "names":
         spec.update(nargs="*" if default_of(name) == () else "+", metavar="NAME")
     elif opt.kind == "int":  # in a RunConfig, an optional field whose default is a number may be set to None
-        spec["type"] = _at_least(opt.low or 0, none=to_config and opt.optional and default_of(name) is not None)
+        spec["type"] = _at_least(opt.low or 0, none=to_config and opt.optional and default_of(name) is not None,
+                                 high=opt.high)
     elif opt.kind in ("float", "sb"):
         spec["type"] = _finite if opt.kind == "float" else _number_or_auto
     text = overrides.pop("help", opt.help)
@@ -152,6 +157,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from dynslice.core.allocate import ORIENTATION
+    from dynslice.core.checks import MAX_HIDDEN
 
     lr_file_metrics = tuple(ORIENTATION)  # the metrics an LR file may state (``redundancy``: already oriented)
     p = _Parser(prog="dynslice", description=__doc__.splitlines()[0])
@@ -175,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("rounding", "budget", "count"):
         _field_arg(al, name, f"--{name}")
     al.add_argument("--model", default=None, help="model spec (its config is needed for --budget params)")
-    al.add_argument("--hidden", type=_at_least(1), default=None,
+    al.add_argument("--hidden", type=_at_least(1, high=MAX_HIDDEN), default=None,
                     help="dense width D, for an LR file that does not record it")
     al.add_argument("--overwrite", action="store_true", help="replace a previous dynslice record at --out")
     al.add_argument("--out", required=True)
@@ -211,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model spec, or a folder holding only config.json")
     what.add_argument("--profile", help=f"a profile ({_profile_names()} or a YAML file): list its runs and their cost")
-    pl.add_argument("--shards", type=_at_least(1), default=1, help="with --profile: the hours of N shards")
+    pl.add_argument("--shards", type=_at_least(1, high=10_000), default=1, help="with --profile: the hours of N shards")
     pl.add_argument("--gpu-tflops", type=_finite, default=None,
                     help="with --profile: assumed effective GPU throughput (default 125; no GPU was measured)")
     pl.add_argument("--list", action="store_true", help="with --profile: print every run and its predicted time")
@@ -239,19 +245,19 @@ def _parser() -> argparse.ArgumentParser:
     _profile_args(la)
     where = la.add_mutually_exclusive_group(required=True)
     where.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3, or 'all' (the visible ones)")
-    where.add_argument("--processes", type=_at_least(1), help="N shards as CPU processes")
+    where.add_argument("--processes", type=_at_least(1, high=1024), help="N shards as CPU processes")
 
     sb = sub.add_parser("submit", help="a Slurm job array through submitit, one shard per task (pip install "
                                        "'dynslice[cluster]')")
     _profile_args(sb)
-    sb.add_argument("--shards", type=_at_least(1), required=True, help="array tasks (shards)")
+    sb.add_argument("--shards", type=_at_least(1, high=10_000), required=True, help="array tasks (shards)")
     sb.add_argument("--cluster", default=None, choices=["slurm", "local"],
                     help="default: Slurm when sbatch is found; local runs the tasks as local processes")
     sb.add_argument("--partition", default=None, help="Slurm partition")
-    sb.add_argument("--gpus-per-task", type=_at_least(0), default=1)
-    sb.add_argument("--cpus-per-task", type=_at_least(1), default=8)
-    sb.add_argument("--mem-gb", type=_at_least(1), default=64)
-    sb.add_argument("--timeout-min", type=_at_least(1), default=24 * 60)
+    sb.add_argument("--gpus-per-task", type=_at_least(0, high=64), default=1)
+    sb.add_argument("--cpus-per-task", type=_at_least(1, high=1024), default=8)
+    sb.add_argument("--mem-gb", type=_at_least(1, high=1 << 20), default=64)
+    sb.add_argument("--timeout-min", type=_at_least(1, high=10**6), default=24 * 60)
     sb.add_argument("--wait", action="store_true", help="wait until every task has finished")
     return p
 
@@ -275,22 +281,32 @@ def _read_widths(spec: str) -> list[int]:
 
     text = spec.strip()
     if text.startswith("["):
+        if len(text) > 1 << 20:
+            raise ValueError(f"widths: the --widths list is {len(text)} characters; at most {1 << 20} are allowed")
         try:
             obj = json.loads(text, parse_constant=lambda c: float(c))
+        except RecursionError:
+            raise ValueError("widths: the --widths list nests too deeply") from None
         except ValueError as e:
-            raise ValueError(f"widths: {text!r} is not a JSON list of integers ({e})") from None
+            raise ValueError(f"widths: {text[:60]!r} is not a JSON list of integers ({e})") from None
         where = "the --widths list"
     else:
-        obj = read_json(spec)
+        from dynslice.io import MAX_LR_BYTES
+
+        obj = read_json(spec, max_bytes=MAX_LR_BYTES)
         where = spec
     if isinstance(obj, dict) and "widths" not in obj and "lr" in obj:
         raise ValueError(f"widths: {where} holds LR scores, not widths; pass it as --lr")
+    from dynslice.core.checks import MAX_HIDDEN, MAX_LAYERS
+
     widths = obj.get("widths") if isinstance(obj, dict) else obj
     if not isinstance(widths, list) or not widths:
         raise ValueError(f"widths: {where} holds no non-empty 'widths' list")
+    if len(widths) > MAX_LAYERS:
+        raise ValueError(f"widths: {where} has {len(widths)} widths; at most {MAX_LAYERS} layers are allowed")
     for i, w in enumerate(widths):
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer >= 1")
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_HIDDEN:
+            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer in 1..{MAX_HIDDEN}")
     return widths
 
 
@@ -761,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        from dynslice import outputs
+
+        outputs.release_claims()
     if getattr(args, "out", None):
         print(f"wrote {Path(args.out)}")
     return 0

@@ -9,6 +9,7 @@ pre-empted task reruns only its unfinished runs (on pre-emption or timeout submi
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,11 @@ def submit(profile: str, root: str | Path, shards: int, *, cluster: str | None =
 
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards: {shards!r} is outside shards >= 1")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ValueError("cluster: slurm was asked for, but no Slurm is reachable from here (no sbatch command on "
+                         "PATH); run on a Slurm login node, or pass --cluster local")
+    if cluster not in (None, "slurm", "local", "debug"):
+        raise ValueError(f"cluster: {cluster!r} is not one of slurm, local")
     name = load_profile(profile).name
     profile = str(Path(profile).resolve()) if Path(profile).suffix in (".yaml", ".yml") else profile
     root = str(Path(root).resolve())

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynslice.core.allocate import BUDGETS, COUNTS, ROUNDINGS
+from dynslice.core.checks import MAX_SAMPLES, MAX_SEQLEN
 from dynslice.core.lr import LAST_LAYER, METRICS
 
 AUTO = "auto"
@@ -77,6 +78,7 @@ class Option:
     kind: str = "str"
     choices: tuple[str, ...] = ()
     low: int | None = None
+    high: int | None = None
     optional: bool = False
     flags: tuple[str, ...] = ()
     cli_choices: bool = True
@@ -99,8 +101,10 @@ class Option:
         if value is None and self.optional:
             return
         if self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < (self.low or 0):
-                raise ValueError(f"{name}: {value!r} must be an integer >= {self.low or 0}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (self.low or 0) \
+                    or (self.high is not None and value > self.high):
+                allowed = f">= {self.low or 0}" + ("" if self.high is None else f" and <= {self.high}")
+                raise ValueError(f"{name}: {value!r} must be an integer {allowed}")
         elif self.kind == "float":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name}: {value!r} must be a number")
@@ -158,7 +162,7 @@ class RunConfig:
     dtype: str | None = _opt(None, "weights and compute dtype", choices=DTYPES, profile="models[].dtype")
     device: str = _opt("cpu", "where layers are computed: cpu or cuda[:N]", kind="device",
                        profile="models[].device")
-    seed: int = _opt(42, "seed of every sampler", kind="int", low=0)
+    seed: int = _opt(42, "seed of every sampler", kind="int", low=0, high=2**32 - 1)
     # allocation
     sp: float = _opt(0.3, "mean slice fraction SP, 0 <= sp < 1 (0: the dense model)", kind="float", profile="sp")
     sb: float | str = _opt(0.3, "slicing base SB, a number in [0, sp], or 'auto' (searched on held-out chunks)",
@@ -166,7 +170,7 @@ class RunConfig:
     budget: str = _opt("width", "what dynamic slicing keeps equal to constant slicing: mean width or parameters",
                        choices=BUDGETS, profile="budgets")
     count: str = _opt("total", "parameters counted by the params budget: all, or the weights only", choices=COUNTS)
-    round_interval: int | None = _opt(None, "widths are multiples of this", kind="int", low=1)
+    round_interval: int | None = _opt(None, "widths are multiples of this", kind="int", low=1, high=4096)
     rounding: str | None = _opt(None, "how widths are rounded", choices=ROUNDINGS)
     # LR score
     lr_metric: str = _opt("cosine", "similarity of a layer's input and output that scores its redundancy",
@@ -176,9 +180,10 @@ class RunConfig:
     lr_sampler: str | None = _opt(None, "LR windows: random ones, or every lr_stride tokens of every document",
                                   choices=LR_SAMPLERS)
     lr_nsamples: int | None = _opt(32, "LR windows (none: every window, with the sliding sampler)", kind="int",
-                                   low=1, optional=True)
-    lr_seqlen: int | None = _opt(None, "tokens per LR window", kind="int", low=2)
-    lr_stride: int | None = _opt(None, "tokens between sliding LR windows", kind="int", low=1, optional=True)
+                                   low=1, high=MAX_SAMPLES, optional=True)
+    lr_seqlen: int | None = _opt(None, "tokens per LR window", kind="int", low=2, high=MAX_SEQLEN)
+    lr_stride: int | None = _opt(None, "tokens between sliding LR windows", kind="int", low=1, high=MAX_SEQLEN,
+                                 optional=True)
     lr_last_layer: str | None = _opt(None, "the last layer's output: raw, or after the final norm",
                                      choices=LAST_LAYER)
     # calibration and folding
@@ -186,29 +191,31 @@ class RunConfig:
                             profile="cal_datasets")
     cal_sampler: str | None = _opt(None, "calibration windows: random windows, or joined documents",
                                    choices=CAL_SAMPLERS)
-    cal_nsamples: int = _opt(32, "calibration samples", kind="int", low=1)
-    cal_seqlen: int = _opt(512, "tokens per calibration sample", kind="int", low=2)
+    cal_nsamples: int = _opt(32, "calibration samples", kind="int", low=1, high=MAX_SAMPLES)
+    cal_seqlen: int = _opt(512, "tokens per calibration sample", kind="int", low=2, high=MAX_SEQLEN)
     embedding_mean: bool | None = _opt(None, "subtract each embedding row's mean before slicing", kind="bool")
-    batch_size: int = _opt(8, "samples per forward pass", kind="int", low=1)
+    batch_size: int = _opt(8, "samples per forward pass", kind="int", low=1, high=MAX_SAMPLES)
     # automatic SB
-    auto_sb_step: float = _opt(0.02, "grid step of the automatic SB search, 0 < step < 1", kind="float",
+    auto_sb_step: float = _opt(0.02, "grid step of the automatic SB search, 0.001 <= step < 1", kind="float",
                                profile="auto_sb.step")
     auto_sb_max_evals: int | None = _opt(None, "slicings an automatic SB search may make (none: until converged)",
-                                         kind="int", low=1, optional=True, profile="auto_sb.max_evals")
+                                         kind="int", low=1, high=10_000, optional=True,
+                                         profile="auto_sb.max_evals")
     auto_sb_nsamples: int = _opt(8, "held-out calibration chunks scored per SB tried", kind="int", low=1,
-                                 profile="auto_sb.nsamples")
+                                 high=MAX_SAMPLES, profile="auto_sb.nsamples")
     # evaluation
     ppl_datasets: tuple[str, ...] = _opt(("wiki",), "perplexity corpora (the first one chooses the best SB)",
                                          kind="names", choices=DATASETS, flags=("--ppl", "--ppl-datasets"))
     ppl_protocol: str | None = _opt(None, "perplexity protocol", choices=PPL_PROTOCOLS)
-    ppl_seqlen: int = _opt(512, "tokens per perplexity chunk", kind="int", low=2)
+    ppl_seqlen: int = _opt(512, "tokens per perplexity chunk", kind="int", low=2, high=MAX_SEQLEN)
     ppl_max_chunks: int | None = _opt(None, "at most this many chunks per corpus (slicegpt protocol)", kind="int",
-                                      low=1, optional=True)
+                                      low=1, high=MAX_SAMPLES, optional=True)
     ppl_nsamples: int | None = _opt(None, "perplexity samples (paper and documents protocols)", kind="int", low=1,
-                                    optional=True)
+                                    high=MAX_SAMPLES, optional=True)
     tasks: tuple[str, ...] = _opt((), "zero-shot tasks (lm-eval names, or dynslice_cloze, dynslice_continuation)",
                                   kind="names", profile="zero_shot.tasks")
-    task_limit: int | None = _opt(None, "documents per zero-shot task (none: all)", kind="int", low=1, optional=True,
+    task_limit: int | None = _opt(None, "documents per zero-shot task (none: all)", kind="int", low=1, high=10**7,
+                                  optional=True,
                                   flags=("--limit", "--task-limit"), profile="zero_shot.limit")
     # output
     save_dir: str | None = _opt(None, "also save the sliced model to this folder", optional=True,
@@ -246,8 +253,8 @@ class RunConfig:
             raise ValueError("lr_nsamples: None must be an integer >= 1 (every window: only with lr_sampler sliding)")
         if self.ppl_protocol == "paper" and self.ppl_nsamples is None:
             raise ValueError("ppl_nsamples: the 'paper' protocol needs ppl_nsamples >= 1")
-        if not 0 < self.auto_sb_step < 1:
-            raise ValueError(f"auto_sb_step: {self.auto_sb_step!r} is outside 0 < step < 1")
+        if not 1e-3 <= self.auto_sb_step < 1:
+            raise ValueError(f"auto_sb_step: {self.auto_sb_step!r} is outside 0.001 <= step < 1")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the run (``save_dir`` excluded)."""

@@ -1,13 +1,14 @@
 """Save and load sliced models: ``model.safetensors`` + ``config.json`` + ``dynslice.json`` (+ tokenizer files).
 
-``dynslice.json`` records the widths, the base model spec, the dtype, the dynslice version and the exact byte size
-and SHA-256 of the weights file. Loading rebuilds the sliced structure from the config and the widths, then loads the
-weights with safetensors (no pickle, so nothing untrusted is ever unpickled). No PCA is recomputed.
+``dynslice.json`` records the widths, the base model spec, the dtype, the dynslice version, a unique save id and
+the exact byte size and SHA-256 of every file of the save (``file_hashes``: weights, ``config.json``, tokenizer
+files), which loading checks and which proves to a later ``--overwrite`` what dynslice wrote there. Loading
+rebuilds the sliced structure from the config and the widths, then loads the weights with safetensors (no pickle,
+so nothing untrusted is ever unpickled). No PCA is recomputed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -15,21 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynslice import __version__, outputs
+from dynslice import __version__, outputs, ownership
 from dynslice.core.allocate import LRInput, lr_input
 from dynslice.jsonio import read_json, write_json
 
 SLICED_META = "dynslice.json"
+#: Largest LR or widths file read (4096 layers of scores take well under 1 MiB).
+MAX_LR_BYTES = 4 << 20
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = ownership.sha256_file
 
 
 def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, tokenizer=None,
@@ -79,6 +77,9 @@ def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str,
     """
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
                    if p.is_file() and p.name != outputs.INCOMPLETE_MARKER)
+    listed = {entry["file"]: entry for entry in weights.get("shards") or [weights]}
+    hashes = {rel: {"bytes": listed[rel]["bytes"], "sha256": listed[rel]["sha256"]} if rel in listed else
+              dict(zip(("bytes", "sha256"), ownership.fingerprint(tmp / rel), strict=True)) for rel in files}
     meta = {
         "format_version": FORMAT_VERSION,
         "dynslice_version": __version__,
@@ -91,6 +92,8 @@ def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str,
         "num_parameters": int(num_parameters),
         "has_tokenizer": has_tokenizer,
         "files": [*files, SLICED_META],
+        "save_id": ownership.new_id(),
+        "file_hashes": hashes,
         "extra": extra,
     }
     write_json(tmp / SLICED_META, meta)
@@ -102,7 +105,7 @@ META_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "format_version": (int, True), "dynslice_version": (str, False), "base_model": (str, True),
     "architecture": (str, False), "widths": (list, True), "final_width": (int, True), "dtype": (str, False),
     "weights": (dict, True), "num_parameters": (int, False), "has_tokenizer": (bool, False),
-    "files": (list, False), "extra": (dict, False),
+    "files": (list, False), "extra": (dict, False), "save_id": (str, False), "file_hashes": (dict, False),
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _JSON_TYPE = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
@@ -172,6 +175,11 @@ def validate_sliced_meta(meta: object, folder: Path) -> dict:
         _check_weights_entry(w, "weights", folder, meta_path)
     for i, name in enumerate(meta.get("files", [])):
         _inside(folder, name, f"files[{i}]", meta_path)
+    for name, entry in meta.get("file_hashes", {}).items():
+        _check_weights_entry({"file": name, **entry} if isinstance(entry, dict) else entry,
+                             f"file_hashes[{name!r}]", folder, meta_path)
+    if "file_hashes" in meta and "config.json" not in meta["file_hashes"]:
+        raise ValueError(f"model: {meta_path} field file_hashes lists no config.json")
     return meta
 
 
@@ -214,6 +222,16 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
                              "the file is truncated or from another save")
         if verify and _sha256(weights) != entry["sha256"]:
             raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
+    weight_files = {entry["file"] for entry in files}
+    for name, entry in meta.get("file_hashes", {}).items():  # config.json, tokenizer files: they change the model
+        if name in weight_files:
+            continue
+        target = _inside(path, name, f"file_hashes[{name!r}]", meta_path)
+        if target.is_symlink() or not target.is_file():
+            raise ValueError(f"model: {target} is missing (recorded in {SLICED_META})")
+        if ownership.fingerprint(target) != (entry["bytes"], entry["sha256"]):
+            raise ValueError(f"model: {target} was changed after the save (its size or SHA-256 differs from "
+                             f"{SLICED_META}); restore it or save the model again")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -264,7 +282,7 @@ def _rebuild_buffers(model: nn.Module) -> None:
 
 def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:
     """:func:`~dynslice.core.allocate.lr_input` of an LR JSON file."""
-    return lr_input(read_json(path), metric, source=str(path))
+    return lr_input(read_json(path, max_bytes=MAX_LR_BYTES), metric, source=str(path))
 
 
 def load_lr(path: str | os.PathLike, metric: str | None = None) -> list[float]:

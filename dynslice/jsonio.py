@@ -29,21 +29,55 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, with an error that names the file when it is not valid JSON."""
+#: Largest JSON file read by default.
+MAX_JSON_BYTES = 256 << 20
+
+
+def parse_json(text: str, where: str) -> Any:
+    """Parse JSON text (NaN/Infinity refused, numbers limited to 100 digits and to the float range); errors name
+    ``where``."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e}); was it truncated?") from None
+    except RecursionError:
+        raise ValueError(f"{where} nests lists or objects too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file (a regular file of at most ``max_bytes``), with an error that names the file."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a JSON file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a device, FIFO or socket); give a JSON file")
     try:
-        return json.loads(path.read_text(), parse_constant=_reject_constant)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path} is {size} bytes; at most {max_bytes} bytes are allowed")
+        text = path.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a text (JSON) file ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); was it truncated?") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return parse_json(text, str(path))
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 100:
+        raise ValueError(f"the number {text[:12]}... has {len(text)} digits; at most 100 are allowed")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > 100:
+        raise ValueError(f"the number {text[:12]}... has {len(text)} characters; at most 100 are allowed")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is too large for a float")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dynslice.outputs import atomic_write
 from dynslice.paths import PROJECT_ROOT, configure_hf_cache
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Notebook:
         from IPython.display import display
 
         path = self.figures / f"{name}.pdf"
-        fig.savefig(path, bbox_inches="tight")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="pdf", bbox_inches="tight"))
         display(fig)
         plt.close(fig)
         print("wrote", path)
@@ -135,5 +136,5 @@ def tidy_streams(path: str | Path) -> int:
             if out.output_type == "stream":
                 out.text = "\n".join(re.split(r"\r+", line.rstrip("\r"))[-1] for line in out.text.split("\n"))
         cell.outputs = outputs
-    nbformat.write(nb, path)
+    atomic_write(path, nbformat.writes(nb))
     return removed

@@ -20,12 +20,20 @@ def cache_dir() -> Path:
     """The project's cache folder, created on first use: ``$DYNSLICE_CACHE``, else ``<checkout>/.cache``, else
     ``$XDG_CACHE_HOME/dynslice`` (``~/.cache/dynslice``) for an installed package."""
     if os.environ.get("DYNSLICE_CACHE"):
-        root = Path(os.environ["DYNSLICE_CACHE"])
+        root, source = Path(os.environ["DYNSLICE_CACHE"]), "DYNSLICE_CACHE"
     elif PROJECT_ROOT is not None:
-        root = PROJECT_ROOT / ".cache"
+        root, source = PROJECT_ROOT / ".cache", "the checkout's .cache"
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynslice"
-    root.mkdir(parents=True, exist_ok=True)
+        source = "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "~/.cache/dynslice"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise ValueError(f"{source}: {str(root)!r} cannot be used as dynslice's cache folder ({why}); set "
+                         "DYNSLICE_CACHE to a writable folder") from None
     return root
 
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,8 +39,10 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from dynslice import ownership
 from dynslice.jsonio import read_json, write_json
 from dynslice.numerics import arithmetic_key
+from dynslice.outputs import atomic_write, dir_mode, umask
 from dynslice.paths import PROJECT_ROOT
 
 #: Where the published reference of each profile lives: ``results/published/<profile>/`` of the checkout (``None``
@@ -283,86 +287,240 @@ def check(results: str | Path, published: str | Path, *, out=sys.stdout) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ run markers
-def start_run(results: str | Path, profile: str, *, resume: bool) -> dict:
-    """Write (or, with ``resume``, reuse) ``<results>/RUN.json``; refuse to mix a new run into an old folder."""
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run_info(results: str | Path) -> dict | None:
+    """``<results>/RUN.json`` when it is a run marker of run_all.sh (a regular file with a run id), else ``None``."""
+    marker = Path(results) / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        info = read_json(marker, max_bytes=1 << 20)
+    except ValueError:
+        return None
+    ok = isinstance(info, dict) and isinstance(info.get("run_id"), str) and \
+        re.fullmatch(r"[0-9A-Za-z_-]{1,80}", info["run_id"]) is not None
+    return info if ok else None
+
+
+def _check_not_published(results: Path) -> None:
+    for ref in [PUBLISHED_ROOT] if PUBLISHED_ROOT is not None else []:
+        if ownership.inside(results, ref) or ownership.inside(ref, results):
+            raise ValueError(f"results: {results} is (or holds) the published reference {ref.resolve()} once links "
+                             "are resolved; runs write elsewhere (default: results/)")
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def ledger_of(results: str | Path) -> Path:
+    """The ledger of the run in ``results`` (``ValueError`` when the folder holds no run of run_all.sh)."""
+    info = run_info(results)
+    if info is None:
+        raise ValueError(f"results: {results} holds no run of run_all.sh (no valid {MARKER})")
+    return ownership.ledger_path(Path(results), info["run_id"])
+
+
+def start_run(results: str | Path, profile: str, *, resume: bool, figures: str | Path | None = None) -> dict:
+    """Write (or, with ``resume``, reuse) ``<results>/RUN.json`` and the run's ledger of the files it writes.
+
+    A new run needs an empty (or missing) ``results`` folder and ``figures`` folder; ``resume`` continues only a
+    folder holding a run of run_all.sh (its ``RUN.json``). Nothing else is ever taken over.
+    """
     results = Path(results)
+    figures = Path(figures) if figures is not None else None
+    _check_not_published(results)
     marker = results / MARKER
-    if marker.is_file():
-        old = read_json(marker)
+    info = run_info(results)
+    if info is None and os.path.lexists(marker):
+        raise ValueError(f"results: {marker} is not a run marker of run_all.sh; refusing to use {results} (choose "
+                         "another --root)")
+    if info is not None:
+        if not resume:
+            raise ValueError(f"results: {results} already holds run {info.get('run_id')} ({info.get('status')}); "
+                             "pass --resume to continue it, --force to delete it and recompute, or --check-only to "
+                             "check it")
+        ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
+                                         {"results": results, **({"figures": figures} if figures else {})},
+                                         guard=bool(info.get("ledger")))
+        info = {**info, "status": "running", "resumed": _now()}
+        write_json(marker, info)
+        ledger.record(marker)
+        return info
+    busy = _entries(results)
+    if busy:
+        why = "--resume continues only a run of run_all.sh" if resume else "a new run needs an empty folder"
+        raise ValueError(f"results: {results} holds {ownership.describe(busy)} but no run of run_all.sh (no "
+                         f"{MARKER}); {why}: choose another --root, or move these away")
+    if figures is not None and _entries(figures):
+        raise ValueError(f"figures: {figures} holds {ownership.describe(_entries(figures))}, which no run in "
+                         f"{results} wrote; a new run needs an empty figures folder: choose another --figures, or "
+                         "move these away")
+    info = {"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:12], "profile": profile,
+            "started": _now(), "status": "running", "ledger": True}
+    results.mkdir(parents=True, exist_ok=True)
+    # The marker is written beside the folder and linked in: it appears complete, and only once (a shard started
+    # at the same moment finds it and joins the run).
+    fd, staged = tempfile.mkstemp(prefix=f".{results.name[:100]}.RUN.", suffix=".tmp", dir=results.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+        os.chmod(staged, 0o666 & ~umask())
+        os.link(staged, marker)
+    except FileExistsError:
         if resume:
-            info = {**old, "status": "running", "resumed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_json(marker, info)
-            return info
-        raise ValueError(f"results: {results} already holds run {old.get('run_id')} ({old.get('status')}); pass "
-                         "--resume to continue it, --force to delete it and recompute, or --check-only to check it")
-    if any((results / item).exists() for item in ("runs", "lr")) and not resume:
-        raise ValueError(f"results: {results} holds results of no run_all.sh run; pass --resume to reuse them or "
-                         "--force to delete them and recompute")
-    info = {"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], "profile": profile,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
-    if any((results / item).exists() for item in ("runs", "lr")):
-        info["resumed"] = info["started"]  # --resume over records this run did not compute: say so
-        info["note"] = "reused the run records already in the folder"
-    write_json(marker, info)
+            return start_run(results, profile, resume=True, figures=figures)
+        raise ValueError(f"results: another run started in {results} meanwhile; pass --resume to join it") from None
+    finally:
+        os.unlink(staged)
+    ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
+                                     {"results": results, **({"figures": figures} if figures else {})})
+    ledger.record(marker)
     return info
 
 
 def finish_run(results: str | Path) -> None:
     """Mark ``<results>/RUN.json`` finished (all notebooks ran)."""
     marker = Path(results) / MARKER
-    write_json(marker, {**read_json(marker), "status": "finished",
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    info = run_info(results)
+    if info is None:
+        raise ValueError(f"results: {results} holds no run of run_all.sh (no valid {MARKER})")
+    write_json(marker, {**info, "status": "finished", "finished": _now()})
+    ledger = ownership.ledger_path(Path(results), info["run_id"])
+    if ledger.is_file():
+        ownership.Ledger.open(ledger).record(marker)
 
 
 def clear_run(results: str | Path, figures: str | Path) -> None:
-    """Delete what a run writes in ``results`` (a ``<root>/<profile>`` folder) and its figure PDFs."""
-    results = Path(results)
-    for item in RESULT_ITEMS:
-        p = results / item
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for pdf in Path(figures).glob("*.pdf"):
-        pdf.unlink()
+    """Delete what the run in ``results`` (a ``<root>/<profile>`` folder) wrote there and in ``figures``.
+
+    Only files the run's ledger lists with matching bytes are deleted (then the folders left empty). If either
+    folder holds anything else (a user's file, a file changed since, a link), nothing is deleted and
+    ``ValueError`` names it.
+    """
+    results, figures = Path(results), Path(figures)
+    _check_not_published(results)
+    if not _entries(results) and not _entries(figures):
+        return
+    info = run_info(results)
+    if info is None:
+        raise ValueError(f"results: {results} holds no run of run_all.sh (no valid {MARKER}); --force deletes only "
+                         "what a run wrote: move the folder's contents away yourself or choose another --root")
+    ledger_file = ownership.ledger_path(results, info["run_id"])
+    if not ledger_file.is_file() or ledger_file.is_symlink():
+        raise ValueError(f"results: run {info['run_id']} in {results} was made by a dynslice that did not list the "
+                         "files it wrote; --force cannot prove them its own: delete the folder yourself or choose "
+                         "another --root")
+    listing = ownership.Ledger.open(ledger_file).listing()
+    keep = {MARKER, ledger_file.name}
+    extra = ownership.foreign(results, listing.get("results", {}), ignore=keep)
+    extra_figs = ownership.foreign(figures, listing.get("figures", {})) if figures.is_dir() else []
+    if extra or extra_figs:
+        where, names = (results, extra) if extra else (figures, extra_figs)
+        raise ValueError(f"{'results' if extra else 'figures'}: {where} holds files run {info['run_id']} did not "
+                         f"write or that changed since ({ownership.describe(names)}); --force deleted nothing: move "
+                         "them away first")
+    if figures.is_dir() and not ownership.inside(figures, results):
+        ownership.remove_owned(figures, listing.get("figures", {}), keep_top=True)
+    ownership.remove_owned(results, listing.get("results", {}), keep_top=True)
+    for name in (MARKER, ledger_file.name):  # the run's own marker and ledger go last
+        (results / name).unlink(missing_ok=True)
+
+
+def _published_listing(dest: Path) -> dict[str, list[ownership.Entry]] | None:
+    """What a published reference at ``dest`` holds, when dynslice can prove it wrote it: its manifest, or (for a
+    reference published before manifests) a finished run's ``RUN.json`` and nothing but result items."""
+    listing = ownership.read_manifest(dest, "published")
+    if listing is not None:
+        return None if ownership.foreign(dest, listing, ignore=(ownership.MANIFEST,)) else listing
+    info = run_info(dest)
+    if info is None or info.get("status") != "finished":
+        return None
+    if any(name not in (*RESULT_ITEMS, "figures") for name in _entries(dest)):
+        return None
+    files = ownership.walk_files(dest)
+    if any((dest / rel).is_symlink() for rel in files):
+        return None
+    return {rel: [ownership.fingerprint(dest / rel)] for rel in files}
 
 
 def publish(results: str | Path, figures: str | Path, dest: str | Path) -> Path:
     """Replace the published reference ``dest`` by a finished run: ``results`` items plus ``figures/*.pdf``.
 
-    The copy is assembled next to ``dest`` and swapped in with renames, so ``dest`` is never half-written.
+    The copy is assembled in a private folder beside ``dest`` (with a manifest of every file) and renamed into
+    place. ``dest`` must be missing, empty or a reference dynslice published (checked before and again after it is
+    moved aside); anything else is refused and left as it is. Of the old reference only its listed files are
+    deleted.
     """
     results, figures, dest = Path(results), Path(figures), Path(dest)
-    marker = results / MARKER
-    if not marker.is_file() or read_json(marker).get("status") != "finished":
+    info = run_info(results)
+    if info is None or info.get("status") != "finished":
         raise ValueError(f"results: {results} holds no finished run (see {MARKER}); finish it before publishing")
-    if dest.resolve() == results.resolve():
-        raise ValueError(f"dest: {dest} is the results folder itself")
+    for name, folder in (("results", results), ("figures", figures)):
+        if ownership.inside(dest, folder) or ownership.inside(folder, dest):
+            raise ValueError(f"published: {dest} and the {name} folder {folder} contain one another (links "
+                             "resolved); publish to a folder of its own")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ValueError(f"published: {dest} is a file or a link, not a folder; refusing to replace it")
+    listing: dict[str, list[ownership.Entry]] | None = {}
+    if _entries(dest):
+        listing = _published_listing(dest)
+        if listing is None:
+            raise ValueError(f"published: {dest} is not a reference dynslice published (it holds "
+                             f"{ownership.describe(_entries(dest))}); refusing to replace it: choose another "
+                             "--published")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for item in RESULT_ITEMS:
-        src = results / item
-        if src.is_dir():
-            shutil.copytree(src, tmp / item)
-        elif src.is_file():
-            shutil.copy2(src, tmp / item)
-    (tmp / "figures").mkdir()
-    for pdf in sorted(figures.glob("*.pdf")):
-        shutil.copy2(pdf, tmp / "figures" / pdf.name)
-    old = dest.parent / f".{dest.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:100]}.new-", dir=dest.parent))
+    try:
+        for item in RESULT_ITEMS:
+            src = results / item
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, tmp / item, symlinks=True)
+            elif src.is_file() and not src.is_symlink():
+                shutil.copy2(src, tmp / item)
+        (tmp / "figures").mkdir()
+        for pdf in sorted(figures.glob("*.pdf")):
+            if pdf.is_file() and not pdf.is_symlink():
+                shutil.copy2(pdf, tmp / "figures" / pdf.name)
+        atomic_write(tmp / ownership.MANIFEST, ownership.make_manifest(tmp, "published"))
+        os.chmod(tmp, dir_mode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, dest, listing)
     return dest
+
+
+def _swap_in(tmp: Path, dest: Path, listing: dict[str, list[ownership.Entry]] | None) -> None:
+    """Rename ``tmp`` to ``dest``; an existing ``dest`` is moved aside, checked against ``listing`` again, and its
+    listed files deleted. Anything unexpected: both are kept and ``ValueError`` says where."""
+    if not _entries(dest):
+        try:
+            os.rename(tmp, dest)  # onto nothing, or onto an empty folder
+            return
+        except OSError:
+            raise ValueError(f"published: {dest} appeared or filled up meanwhile; kept it, the new reference is at "
+                             f"{tmp}") from None
+    old = dest.parent / f".{dest.name[:100]}.old-{uuid.uuid4().hex}"
+    dest.rename(old)
+    if ownership.foreign(old, listing or {}, ignore=(ownership.MANIFEST,)):
+        if not os.path.lexists(dest):
+            old.rename(dest)
+        raise ValueError(f"published: {dest} changed while publishing; kept it, the new reference is at {tmp}")
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        raise ValueError(f"published: {dest} appeared meanwhile; kept it, the old reference is at {old} and the "
+                         f"new one at {tmp}") from None
+    ownership.remove_owned(old, listing or {}, extra=(ownership.MANIFEST,))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dynslice.repro {check,start,finish,clear,publish} ...`` (what run_all.sh calls)."""
+    """``python -m dynslice.repro {check,start,ledger,finish,clear,publish} ...`` (what run_all.sh calls)."""
     ap = argparse.ArgumentParser(prog="python -m dynslice.repro", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare a results folder with the published reference")
@@ -372,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("results")
     s.add_argument("profile")
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--figures", default=None, help="the run's figures folder (<figures>/<profile>)")
+    lg = sub.add_parser("ledger", help="print the path of the run's ledger of written files")
+    lg.add_argument("results")
     f = sub.add_parser("finish", help="mark the run finished")
     f.add_argument("results")
     d = sub.add_parser("clear", help="delete a run's outputs")
@@ -390,16 +551,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      f"{ABLATIONS})")
             return check(args.results, args.published)
         if args.cmd == "start":
-            info = start_run(args.results, args.profile, resume=args.resume)
+            info = start_run(args.results, args.profile, resume=args.resume, figures=args.figures)
             print(f"== run {info['run_id']} ({'resumed' if 'resumed' in info else 'new'}) in {args.results}")
+        elif args.cmd == "ledger":
+            print(ledger_of(args.results))
         elif args.cmd == "finish":
             finish_run(args.results)
         elif args.cmd == "clear":
             clear_run(args.results, args.figures)
         else:
             print(f"== published {publish(args.results, args.figures, args.published)}")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"run_all.sh: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder that cannot be written
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"run_all.sh: {args.cmd}: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

@@ -273,7 +273,7 @@ def test_params_budget_infeasible_names_sb_and_range() -> None:
     (dict(lr=[0.1, float("inf"), 0.3, 0.2]), r"^lr: score of layer 1 is inf"),
     (dict(lr=[]), r"^lr: expected a non-empty"),
     (dict(num_layers=5), r"^lr: has 4 scores but the model has 5 layers"),
-    (dict(hidden=0), r"^hidden: 0 is outside hidden >= 1$"),
+    (dict(hidden=0), r"^hidden: 0 is outside 1 <= hidden <= 262144$"),
     (dict(round_interval=0), r"^round_interval: 0 is outside 1 <= round_interval <= 48$"),
     (dict(round_interval=64), r"^round_interval: 64 is outside 1 <= round_interval <= 48$"),
     (dict(round_interval=2.0), r"^round_interval: 2.0 is not an integer; allowed: 1 <= round_interval <= 48$"),
@@ -297,8 +297,10 @@ def test_bad_arguments(kwargs, match) -> None:
 
 
 def test_sb_grid_rejects_bad_step() -> None:
-    with pytest.raises(ValueError, match="^step: 0 is outside step > 0$"):
+    with pytest.raises(ValueError, match="^step: 0 is outside 0.001 <= step < 1$"):
         sb_grid(0.3, 0)
+    with pytest.raises(ValueError, match="^step: 1e-07 is outside 0.001 <= step < 1$"):  # 3 million grid points
+        sb_grid(0.3, 1e-7)
     with pytest.raises(ValueError, match="^sp: 1.2 is outside"):
         sb_grid(1.2)
 

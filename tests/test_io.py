@@ -114,17 +114,21 @@ def test_permissions_follow_the_umask(tmp_path):
 
 
 def test_a_killed_save_is_cleaned_up_and_never_taken_for_a_model(tmp_path):
-    """A temporary folder of a dead process is refused as a model ("incomplete model") and removed by the next save."""
-    from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX
+    """A temporary folder of a dead process is refused as a model ("incomplete model") and removed by the next save
+    of the same target (matched by the id and target name in its marker); a look-alike name is left alone."""
+    from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX, temp_folder
 
     model = slice_model(make_tiny_model("llama"), make_batch(), [48, 40, 32], progress=False)
     save_sliced(model, tmp_path / "src", "tiny")
-    dead = tmp_path / f"{TMP_PREFIX}m-999999999"  # no such pid
-    dead.mkdir()
+    dead = temp_folder(tmp_path / "m")
+    mark = json.loads((dead / INCOMPLETE_MARKER).read_text())
+    (dead / INCOMPLETE_MARKER).write_text(json.dumps({**mark, "pid": 999999999}))  # no such pid
     for p in (tmp_path / "src").iterdir():
         if p.name != SLICED_META:
             (dead / p.name).write_bytes(p.read_bytes())
-    (dead / INCOMPLETE_MARKER).write_text("")
+    other = tmp_path / f"{TMP_PREFIX}m-final-1"  # an older dynslice's name, or another model's: not provably ours
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"only copy")
     with pytest.raises(ValueError, match="incomplete model"):
         resolve_spec(str(dead))
     half = tmp_path / "half"
@@ -133,7 +137,8 @@ def test_a_killed_save_is_cleaned_up_and_never_taken_for_a_model(tmp_path):
         load_model(str(half))
     half.rename(dead)
     save_sliced(model, tmp_path / "m", "tiny")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "m", "src"]
+    assert (other / "model.safetensors").read_bytes() == b"only copy"
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from dynslice.core.checks import check_choice, check_int, check_real
+from dynslice.core.checks import MAX_HIDDEN, MAX_LAYERS, MAX_SCORE, check_choice, check_int, check_real
 from dynslice.core.params import COUNTS, ArchDims, ParamCount, sliced_params, sliced_params_continuous
 
 BUDGETS = ("width", "params")
@@ -58,9 +58,15 @@ def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
     arr = np.asarray(lr, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"lr: expected a non-empty 1-D sequence of scores, got shape {arr.shape}")
+    if arr.size > MAX_LAYERS:
+        raise ValueError(f"lr: {arr.size} scores; at most {MAX_LAYERS} layers are allowed")
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         raise ValueError(f"lr: score of layer {int(bad[0])} is {arr[bad[0]]}; all scores must be finite")
+    big = np.flatnonzero(np.abs(arr) > MAX_SCORE)
+    if big.size:
+        raise ValueError(f"lr: score of layer {int(big[0])} is {arr[big[0]]:g}; allowed -{MAX_SCORE:g} <= lr <= "
+                         f"{MAX_SCORE:g}")
     if num_layers is not None and arr.size != num_layers:
         raise ValueError(f"lr: has {arr.size} scores but the model has {num_layers} layers")
     return arr
@@ -124,7 +130,7 @@ def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
 
 def constant_width(hidden: int, sp: float, round_interval: int) -> int:
     """SliceGPT's width at slice fraction ``sp``: ``int((1-sp)·D)`` rounded down to a multiple of ``round_interval``."""
-    hidden = check_int("hidden", hidden, 1)
+    hidden = check_int("hidden", hidden, 1, MAX_HIDDEN)
     round_interval = check_int("round_interval", round_interval, 1, hidden)
     sp, _ = _check_sp_sb(sp, 0.0)
     width = int((1 - sp) * hidden)
@@ -137,7 +143,7 @@ def sb_grid(sp: float, step: float = 0.02) -> list[float]:
     Values are rounded to 10 decimals so that e.g. ``sb_grid(0.3)`` holds 0.28, not 0.27999999999999997.
     """
     sp, _ = _check_sp_sb(sp, 0.0)
-    step = check_real("step", step, 0, low_open=True)
+    step = check_real("step", step, 1e-3, 1, high_open=True)  # at most 1000 grid points
     count = int(math.floor(sp / step + 1e-9)) + 1
     return [max(0.0, round(sp - k * step, 10)) for k in range(count)]
 
@@ -310,11 +316,15 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
     scores = obj["lr"]
     if not isinstance(scores, list) or not scores:
         raise ValueError(f"lr: {source} field 'lr' must be a non-empty list of numbers")
+    if len(scores) > MAX_LAYERS:
+        raise ValueError(f"lr: {source} has {len(scores)} scores; at most {MAX_LAYERS} layers are allowed")
     for i, v in enumerate(scores):
         if v is None or isinstance(v, bool) or not isinstance(v, Real):
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not a number (NaN is written as null)")
         if not math.isfinite(v):
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not finite")
+        if abs(v) > MAX_SCORE:
+            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is outside -{MAX_SCORE:g} <= lr <= {MAX_SCORE:g}")
     stated = obj.get("metric")
     if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
         raise ValueError(f"lr: {source} field metric = {stated!r} is not one of {', '.join(ORIENTATION)}")
@@ -324,8 +334,9 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
     if stated is not None and metric is not None and stated != metric:
         raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
     hidden = obj.get("hidden")
-    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, Integral) or hidden < 1):
-        raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer >= 1")
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, Integral)
+                               or not 1 <= hidden <= MAX_HIDDEN):
+        raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer in 1..{MAX_HIDDEN}")
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"lr: {source} field model = {model!r} must be a string")
@@ -360,7 +371,7 @@ def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_in
         ValueError: every bad argument, with its name and the allowed range; an ``sb`` that would slice a
             layer entirely; a params budget that no ``s`` with all ``FS_i`` in [0, 1) reaches.
     """
-    hidden = check_int("hidden", hidden, 1)
+    hidden = check_int("hidden", hidden, 1, MAX_HIDDEN)
     round_interval = check_int("round_interval", round_interval, 1, hidden)
     check_choice("budget", budget, BUDGETS)
     check_choice("count", count, COUNTS)

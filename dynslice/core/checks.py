@@ -13,6 +13,14 @@ from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
 
+#: Largest sizes any input may give (checked before any allocation): a model's width and depth, samples, tokens.
+MAX_HIDDEN = 1 << 18
+MAX_LAYERS = 4096
+MAX_SAMPLES = 1 << 20
+MAX_SEQLEN = 1 << 20
+#: Largest magnitude of a score read from a file (LR scores are similarities and distances of order 1).
+MAX_SCORE = 1e12
+
 
 def range_text(name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
                high_open: bool = False) -> str:

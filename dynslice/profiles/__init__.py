@@ -52,6 +52,11 @@ def _fields_in(section: str) -> dict[str, str]:
     return {loc.split(".", 1)[1]: name for name, loc in FIELD_KEYS.items() if loc.startswith(f"{section}.")}
 
 
+#: Bounds of a profile: entries of each list, the description's length, the smallest SB grid step.
+MAX_LIST = 256
+MAX_DESCRIPTION = 10_000
+MIN_STEP = 1e-3
+
 TOP_KEYS = PROFILE_ONLY_KEYS | {loc for loc in FIELD_KEYS.values() if "." not in loc}
 MODEL_KEYS = frozenset(_fields_in("models[]"))
 AUTO_KEYS = frozenset(_fields_in("auto_sb")) | {"budgets"}
@@ -211,7 +216,14 @@ def _models(name: str, raw: Any) -> tuple[ModelEntry, ...]:
 
 def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     """Validate a profile mapping (as read from YAML); errors name the bad key, e.g. ``cpu.base.lr_nsample``."""
+    check_name(name)
     top = _check_keys(name, obj, TOP_KEYS)
+    for key in ("models", "sp", "cal_datasets", "lr_datasets", "budgets", "notebooks"):
+        if isinstance(top.get(key), list) and len(top[key]) > MAX_LIST:
+            raise ValueError(f"{name}.{key}: {len(top[key])} entries; at most {MAX_LIST} are allowed")
+    desc = top.get("description") or ""
+    if not isinstance(desc, str) or len(desc) > MAX_DESCRIPTION:
+        raise ValueError(f"{name}.description: must be a text of at most {MAX_DESCRIPTION} characters")
     for key in ("models", "cal_datasets", "sp"):
         if key not in top:
             raise ValueError(f"{name}.{key}: required key is missing")
@@ -232,8 +244,9 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     if mode not in NUMERICS_MODES:
         raise ValueError(f"{name}.numerics: {mode!r} is not one of {', '.join(NUMERICS_MODES)}")
     sb_step = top.get("sb_step", 0.02)
-    if isinstance(sb_step, bool) or not isinstance(sb_step, int | float) or not 0 < sb_step < 1:
-        raise ValueError(f"{name}.sb_step: {sb_step!r} is outside 0 < sb_step < 1")
+    if isinstance(sb_step, bool) or not isinstance(sb_step, int | float) or not MIN_STEP <= sb_step < 1:
+        raise ValueError(f"{name}.sb_step: {sb_step!r} is outside {MIN_STEP} <= sb_step < 1 (at most "
+                         f"{round(1 / MIN_STEP)} SB values per SP)")
     datasets = OPTIONS["cal_dataset"].choices
     profile = Profile(
         name=name, models=models, base=tuple(sorted(base.items())),
@@ -250,9 +263,7 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         task_limit=zs.get("limit"),
         zero_shot_budgets=_str_list(f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), budgets_allowed,
                                     empty_ok=True),
-        description=str(top.get("description", "")), notebooks=_notebook_list(f"{name}.notebooks",
-                                                                              top.get("notebooks", [])),
-        numerics=mode)
+        description=desc, notebooks=_notebook_list(f"{name}.notebooks", top.get("notebooks", [])), numerics=mode)
     # Build one config of each kind so that the rules between fields are checked now, with RunConfig's messages.
     for model in profile.models:
         for cal in profile.cal_datasets:
@@ -264,22 +275,70 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     return profile
 
 
+#: Largest profile file, and the name rule of a profile (it names folders: ``<root>/<name>``, ``<figures>/<name>``).
+MAX_PROFILE_BYTES = 1 << 20
+NAME_RULE = "1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit (no path separators)"
+
+
+def check_name(name: Any, where: str = "profile.name") -> str:
+    """A profile name: a slug (it becomes a folder name); ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
+        raise ValueError(f"{where}: {name!r} is not a profile name; allowed: {NAME_RULE}")
+    return name
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a profile needs none, and aliases nested in aliases
+    expand exponentially (the "billion laughs")."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ValueError(f"uses a YAML alias (*{event.anchor}) at line {event.start_mark.line + 1}; profiles "
+                             "allow no anchors or aliases (write the values out)")
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as e:
+        raise ValueError(f"profile: {where} {e}") from None
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())[:300]
+        raise ValueError(f"profile: {where} is not a valid profile YAML file ({first})") from None
+    except RecursionError:
+        raise ValueError(f"profile: {where} nests too deeply") from None
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
     """Read and validate a shipped profile by name (``smoke``, ``cpu``, ...), or a profile YAML file by path."""
     if Path(name_or_path).suffix in (".yaml", ".yml"):
         path = Path(name_or_path)
+        if path.exists() and not path.is_file():
+            raise ValueError(f"profile: {str(name_or_path)!r} is not a regular file")
         if not path.is_file():
             raise ValueError(f"profile: {str(name_or_path)!r} is not a file (a shipped profile is named without "
                              f".yaml: {', '.join(shipped_profiles())})")
-        text, stem = path.read_text(), path.stem
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ValueError(f"profile: {path} is {path.stat().st_size} bytes; at most {MAX_PROFILE_BYTES} bytes "
+                             "are allowed")
+        try:
+            text, stem = path.read_text(encoding="utf-8"), path.stem
+        except UnicodeDecodeError:
+            raise ValueError(f"profile: {path} is not a UTF-8 text file") from None
     else:
         file = _shipped().joinpath(f"{name_or_path}.yaml")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name_or_path)) or not file.is_file():
             raise ValueError(f"profile: {str(name_or_path)!r} is neither a YAML file nor one of "
                              f"{', '.join(shipped_profiles())}")
         text, stem = file.read_text(encoding="utf-8"), str(name_or_path)
-    obj = yaml.safe_load(text)
-    return parse_profile(obj or {}, obj.get("name", stem) if isinstance(obj, Mapping) else stem)
+    obj = _parse_yaml(text, str(name_or_path))
+    if isinstance(obj, Mapping) and "name" in obj:
+        name = check_name(obj["name"], "profile.name")
+    else:
+        name = check_name(stem, f"profile: the file name {stem!r} (no name: key) as profile.name")
+    return parse_profile(obj or {}, name)
 
 
 # ----------------------------------------------------------------------------------------------- the run lists

@@ -258,8 +258,10 @@ def format_rows(rows: Sequence[Row]) -> str:
                                enumerate(zip(row, widths, strict=True))).rstrip() for row in cells)
 
 
-def check(results: str | Path, published: str | Path, *, out=sys.stdout) -> int:
-    """Print the check of ``results`` against ``published``; return 0, or 1 when a number fails or is missing."""
+def check(results: str | Path, published: str | Path, *, out=None) -> int:
+    """Print the check of ``results`` against ``published`` (to ``out``, default: the current ``sys.stdout``); return
+    0, or 1 when a number fails or is missing."""
+    out = sys.stdout if out is None else out
     pub = headline_numbers(published)
     rule = regime(published, results)
     rows = compare(pub, headline_numbers(results), rule.tolerances)

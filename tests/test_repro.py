@@ -124,8 +124,8 @@ def test_the_measured_noise_record_derives_every_tolerance():
     for q in repro.QUANTITIES:
         t = tol["by_quantity"][q]
         bound = t.get("rel", t.get("abs"))
-        assert bound >= tol["margin"] * t["largest_seen"] - 1e-15
-        assert bound <= 10 * tol["margin"] * t["largest_seen"] + 1e-15  # rounded up to one digit, no more
+        need = tol["margin"] * t["largest_seen"]
+        assert need * (1 - 1e-9) <= bound <= 10 * need  # rounded up to one digit (float fuzz of 4.0000000000000036)
     # pinned settings gave the same bits for every number; the seed spread is reported beside the noise
     assert all(c["max_deviation_pinned"] == 0 for c in bench["classes"].values())
     assert bench["seed_spread"]["median_rel_sd"] > bench["tolerances"]["by_quantity"]["ppl_sliced"]["largest_seen"]

@@ -319,10 +319,32 @@ def test_narrative_states_the_numbers(published_frame):
     assert f"{row['ppl_wiki_dynamic']:.2f} vs {row['ppl_wiki_constant']:.2f}" in text
     assert f"{-row['ppl_wiki_change_pct']:.1f}% lower perplexity, more than the paper's up to 7%" in text
     zs = narrative.zero_shot_text(head)
-    assert "0.400 vs 0.390 (+1.0 points, within the paper's up to 5)" in zs  # SP 0.2
-    assert "0.380 vs 0.330 (+5.0 points, within the paper's up to 5)" in zs  # SP 0.3: 5 is not more than 5
+    assert "0.390 vs 0.380 (+1.0 points, within the paper's up to 5)" in zs  # SP 0.2
+    assert "0.370 vs 0.330 (+4.0 points, within the paper's up to 5)" in zs  # SP 0.3
     worse = head.assign(ppl_wiki_change_pct=lambda f: f["ppl_wiki_change_pct"].abs())
     assert "gains nothing" in narrative.headline_text(worse, "wiki")
+
+
+def test_noise_text_sets_each_difference_against_both_spreads(published_frame):
+    """Each headline difference is printed with its verdict: within noise when no larger than the measured
+    numerical spread or two calibration-seed sds; zero-shot differences against their sampling standard error."""
+    from dynslice import narrative
+    from dynslice.repro import measured_noise
+
+    noise = measured_noise()
+    head = report.headline_table(published_frame, "wiki")
+    text = narrative.noise_text(head, "wiki", noise, documents=100)
+    numerical = noise["tolerances"]["by_quantity"]["ppl_change_pct"]["largest_seen"]
+    seed = noise["seed_spread"]["paired_change"]["wiki"]["change_sd_points"]
+    assert f"sd {seed:.1f} points" in text
+    for _, r in head.iterrows():
+        d = r["ppl_wiki_change_pct"]
+        verdict = "within noise" if abs(d) <= max(numerical, 2 * seed) else "beyond both spreads"
+        assert f"- SP {r['sp']:g}, {r['comparison']}: {d:+.1f}% ({verdict})." in text
+    assert "+4.0 points, standard error" in text  # SP 0.3 at 100 documents: inside two standard errors
+    assert text.count("(within noise)") >= 2
+    small = narrative.noise_text(head.assign(ppl_wiki_change_pct=0.1), "wiki", noise)
+    assert "beyond both spreads" not in small and small.count("within noise") >= len(head)
 
 
 def test_check_tolerances_and_names(tmp_path):

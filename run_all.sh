@@ -18,6 +18,8 @@
 # every number out of tolerance; bad options exit 2. --only NN runs one notebook of the current run (no check).
 # A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs 01-05, ablations runs 06 alone.
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
+# A profile with `numerics: pinned` (cpu, ablations, smoke) runs with ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT
+# ONEDNN_MAX_CPU_ISA=AVX2 exported (dynslice/numerics.py): the same bits at any thread count on one CPU kind.
 set -euo pipefail
 
 CALLER_PWD="$(pwd)"

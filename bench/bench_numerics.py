@@ -110,14 +110,14 @@ def run_settings(names: list[str], work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- analyze
-def numbers_of(folder: Path) -> dict[str, tuple[str, float]]:
+def numbers_of(folder: Path, work: Path) -> dict[str, tuple[str, float]]:
     """The check's numbers of ``folder`` (a ``<root>/cpu`` folder) over :data:`SUBSET`, headline rows included."""
     from dynslice import repro
     from dynslice.config import RunConfig
     from dynslice.profiles import run_name
     from dynslice.report import load_records, records_frame, write_tables
 
-    sub = WORK / "subsets" / f"{folder.parent.name}-{folder.name}"
+    sub = work / "subsets" / f"{folder.parent.name}-{folder.name}"
     if sub.exists():
         shutil.rmtree(sub)  # bench's own scratch copy
     for path in sorted((folder / "runs").rglob("*.json")):
@@ -166,8 +166,9 @@ def seed_spread() -> dict:
 
 
 def analyze(pinned: list[tuple[str, Path]], work: Path) -> dict:
-    settings = {name: numbers_of(work / name / PROFILE) for name in SETTINGS if (work / name / PROFILE).is_dir()}
-    pins = {f"pinned-{name}": numbers_of(folder) for name, folder in pinned}
+    settings = {name: numbers_of(work / name / PROFILE, work) for name in SETTINGS
+                if (work / name / PROFILE).is_dir()}
+    pins = {f"pinned-{name}": numbers_of(folder, work) for name, folder in pinned}
     ref_name = f"pinned-{pinned[0][0]}"
     ref = pins[ref_name]
     per_number = {}

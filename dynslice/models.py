@@ -15,10 +15,13 @@ Architecture adapters live in :mod:`dynslice.core.adapters`; this module only fi
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -121,7 +124,7 @@ def load_tokenizer(spec: str):
         if read_sliced_meta(r.location).get("has_tokenizer"):
             return AutoTokenizer.from_pretrained(r.location)
         return load_tokenizer(read_sliced_meta(r.location)["base_model"])
-    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    kwargs = {"gguf_file": r.gguf_file} if r.gguf_file else _hub_kwargs(r)
     with _load_errors(spec, r, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(r.location, **kwargs)
     if tok.pad_token is None:
@@ -148,6 +151,35 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
     return model
 
 
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint (``HF_ENDPOINT``) accepts a connection; ``False`` without trying when
+    ``HF_HUB_OFFLINE`` is set. Probed once per process, so that an unreachable hub costs one short wait instead of
+    the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_kwargs(r: ResolvedSpec) -> dict:
+    """``local_files_only`` for a hub id when the hub cannot be reached: the local cache, or one clear error."""
+    return {"local_files_only": True} if r.kind == "hub" and not hub_reachable() else {}
+
+
 @contextmanager
 def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
     """Turn the errors of a failed ``from_pretrained`` into one clear ``ValueError`` naming the spec."""
@@ -159,9 +191,14 @@ def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
         detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
         if r.kind == "gguf":
             msg = f"model: GGUF file {spec.rstrip('/')} could not be read; it is truncated or corrupt ({detail})"
+        elif r.kind == "hub" and not hub_reachable():
+            msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, the Hugging Face hub "
+                   f"cannot be reached from here ({'HF_HUB_OFFLINE is set' if _offline() else 'no connection'}), "
+                   "and the local cache does not hold it: give a local folder, or download it where the hub is "
+                   "reachable")
         elif r.kind == "hub":
             msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, and could not be "
-                   f"loaded from the Hugging Face hub (offline, or an unknown id?): {detail}")
+                   f"loaded from the Hugging Face hub (an unknown id, or a gated model without a login?): {detail}")
         elif "mismatch" in detail and not (Path(r.location) / "dynslice.json").exists():
             msg = (f"model: folder {spec} is an incomplete model: its weights do not fit its config.json and it has "
                    "no dynslice.json (a sliced model whose save was interrupted?); save it again")
@@ -175,7 +212,7 @@ def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn
 
     if r.kind == "tiny":
         return tiny_random_model().to(dtype=dtype, device=device)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, **_hub_kwargs(r)}
     if r.gguf_file:
         kwargs["gguf_file"] = r.gguf_file
     with _load_errors(r.location if r.kind == "hub" else str(Path(r.location) / (r.gguf_file or "")), r, "model"):

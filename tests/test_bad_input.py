@@ -482,3 +482,19 @@ def test_killed_save_leaves_old_or_new_and_is_cleaned_up(tmp_path):
     save_sliced(model, tmp_path / "m", "tiny-random", overwrite=True)
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
     assert torch.equal(load_model(str(out)).model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_unreachable_hub_gives_one_line_at_once(tmp_path):
+    """A hub id with HF_HUB_OFFLINE unset and the hub unreachable (here: a closed loopback port): one line, exit 2,
+    none of the hub client's retry lines, no waiting for its back-off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dynslice", "lr", "--model", "someorg/no-such-model", "--out",
+                           str(tmp_path / "lr.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Retrying" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "the Hugging Face hub cannot be reached from here (no connection)" in proc.stderr
+    assert time.perf_counter() - t < 60  # the client's back-off alone is 23 s on top of start-up
+    assert not (tmp_path / "lr.json").exists()

@@ -166,7 +166,9 @@ def test_bad_arguments() -> None:
         find_best_sb(lambda sb: sb, 0.3, max_evals=0)
     with pytest.raises(ValueError, match="^sp: 1.0 is outside"):
         find_best_sb(lambda sb: sb, 1.0)
-    with pytest.raises(ValueError, match="^step: -0.02 is outside step > 0$"):
+    with pytest.raises(ValueError, match=r"^step: -0.02 is outside 0.001 <= step < 1$"):
         find_best_sb(lambda sb: sb, 0.3, step=-0.02)
+    with pytest.raises(ValueError, match=r"^step: 1e-07 is outside 0.001 <= step < 1$"):  # a grid of 10^7 SBs
+        find_best_sb(lambda sb: sb, 0.3, step=1e-7)
     with pytest.raises(ValueError, match="^objective: "):
         find_best_sb(3.0, 0.3)

@@ -151,6 +151,12 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
     return model
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 @lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint (``HF_ENDPOINT``) accepts a connection; ``False`` without trying when
@@ -158,7 +164,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     the hub client's retries."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    if _offline():
         return False
     url = urlparse(constants.ENDPOINT)
     try:
@@ -167,12 +173,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_kwargs(r: ResolvedSpec) -> dict:

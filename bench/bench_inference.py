@@ -89,8 +89,9 @@ def cache_consistency(model: nn.Module, ids: torch.Tensor, fed: torch.Tensor, la
     return float((full - last_logits).abs().max() / full.abs().max())
 
 
-def measure(models: dict[str, nn.Module], prompts: torch.Tensor, batch: int, new_tokens: int,
-            repeats: int) -> dict[str, dict[str, Any]]:
+def measure(
+    models: dict[str, nn.Module], prompts: torch.Tensor, batch: int, new_tokens: int, repeats: int
+) -> dict[str, dict[str, Any]]:
     """Median prefill and decode tokens/s of every model at one batch size.
 
     After a warm-up of each model, the repeats are interleaved (round r times every model once), so that a burst of
@@ -112,9 +113,11 @@ def measure(models: dict[str, nn.Module], prompts: torch.Tensor, batch: int, new
     for name in models:
         pre_s, dec_s = statistics.median(pre[name]), statistics.median(dec[name])
         out[name] = {
-            "batch": batch, "prefill_s": [round(v, 4) for v in pre[name]],
+            "batch": batch,
+            "prefill_s": [round(v, 4) for v in pre[name]],
             "prefill_tokens_per_s": round(batch * ids.shape[1] / pre_s, 1),
-            "decode_s": [round(v, 4) for v in dec[name]], "decode_tokens_per_s": round(batch * new_tokens / dec_s, 2),
+            "decode_s": [round(v, 4) for v in dec[name]],
+            "decode_tokens_per_s": round(batch * new_tokens / dec_s, 2),
             "decode_ms_per_step": round(1000 * dec_s / new_tokens, 2),
         }
     return out
@@ -160,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calibration = calibration_batch(DATASET, tokenizer, args.cal_nsamples, args.cal_seqlen, seed=args.seed)
     prompts = eval_chunks(DATASET, tokenizer, args.prompt_len, split="test", max_chunks=max(args.batch_sizes))
     if prompts.shape[0] < max(args.batch_sizes):
-        raise ValueError(f"batch_sizes: the {DATASET} test split has only {prompts.shape[0]} prompts of "
-                         f"{args.prompt_len} tokens")
+        raise ValueError(
+            f"batch_sizes: the {DATASET} test split has only {prompts.shape[0]} prompts of {args.prompt_len} tokens"
+        )
     lr = layer_redundancy(dense, calibration, progress=False).normalized
 
     records: dict[str, dict[str, Any]] = {}
@@ -170,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record: dict[str, Any] = {"sp": sp, "sb": sb}
         if sp is None:
             model = dense
-            record["params"] = {"total": count_parameters(dense), "weights": count_parameters(dense),
-                                "shortcuts": 0}
+            record["params"] = {"total": count_parameters(dense), "weights": count_parameters(dense), "shortcuts": 0}
         else:
             widths = widths_for(sp, sb, lr, dims)
             model = copy.deepcopy(dense)
@@ -180,8 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record["slicing_s"] = round(time.perf_counter() - t, 2)
             count = sliced_params(dims, widths)
             if count_parameters(model) != count.total:
-                raise RuntimeError(f"{name}: model has {count_parameters(model)} parameters, "
-                                   f"sliced_params says {count.total}")
+                raise RuntimeError(
+                    f"{name}: model has {count_parameters(model)} parameters, sliced_params says {count.total}"
+                )
             record.update(widths=widths, mean_width=round(sum(widths) / len(widths), 1), params=count.to_json())
         record["params"]["fraction_of_dense"] = round(record["params"]["total"] / dense_params(dims), 4)
         _, fed, last = greedy_decode(model, prompts[:1], args.new_tokens)
@@ -194,8 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch in args.batch_sizes:
         for name, speed in measure(models, prompts, batch, args.new_tokens, args.repeats).items():
             records[name]["speed"].append(speed)
-            print(f"{name} batch {batch}: prefill {speed['prefill_tokens_per_s']} tok/s, "
-                  f"decode {speed['decode_tokens_per_s']} tok/s", flush=True)
+            print(
+                f"{name} batch {batch}: prefill {speed['prefill_tokens_per_s']} tok/s, "
+                f"decode {speed['decode_tokens_per_s']} tok/s",
+                flush=True,
+            )
     del models
     gc.collect()
 
@@ -205,12 +212,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s["prefill_speedup"] = round(s["prefill_tokens_per_s"] / base[s["batch"]]["prefill_tokens_per_s"], 3)
             s["decode_speedup"] = round(s["decode_tokens_per_s"] / base[s["batch"]]["decode_tokens_per_s"], 3)
     result = {
-        "benchmark": "inference_cpu", "model": MODEL, "dtype": "fp32", "dataset": DATASET,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "batch_sizes": args.batch_sizes, "calibration": {"nsamples": args.cal_nsamples, "seqlen": args.cal_seqlen},
-        "seed": args.seed, "round_interval": ROUND_INTERVAL, "started_utc": started.isoformat(timespec="seconds"),
+        "benchmark": "inference_cpu",
+        "model": MODEL,
+        "dtype": "fp32",
+        "dataset": DATASET,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "batch_sizes": args.batch_sizes,
+        "calibration": {"nsamples": args.cal_nsamples, "seqlen": args.cal_seqlen},
+        "seed": args.seed,
+        "round_interval": ROUND_INTERVAL,
+        "started_utc": started.isoformat(timespec="seconds"),
         "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()},
-        "dense_params": dense_params(dims), "models": records,
+        "dense_params": dense_params(dims),
+        "models": records,
         "total_s": round(time.perf_counter() - t_start, 1),
     }
     write_json(args.out, result)

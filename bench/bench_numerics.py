@@ -44,16 +44,27 @@ PACKAGE_COPY = ROOT / "dynslice" / "measured" / "numerics_noise.json"
 WORK = ROOT / "bench" / ".numerics"
 PROFILE = "cpu"
 #: The recomputed runs: every kind of number the check compares (cpu profile run names).
-SUBSET = ("dense-zs", "sp0.20-sb0.20-width-calwiki-zs", "sp0.20-sb0.10-width-calwiki", "sp0.30-sb0.30-width-calwiki-zs",
-          "sp0.30-sb0.10-width-calwiki", "sp0.30-sb0.10-params-calwiki", "sp0.30-sbauto-width-calwiki")
+SUBSET = (
+    "dense-zs",
+    "sp0.20-sb0.20-width-calwiki-zs",
+    "sp0.20-sb0.10-width-calwiki",
+    "sp0.30-sb0.30-width-calwiki-zs",
+    "sp0.30-sb0.10-width-calwiki",
+    "sp0.30-sb0.10-params-calwiki",
+    "sp0.30-sbauto-width-calwiki",
+)
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SETTINGS: dict[str, dict[str, str]] = {
     "native-2t": {"OMP_NUM_THREADS": "2"},
     "native-1t": {"OMP_NUM_THREADS": "1"},
     "native-4t": {"OMP_NUM_THREADS": "4"},
     "avx2": {**AVX2, "OMP_NUM_THREADS": "2"},  # an AVX2-only CPU (the issue's "older or AMD CPU")
-    "sse4": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41",
-             "OMP_NUM_THREADS": "2"},  # no AVX at all: a BLAS path far from this CPU's
+    "sse4": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_CBWR": "SSE4_2",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "OMP_NUM_THREADS": "2",
+    },  # no AVX at all: a BLAS path far from this CPU's
 }
 #: Quantities of the check, with dense and sliced perplexity apart (their noise differs by five orders).
 CLASSES = ("ppl_sliced", "ppl_dense", "acc", "ppl_change_pct", "acc_points", "params", "sb")
@@ -62,10 +73,12 @@ CLASSES = ("ppl_sliced", "ppl_dense", "acc", "ppl_change_pct", "acc_points", "pa
 OTHER_MACHINE = {
     "source": "shared/numerics.md (Intel x86 AVX-512, 2 cores, torch 2.13.0, transformers 5.25)",
     "run": "sp0.30-sb0.10-params-calwiki",
-    "ppl": {"default 2 threads": {"wiki": 71.46020295107057, "news": 193.04193764227466},
-            "1 thread": {"wiki": 71.45898688487074, "news": 194.56346212896406},
-            "avx2 (not strict)": {"wiki": 71.4694882017123, "news": 194.98494715833996},
-            "pinned (strict), 1, 2 and 4 threads": {"wiki": 71.48295749868835, "news": 193.47367698167784}},
+    "ppl": {
+        "default 2 threads": {"wiki": 71.46020295107057, "news": 193.04193764227466},
+        "1 thread": {"wiki": 71.45898688487074, "news": 194.56346212896406},
+        "avx2 (not strict)": {"wiki": 71.4694882017123, "news": 194.98494715833996},
+        "pinned (strict), 1, 2 and 4 threads": {"wiki": 71.48295749868835, "news": 193.47367698167784},
+    },
 }
 #: Tolerance = MARGIN x the largest deviation from the reference seen for that quantity (rounded up).
 MARGIN = 2.0
@@ -74,8 +87,9 @@ MARGIN = 2.0
 def env_for(setting: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PINNED_ENV}
     env.update(setting)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", OMP_WAIT_POLICY="PASSIVE",
-               PYTHONPATH=str(ROOT))
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT)
+    )
     return env
 
 
@@ -99,13 +113,14 @@ def run_settings(names: list[str], work: Path) -> None:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         print(f"== {name}: {SETTINGS[name]}", flush=True)
-        subprocess.run([sys.executable, __file__, "_worker", str(work / name)], env=env_for(SETTINGS[name]),
-                       check=True)
+        subprocess.run([sys.executable, __file__, "_worker", str(work / name)], env=env_for(SETTINGS[name]), check=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         times = read_json(work / "times.json") if (work / "times.json").is_file() else {}
-        times[name] = {"wall_s": round(time.perf_counter() - t, 1),
-                       "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
-                       "load_after": round(os.getloadavg()[0], 2)}
+        times[name] = {
+            "wall_s": round(time.perf_counter() - t, 1),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+            "load_after": round(os.getloadavg()[0], 2),
+        }
         write_json(work / "times.json", times)
 
 
@@ -131,8 +146,11 @@ def numbers_of(folder: Path, work: Path) -> dict[str, tuple[str, float]]:
 
 def deviation(quantity: str, ref: float, value: float) -> float:
     """Relative for perplexities, absolute for the rest."""
-    return abs(value - ref) / abs(ref) if quantity.startswith("ppl_") and quantity != "ppl_change_pct" \
+    return (
+        abs(value - ref) / abs(ref)
+        if quantity.startswith("ppl_") and quantity != "ppl_change_pct"
         else abs(value - ref)
+    )
 
 
 def round_up(x: float) -> float:
@@ -154,41 +172,70 @@ def seed_spread() -> dict:
             continue
         for ds, stats in row["ppl"].items():
             if stats.get("n", 1) > 1 and stats.get("sd"):
-                rows.append({"method": row["method"], "sp": row["sp"], "budget": row["budget"], "dataset": ds,
-                             "n_seeds": stats["n"], "mean": stats["mean"], "sd": stats["sd"],
-                             "rel_sd": stats["sd"] / stats["mean"]})
-    paired = {g["dataset"]: {"sp": g["sp"], "budget": g["budget"], "seeds": g["seeds"],
-                             "change_sd_points": 100 * g["paired_t_logppl"]["sd"]} for g in record["gap_tests"]}
+                rows.append(
+                    {
+                        "method": row["method"],
+                        "sp": row["sp"],
+                        "budget": row["budget"],
+                        "dataset": ds,
+                        "n_seeds": stats["n"],
+                        "mean": stats["mean"],
+                        "sd": stats["sd"],
+                        "rel_sd": stats["sd"] / stats["mean"],
+                    }
+                )
+    paired = {
+        g["dataset"]: {
+            "sp": g["sp"],
+            "budget": g["budget"],
+            "seeds": g["seeds"],
+            "change_sd_points": 100 * g["paired_t_logppl"]["sd"],
+        }
+        for g in record["gap_tests"]
+    }
     rel = sorted(r["rel_sd"] for r in rows)
-    return {"source": "results/published/ablations/ablations.json (calibration seeds)", "rows": rows,
-            "max_rel_sd": rel[-1] if rel else None, "median_rel_sd": rel[len(rel) // 2] if rel else None,
-            "paired_change": paired}
+    return {
+        "source": "results/published/ablations/ablations.json (calibration seeds)",
+        "rows": rows,
+        "max_rel_sd": rel[-1] if rel else None,
+        "median_rel_sd": rel[len(rel) // 2] if rel else None,
+        "paired_change": paired,
+    }
 
 
 def analyze(pinned: list[tuple[str, Path]], work: Path) -> dict:
-    settings = {name: numbers_of(work / name / PROFILE, work) for name in SETTINGS
-                if (work / name / PROFILE).is_dir()}
+    settings = {name: numbers_of(work / name / PROFILE, work) for name in SETTINGS if (work / name / PROFILE).is_dir()}
     pins = {f"pinned-{name}": numbers_of(folder, work) for name, folder in pinned}
     ref_name = f"pinned-{pinned[0][0]}"
     ref = pins[ref_name]
     per_number = {}
     for name, (quantity, value) in ref.items():
         vals = {s: nums[name][1] for s, nums in {**pins, **settings}.items() if name in nums}
-        per_number[name] = {"quantity": quantity, "values": vals,
-                            "max_deviation": max(deviation(quantity, value, v) for v in vals.values())}
+        per_number[name] = {
+            "quantity": quantity,
+            "values": vals,
+            "max_deviation": max(deviation(quantity, value, v) for v in vals.values()),
+        }
     classes = {}
     for q in CLASSES:
         rows = {n: r for n, r in per_number.items() if r["quantity"] == q}
         if not rows:
             continue
-        pinned_dev = max((deviation(q, ref[n][1], nums[n][1]) for nums in pins.values() for n in rows if n in nums),
-                         default=0.0)
-        native_dev = {s: max((deviation(q, ref[n][1], nums[n][1]) for n in rows if n in nums), default=0.0)
-                      for s, nums in settings.items()}
+        pinned_dev = max(
+            (deviation(q, ref[n][1], nums[n][1]) for nums in pins.values() for n in rows if n in nums), default=0.0
+        )
+        native_dev = {
+            s: max((deviation(q, ref[n][1], nums[n][1]) for n in rows if n in nums), default=0.0)
+            for s, nums in settings.items()
+        }
         spread = max(max(r["values"].values()) - min(r["values"].values()) for r in rows.values())
-        classes[q] = {"unit": "relative" if q in ("ppl_sliced", "ppl_dense") else "absolute",
-                      "numbers": len(rows), "max_deviation_pinned": pinned_dev,
-                      "max_deviation_by_setting": native_dev, "max_spread_abs": spread}
+        classes[q] = {
+            "unit": "relative" if q in ("ppl_sliced", "ppl_dense") else "absolute",
+            "numbers": len(rows),
+            "max_deviation_pinned": pinned_dev,
+            "max_deviation_by_setting": native_dev,
+            "max_spread_abs": spread,
+        }
     # The other machine's run, against this machine's pinned reference.
     run = OTHER_MACHINE["run"]
     other = {}
@@ -204,21 +251,32 @@ def analyze(pinned: list[tuple[str, Path]], work: Path) -> dict:
         tolerances[q] = {"rel" if c["unit"] == "relative" else "abs": tol, "largest_seen": seen}
     if "acc_points" not in tolerances and "acc" in tolerances:  # no dynamic zero-shot run in the subset
         seen = 2 * 100 * tolerances["acc"]["largest_seen"]  # a difference of two accuracies, in points
-        tolerances["acc_points"] = {"abs": round_up(MARGIN * seen), "largest_seen": seen,
-                                    "derived": "from acc: the difference of two accuracies, in points"}
+        tolerances["acc_points"] = {
+            "abs": round_up(MARGIN * seen),
+            "largest_seen": seen,
+            "derived": "from acc: the difference of two accuracies, in points",
+        }
     seeds = seed_spread()
-    return {"what": "numerical noise of slicing: the cpu profile's numbers recomputed under other arithmetic",
-            "reference": {"setting": ref_name, "folder": str(pinned[0][1])}, "cpu": cpu(),
-            "subset": list(SUBSET), "settings": {s: SETTINGS[s] for s in settings},
-            "pinned_folders": {f"pinned-{n}": str(f) for n, f in pinned},
-            "times": read_json(work / "times.json") if (work / "times.json").is_file() else {},
-            "classes": classes, "other_machine": {**OTHER_MACHINE, "deviation_from_reference": other},
-            "tolerances": {"margin": MARGIN, "rule": "MARGIN x the largest deviation from the pinned reference "
-                                                     "over every unpinned setting (and the other machine), rounded "
-                                                     "up to one significant digit",
-                           "by_quantity": tolerances},
-            "seed_spread": seeds,
-            "per_number": per_number}
+    return {
+        "what": "numerical noise of slicing: the cpu profile's numbers recomputed under other arithmetic",
+        "reference": {"setting": ref_name, "folder": str(pinned[0][1])},
+        "cpu": cpu(),
+        "subset": list(SUBSET),
+        "settings": {s: SETTINGS[s] for s in settings},
+        "pinned_folders": {f"pinned-{n}": str(f) for n, f in pinned},
+        "times": read_json(work / "times.json") if (work / "times.json").is_file() else {},
+        "classes": classes,
+        "other_machine": {**OTHER_MACHINE, "deviation_from_reference": other},
+        "tolerances": {
+            "margin": MARGIN,
+            "rule": "MARGIN x the largest deviation from the pinned reference "
+            "over every unpinned setting (and the other machine), rounded "
+            "up to one significant digit",
+            "by_quantity": tolerances,
+        },
+        "seed_spread": seeds,
+        "per_number": per_number,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ plants
@@ -231,27 +289,72 @@ def plants(work: Path) -> dict:
     from dynslice import repro
 
     root = work / "plants"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "plants.py"), PROFILE, str(root), "--runs", *PLANT_RUNS],
-                   env=env_for(dict(PINNED_ENV)), check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plants.py"), PROFILE, str(root), "--runs", *PLANT_RUNS],
+        env=env_for(dict(PINNED_ENV)),
+        check=True,
+    )
     ref = repro.headline_numbers(root / "none" / PROFILE)
-    regimes = {"identical arithmetic": repro.identical_tolerances(), "different arithmetic": repro.measured_tolerances()}
+    regimes = {
+        "identical arithmetic": repro.identical_tolerances(),
+        "different arithmetic": repro.measured_tolerances(),
+    }
     out = {}
     for plant in ("none", "width", "sb", "lr", "seed"):
         nums = repro.headline_numbers(root / plant / PROFILE)
         moved = {n: (nums[n][1] - v) / v for n, (q, v) in ref.items() if q.startswith("ppl") and n in nums}
-        out[plant] = {"ppl_change_rel": moved,
-                      "params_changed": [n for n, (q, v) in ref.items() if q == "params" and nums[n][1] != v],
-                      "caught": {name: [r.name for r in repro.compare(ref, nums, tol) if r.status != "ok"]
-                                 for name, tol in regimes.items()}}
-    return {"runs": list(PLANT_RUNS), "profile": PROFILE, "plants": out,
-            "tolerances_different_arithmetic": {q: str(t) for q, t in regimes["different arithmetic"].items()}}
+        out[plant] = {
+            "ppl_change_rel": moved,
+            "params_changed": [n for n, (q, v) in ref.items() if q == "params" and nums[n][1] != v],
+            "caught": {
+                name: [r.name for r in repro.compare(ref, nums, tol) if r.status != "ok"]
+                for name, tol in regimes.items()
+            },
+        }
+    return {
+        "runs": list(PLANT_RUNS),
+        "profile": PROFILE,
+        "plants": out,
+        "tolerances_different_arithmetic": {q: str(t) for q, t in regimes["different arithmetic"].items()},
+    }
 
 
 # -------------------------------------------------------------------------------------------------------- cost
-COST_RUN = ["--model", "smollm2-135m", "--seed", "42", "--round-interval", "8", "--sp", "0.3", "--sb", "0.1",
-            "--budget", "params", "--lr-dataset", "wiki", "--lr-nsamples", "16", "--lr-seqlen", "256",
-            "--cal-dataset", "wiki", "--cal-nsamples", "16", "--cal-seqlen", "256", "--batch-size", "8",
-            "--ppl", "wiki", "news", "--ppl-seqlen", "256", "--ppl-max-chunks", "16"]
+COST_RUN = [
+    "--model",
+    "smollm2-135m",
+    "--seed",
+    "42",
+    "--round-interval",
+    "8",
+    "--sp",
+    "0.3",
+    "--sb",
+    "0.1",
+    "--budget",
+    "params",
+    "--lr-dataset",
+    "wiki",
+    "--lr-nsamples",
+    "16",
+    "--lr-seqlen",
+    "256",
+    "--cal-dataset",
+    "wiki",
+    "--cal-nsamples",
+    "16",
+    "--cal-seqlen",
+    "256",
+    "--batch-size",
+    "8",
+    "--ppl",
+    "wiki",
+    "news",
+    "--ppl-seqlen",
+    "256",
+    "--ppl-max-chunks",
+    "16",
+]
 
 
 def cost(threads: list[int], work: Path, repeats: int) -> dict:
@@ -263,14 +366,26 @@ def cost(threads: list[int], work: Path, repeats: int) -> dict:
                 out.unlink(missing_ok=True)
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "dynslice", "run", *COST_RUN, "--out", str(out)], check=True,
-                               env=env_for({**extra, "OMP_NUM_THREADS": str(n)}), stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [sys.executable, "-m", "dynslice", "run", *COST_RUN, "--out", str(out)],
+                    check=True,
+                    env=env_for({**extra, "OMP_NUM_THREADS": str(n)}),
+                    stdout=subprocess.DEVNULL,
+                )
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 rec = read_json(out)
-                rows.append({"mode": mode, "threads": n, "repeat": rep, "wall_s": round(time.perf_counter() - t, 2),
-                             "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
-                             "load_before": round(os.getloadavg()[0], 2), "ppl": rec["ppl"],
-                             "timings_s": rec["timings_s"]})
+                rows.append(
+                    {
+                        "mode": mode,
+                        "threads": n,
+                        "repeat": rep,
+                        "wall_s": round(time.perf_counter() - t, 2),
+                        "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+                        "load_before": round(os.getloadavg()[0], 2),
+                        "ppl": rec["ppl"],
+                        "timings_s": rec["timings_s"],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return {"run": COST_RUN, "cores": os.cpu_count(), "rows": rows}
 
@@ -280,11 +395,17 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=WORK)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--settings", nargs="+", default=["native-2t", "native-1t", "native-4t", "avx2"],
-                   choices=sorted(SETTINGS))
+    r.add_argument(
+        "--settings", nargs="+", default=["native-2t", "native-1t", "native-4t", "avx2"], choices=sorted(SETTINGS)
+    )
     a = sub.add_parser("analyze")
-    a.add_argument("--pinned", nargs="+", required=True, metavar="NAME=DIR",
-                   help="<root>/cpu folders of pinned ./run_all.sh runs; the first is the reference")
+    a.add_argument(
+        "--pinned",
+        nargs="+",
+        required=True,
+        metavar="NAME=DIR",
+        help="<root>/cpu folders of pinned ./run_all.sh runs; the first is the reference",
+    )
     c = sub.add_parser("cost")
     c.add_argument("--threads", nargs="+", type=int, default=[1, 2, 4])
     c.add_argument("--repeats", type=int, default=1)

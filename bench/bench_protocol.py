@@ -29,17 +29,36 @@ from dynslice.protocol import differences
 
 OUT = Path(__file__).resolve().parent / "results" / "protocol_smollm2.json"
 SP = 0.3
-SIZES = {"model": "smollm2-135m", "dtype": "fp32", "device": "cpu", "seed": 42, "sp": SP, "lr_nsamples": 8,
-         "cal_nsamples": 16, "cal_seqlen": 256, "ppl_seqlen": 256, "batch_size": 4, "lr_dataset": "wiki",
-         "cal_dataset": "wiki", "ppl_datasets": ("wiki",)}
+SIZES = {
+    "model": "smollm2-135m",
+    "dtype": "fp32",
+    "device": "cpu",
+    "seed": 42,
+    "sp": SP,
+    "lr_nsamples": 8,
+    "cal_nsamples": 16,
+    "cal_seqlen": 256,
+    "ppl_seqlen": 256,
+    "batch_size": 4,
+    "lr_dataset": "wiki",
+    "cal_dataset": "wiki",
+    "ppl_datasets": ("wiki",),
+}
 #: ppl sizes per perplexity protocol: 8 consecutive test chunks, or 8 document-joined validation samples.
-PPL = {"slicegpt": {"ppl_max_chunks": 8, "ppl_nsamples": None},
-       "documents": {"ppl_max_chunks": None, "ppl_nsamples": 8}}
+PPL = {
+    "slicegpt": {"ppl_max_chunks": 8, "ppl_nsamples": None},
+    "documents": {"ppl_max_chunks": None, "ppl_nsamples": 8},
+}
 #: One switch per deviation (keys match dynslice.protocol.DEVIATIONS' ``effect``).
 SWITCHES = {
     "lr_data": {"lr_split": "validation", "lr_sampler": "sliding", "lr_seqlen": 1024, "lr_stride": 256},
-    "lr_last_layer": {"lr_split": "validation", "lr_sampler": "sliding", "lr_seqlen": 1024, "lr_stride": 256,
-                      "lr_last_layer": "final_norm"},
+    "lr_last_layer": {
+        "lr_split": "validation",
+        "lr_sampler": "sliding",
+        "lr_seqlen": 1024,
+        "lr_stride": 256,
+        "lr_last_layer": "final_norm",
+    },
     "embedding_mean": {"embedding_mean": True},
     "cal_sampler": {"cal_sampler": "documents"},
     "rounding": {"rounding": "reference", "round_interval": 1},
@@ -61,8 +80,12 @@ def main() -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     bench = Workbench("smollm2-135m", "fp32", "cpu")
-    out: dict = {"versions": versions(), "sizes": {k: v for k, v in SIZES.items() if k != "ppl_datasets"},
-                 "ppl_sizes": PPL, "sp": SP}
+    out: dict = {
+        "versions": versions(),
+        "sizes": {k: v for k, v in SIZES.items() if k != "ppl_datasets"},
+        "ppl_sizes": PPL,
+        "sp": SP,
+    }
 
     # LR under each protocol (and under each LR deviation alone).
     lr = {p: bench.lr(config(p)) for p in ("dynslice", "reference")}
@@ -83,8 +106,11 @@ def main() -> int:
     # Each protocol's own numbers: dense, constant and SB 0 at SP 0.3.
     out["protocols"] = {}
     for p in ("dynslice", "reference"):
-        rows = {"dense": ppl_of(bench, config(p, sp=0.0, sb=0.0)), "constant": ppl_of(bench, config(p, sb=SP)),
-                "sb0": ppl_of(bench, config(p, sb=0.0))}
+        rows = {
+            "dense": ppl_of(bench, config(p, sp=0.0, sb=0.0)),
+            "constant": ppl_of(bench, config(p, sb=SP)),
+            "sb0": ppl_of(bench, config(p, sb=0.0)),
+        }
         out["protocols"][p] = {**rows, "differences": differences(config(p, sb=0.0).to_json())}
         print(p, rows, file=sys.stderr)
 
@@ -95,14 +121,17 @@ def main() -> int:
         # The last layer's effect is measured on the authors' LR data (from raw to after the final norm).
         before = effects["lr_data"]["ppl_reference"] if key == "lr_last_layer" else base
         value = ppl_of(bench, config("dynslice", **change))
-        effects[key] = {"ppl_dynslice": before, "ppl_reference": value, "delta_ppl": value - before,
-                        "switch": change}
+        effects[key] = {"ppl_dynslice": before, "ppl_reference": value, "delta_ppl": value - before, "switch": change}
         print(key, effects[key], file=sys.stderr)
     docs = config("dynslice", ppl_protocol="documents")
     value = ppl_of(bench, docs)
-    effects["ppl_protocol"] = {"ppl_dynslice": base, "ppl_reference": value, "delta_ppl": value - base,
-                               "switch": {"ppl_protocol": "documents"},
-                               "note": "same sliced model, measured on the validation split by the authors' sampler"}
+    effects["ppl_protocol"] = {
+        "ppl_dynslice": base,
+        "ppl_reference": value,
+        "delta_ppl": value - base,
+        "switch": {"ppl_protocol": "documents"},
+        "note": "same sliced model, measured on the validation split by the authors' sampler",
+    }
     out["effects"] = effects
     out["not_measured"] = {"dtype": "fp16 on this CPU: a 4 x 256 SmolLM2 forward takes about 75 s"}
     out["time_s"] = round(time.perf_counter() - t0, 1)

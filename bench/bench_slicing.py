@@ -79,10 +79,16 @@ def machine_info() -> dict[str, Any]:
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu_count": os.cpu_count(), "cpus_usable": affinity, "cpu_model": cpu_model(),
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "mem_total_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mem_total_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
         "shared": "the machine was shared with other engineers running tests; compare ratios within one run",
     }
 
@@ -186,8 +192,9 @@ def dense_pass(model: nn.Module, calibration: dict[str, torch.Tensor], batch_siz
     ids, mask = calibration["input_ids"], calibration["attention_mask"]
     t, c = time.perf_counter(), time.process_time()
     for start in range(0, ids.shape[0], batch_size):
-        model.model(input_ids=ids[start:start + batch_size], attention_mask=mask[start:start + batch_size],
-                    use_cache=False)
+        model.model(
+            input_ids=ids[start : start + batch_size], attention_mask=mask[start : start + batch_size], use_cache=False
+        )
     return time.perf_counter() - t, time.process_time() - c
 
 
@@ -198,8 +205,9 @@ def sample_loss(model: nn.Module, calibration: dict[str, torch.Tensor], rows: in
     return float(model(input_ids=ids, attention_mask=calibration["attention_mask"][:rows], labels=ids).loss)
 
 
-def slice_run(dense: nn.Module, calibration: dict[str, torch.Tensor], widths: list[int], batch_size: int,
-              dims: ArchDims) -> dict[str, Any]:
+def slice_run(
+    dense: nn.Module, calibration: dict[str, torch.Tensor], widths: list[int], batch_size: int, dims: ArchDims
+) -> dict[str, Any]:
     """Slice a deep copy of ``dense`` to ``widths``: wall time, the engine's split, memory and sanity checks."""
     gc.collect()
     rss_before_copy = rss_bytes()
@@ -215,14 +223,19 @@ def slice_run(dense: nn.Module, calibration: dict[str, torch.Tensor], widths: li
     if actual != expected.total:
         raise RuntimeError(f"sliced model has {actual} parameters, sliced_params says {expected.total}")
     record = {
-        "widths": widths, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "timings_s": timings,
+        "widths": widths,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "timings_s": timings,
         "split_fraction": {k: round(v / timings["total"], 4) for k, v in timings.items() if k != "total"},
         "memory": {
-            "rss_before_copy_mib": mib(rss_before_copy), "rss_baseline_mib": mib(rss_baseline),
+            "rss_before_copy_mib": mib(rss_before_copy),
+            "rss_baseline_mib": mib(rss_baseline),
             "rss_peak_during_slicing_mib": mib(sampler.peak_bytes),
             "rss_increase_during_slicing_mib": mib(sampler.peak_bytes - rss_baseline),
             "rss_peak_at_s": round(sampler.peak_at_s, 2),
-            "rss_after_slicing_mib": mib(rss_bytes()), "ru_maxrss_mib": mib(max_rss_bytes()),
+            "rss_after_slicing_mib": mib(rss_bytes()),
+            "ru_maxrss_mib": mib(max_rss_bytes()),
             "rss_samples": sampler.samples,
         },
         "params": expected.to_json(),
@@ -297,18 +310,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = int(calibration["attention_mask"].sum())
     result = {
         "benchmark": "slicing_cpu",
-        "model": MODEL, "dataset": DATASET, "nsamples": args.nsamples, "seqlen": args.seqlen, "tokens": tokens,
-        "batch_size": args.batch_size, "seed": args.seed, "sp": args.sp, "round_interval": ROUND_INTERVAL,
+        "model": MODEL,
+        "dataset": DATASET,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "tokens": tokens,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sp": args.sp,
+        "round_interval": ROUND_INTERVAL,
         "started_utc": started.isoformat(timespec="seconds"),
         "machine": {**machine_info(), "load_average_start": load_start, "load_average_end": load_average()},
-        "model_load_s": round(load_s, 2), "rss_dense_model_mib": mib(rss_dense),
+        "model_load_s": round(load_s, 2),
+        "rss_dense_model_mib": mib(rss_dense),
         "floor": {
             "definition": "one pass of the calibration set through model.model (no LM head, torch.no_grad, same "
-                          "batch size) x the engine's signal passes; measured before, between and after the "
-                          "slicing runs, median used",
-            "signal_passes": SIGNAL_PASSES, "passes_wall_s": [round(w, 3) for w in walls],
-            "passes_cpu_s": [round(c, 3) for c in cpus], "spread": round((max(walls) - min(walls)) / min(walls), 3),
-            "floor_s": round(floor, 3), "floor_cpu_s": round(floor_cpu, 3),
+            "batch size) x the engine's signal passes; measured before, between and after the "
+            "slicing runs, median used",
+            "signal_passes": SIGNAL_PASSES,
+            "passes_wall_s": [round(w, 3) for w in walls],
+            "passes_cpu_s": [round(c, 3) for c in cpus],
+            "spread": round((max(walls) - min(walls)) / min(walls), 3),
+            "floor_s": round(floor, 3),
+            "floor_cpu_s": round(floor_cpu, 3),
             "tokens_per_s": round(tokens / statistics.median(walls), 1),
         },
         "target_ratio": TARGET_RATIO,
@@ -316,20 +340,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "signal_passes": REFERENCE_SIGNAL_PASSES,
             "signal_s": round(REFERENCE_SIGNAL_PASSES * statistics.median(walls), 3),
             "note": "estimate, not run: SliceGPT's reference runs every layer twice per batch, so its signal "
-                    "passes alone cost ~2x the floor (PCA and rotation come on top)",
+            "passes alone cost ~2x the floor (PCA and rotation come on top)",
         },
-        "lr": {"metric": lr.metric, "time_s": round(lr_s, 3), "ratio_to_floor": round(lr_s / floor, 3),
-               "note": "dynamic slicing also needs the LR scores (one dense pass with hooks), timed separately"},
+        "lr": {
+            "metric": lr.metric,
+            "time_s": round(lr_s, 3),
+            "ratio_to_floor": round(lr_s / floor, 3),
+            "note": "dynamic slicing also needs the LR scores (one dense pass with hooks), timed separately",
+        },
         "dense": {"params": dense_params(dims), "sample_loss": round(sample_loss(model, calibration), 4)},
         "runs": runs,
     }
     write_json(args.out, result)
     print(f"floor {floor:.2f} s (passes {', '.join(f'{w:.2f}' for w in walls)})")
     for name, run in runs.items():
-        print(f"{name}: {run['wall_s']:.2f} s = {run['ratio_to_floor']:.2f}x floor "
-              f"(CPU time {run['cpu_ratio_to_floor']:.2f}x); split {run['timings_s']}; "
-              f"RSS +{run['memory']['rss_increase_during_slicing_mib']} MiB, "
-              f"ru_maxrss {run['memory']['ru_maxrss_mib']} MiB")
+        print(
+            f"{name}: {run['wall_s']:.2f} s = {run['ratio_to_floor']:.2f}x floor "
+            f"(CPU time {run['cpu_ratio_to_floor']:.2f}x); split {run['timings_s']}; "
+            f"RSS +{run['memory']['rss_increase_during_slicing_mib']} MiB, "
+            f"ru_maxrss {run['memory']['ru_maxrss_mib']} MiB"
+        )
     print(f"wrote {args.out}")
     return result
 

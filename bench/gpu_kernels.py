@@ -102,22 +102,33 @@ def run_tests() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
         lines = (r.stdout + r.stderr).strip().splitlines()
-        return {"rc": r.returncode, "summary": lines[-1] if lines else "", "seconds": time.perf_counter() - t0,
-                "failures": [ln for ln in lines if ln.startswith("FAILED")][:20]}
+        return {
+            "rc": r.returncode,
+            "summary": lines[-1] if lines else "",
+            "seconds": time.perf_counter() - t0,
+            "failures": [ln for ln in lines if ln.startswith("FAILED")][:20],
+        }
     except subprocess.TimeoutExpired:
         return {"rc": None, "summary": "timed out after 200 s", "seconds": time.perf_counter() - t0}
 
 
-def compare(t: int, d: int, dtype: torch.dtype, device: torch.device, methods: dict[str, Callable],
-            angles: bool) -> dict:
+def compare(
+    t: int, d: int, dtype: torch.dtype, device: torch.device, methods: dict[str, Callable], angles: bool
+) -> dict:
     """Time every method on one (tokens, D, dtype) case and measure its error against today's float64 result."""
     x = decaying(t, d, dtype, device)
     mask = pad_mask(t, device)
     ref = today(x, mask)
-    ref_vecs = torch.linalg.eigh(ref)[1][:, -(d // 2):] if angles else None
+    ref_vecs = torch.linalg.eigh(ref)[1][:, -(d // 2) :] if angles else None
     case = {"tokens": t, "kept": int(mask.sum()), "d": d, "dtype": str(dtype).replace("torch.", ""), "methods": {}}
     for name, fn in methods.items():
         h = fn(x, mask)
@@ -139,11 +150,13 @@ def config_sweep(t: int, d: int, dtype: torch.dtype, device: torch.device, deadl
     x = decaying(t, d, dtype, device)
     mask = pad_mask(t, device)
     ref = today(x, mask)
-    configs = [default_config(dtype),
-               GramConfig(block_m=128, block_n=128, block_t=64, num_warps=8, num_stages=3),
-               GramConfig(block_m=64, block_n=64, block_t=64, num_warps=4, num_stages=3),
-               GramConfig(block_m=64, block_n=128, block_t=64, num_warps=8, num_stages=3),
-               GramConfig(block_m=128, block_n=64, block_t=64, chunk_tokens=8192, num_warps=8, num_stages=4)]
+    configs = [
+        default_config(dtype),
+        GramConfig(block_m=128, block_n=128, block_t=64, num_warps=8, num_stages=3),
+        GramConfig(block_m=64, block_n=64, block_t=64, num_warps=4, num_stages=3),
+        GramConfig(block_m=64, block_n=128, block_t=64, num_warps=8, num_stages=3),
+        GramConfig(block_m=128, block_n=64, block_t=64, chunk_tokens=8192, num_warps=8, num_stages=4),
+    ]
     rows = []
     for cfg in configs:
         row = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
@@ -155,9 +168,12 @@ def config_sweep(t: int, d: int, dtype: torch.dtype, device: torch.device, deadl
             splits, per_split = gram_mod._split_tokens(pairs.numel() // 2, t, d, cfg, device)
             dest = torch.empty((splits, d, d) if splits > 1 else (d, d), dtype=torch.float64, device=device)
             kernel = gram_mod._launch(x, mask.reshape(-1), dest, pairs, per_split, cfg, accumulate=False)
-            row.update(splits=splits, n_regs=getattr(kernel, "n_regs", None),
-                       n_spills=getattr(kernel, "n_spills", None),
-                       shared_bytes=getattr(getattr(kernel, "metadata", None), "shared", None))
+            row.update(
+                splits=splits,
+                n_regs=getattr(kernel, "n_regs", None),
+                n_spills=getattr(kernel, "n_spills", None),
+                shared_bytes=getattr(getattr(kernel, "metadata", None), "shared", None),
+            )
             h = masked_gram(x, mask, backend="triton", config=cfg)
             row.update(timed(lambda cfg=cfg: masked_gram(x, mask, backend="triton", config=cfg), device))
             row["rel_fro"] = ((h - ref).norm() / ref.norm()).item()
@@ -169,8 +185,12 @@ def config_sweep(t: int, d: int, dtype: torch.dtype, device: torch.device, deadl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON path (default bench/results/gpu_kernels.json; with --cpu, gpu_kernels_cpu.json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default bench/results/gpu_kernels.json; with --cpu, gpu_kernels_cpu.json)",
+    )
     ap.add_argument("--cpu", action="store_true", help="smoke check on CPU: torch fallback at a small size")
     ap.add_argument("--skip-tests", action="store_true", help="do not run tests/test_kernels.py first")
     args = ap.parse_args(argv)
@@ -186,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {
         "mode": "cpu-smoke" if args.cpu else "cuda",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "triton": __import__("triton").__version__ if triton_available() else None,
-                     "cuda": torch.version.cuda},
+        "versions": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "triton": __import__("triton").__version__ if triton_available() else None,
+            "cuda": torch.version.cuda,
+        },
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "notes": {"today_float64": "clone, zero masked rows, .double(), float64 x.T @ x (the reference)",
-                  "fp32_matmul": "xf = x.float() * mask; xf.T @ xf (cuBLAS fp32, one sum over all tokens)",
-                  "gram_tflops": "2·tokens·D² / time, for every method alike"},
+        "notes": {
+            "today_float64": "clone, zero masked rows, .double(), float64 x.T @ x (the reference)",
+            "fp32_matmul": "xf = x.float() * mask; xf.T @ xf (cuBLAS fp32, one sum over all tokens)",
+            "gram_tflops": "2·tokens·D² / time, for every method alike",
+        },
     }
     if device.type == "cuda" and not args.skip_tests:
         record["tests"] = run_tests()
@@ -200,14 +225,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cpu:
         cases = [(4096, 256, torch.bfloat16), (4096, 256, torch.float32)]
-        methods = {"masked_gram_torch": lambda x, m: masked_gram(x, m, backend="torch"),
-                   "today_float64": today, "fp32_matmul": fp32_matmul}
+        methods = {
+            "masked_gram_torch": lambda x, m: masked_gram(x, m, backend="torch"),
+            "today_float64": today,
+            "fp32_matmul": fp32_matmul,
+        }
     else:
-        cases = [(65536, 576, torch.bfloat16), (65536, 576, torch.float32),
-                 (65536, 4096, torch.bfloat16), (65536, 4096, torch.float32)]
-        methods = {"masked_gram_triton": lambda x, m: masked_gram(x, m, backend="triton"),
-                   "masked_gram_torch": lambda x, m: masked_gram(x, m, backend="torch"),
-                   "today_float64": today, "fp32_matmul": fp32_matmul}
+        cases = [
+            (65536, 576, torch.bfloat16),
+            (65536, 576, torch.float32),
+            (65536, 4096, torch.bfloat16),
+            (65536, 4096, torch.float32),
+        ]
+        methods = {
+            "masked_gram_triton": lambda x, m: masked_gram(x, m, backend="triton"),
+            "masked_gram_torch": lambda x, m: masked_gram(x, m, backend="torch"),
+            "today_float64": today,
+            "fp32_matmul": fp32_matmul,
+        }
     record["cases"] = []
     for t, d, dtype in cases:
         if time.perf_counter() - t_start > BUDGET_S:
@@ -215,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         case = compare(t, d, dtype, device, methods, angles=True)
         record["cases"].append(case)
-        print(f"{t}x{d} {case['dtype']}: " + ", ".join(
-            f"{k} {v['median_ms']:.2f} ms (rel {v['rel_fro']:.1e})" for k, v in case["methods"].items()), flush=True)
+        print(
+            f"{t}x{d} {case['dtype']}: "
+            + ", ".join(f"{k} {v['median_ms']:.2f} ms (rel {v['rel_fro']:.1e})" for k, v in case["methods"].items()),
+            flush=True,
+        )
         write_json(out, record)  # keep what is done if a later section runs out of time
 
     if device.type == "cuda":

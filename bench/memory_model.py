@@ -30,24 +30,57 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "memory_model.json"
 
 #: Real configs (Llama-3.1-8B: Llama-3-8B's shapes with the llama3 rope scaling; Mistral-7B-v0.1) with the layer count cut; ``/k`` variants divide the widths.
-LLAMA3_8B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-                 "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-                 "bos_token_id": 128000, "eos_token_id": 128001,
-                 "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
-MISTRAL_7B = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
-                  "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
-                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+LLAMA3_8B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "architectures": ["MistralForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def shaped(base: dict, layers: int, shrink: int = 1) -> dict:
     """``base`` with ``layers`` decoder layers and the widths divided by ``shrink`` (heads kept: head_dim shrinks)."""
     cfg = dict(base, num_hidden_layers=layers)
     if shrink > 1:
-        cfg.update(hidden_size=base["hidden_size"] // shrink, intermediate_size=base["intermediate_size"] // shrink,
-                   vocab_size=base["vocab_size"] // shrink)
+        cfg.update(
+            hidden_size=base["hidden_size"] // shrink,
+            intermediate_size=base["intermediate_size"] // shrink,
+            vocab_size=base["vocab_size"] // shrink,
+        )
     return cfg
 
 
@@ -125,10 +158,13 @@ def build_model(cfg: dict, folder: Path, dtype: str, seed: int = 0, init_device:
     )
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     if init_device != "cpu":
-        code = code.replace("m = AutoModelForCausalLM.from_config(c, dtype=dtype)",
-                            f"with torch.device({init_device!r}):\n    m = AutoModelForCausalLM.from_config(c, dtype=dtype)")
-    subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(folder), names[dtype], str(seed)], check=True,
-                   env=_env())
+        code = code.replace(
+            "m = AutoModelForCausalLM.from_config(c, dtype=dtype)",
+            f"with torch.device({init_device!r}):\n    m = AutoModelForCausalLM.from_config(c, dtype=dtype)",
+        )
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg), str(folder), names[dtype], str(seed)], check=True, env=_env()
+    )
     return folder
 
 
@@ -140,19 +176,52 @@ def _env() -> dict:
     return env
 
 
-def measure(src: Path, out: Path, mode: str, widths: list[int], vocab: int, nsamples: int, seqlen: int,
-            dtype: str, batch_size: int = 8, threads: int = 1, device: str = "cpu") -> dict:
+def measure(
+    src: Path,
+    out: Path,
+    mode: str,
+    widths: list[int],
+    vocab: int,
+    nsamples: int,
+    seqlen: int,
+    dtype: str,
+    batch_size: int = 8,
+    threads: int = 1,
+    device: str = "cpu",
+) -> dict:
     """Peak RSS rise (bytes above the imported baseline), peak GPU memory and wall time of slicing ``src`` in a
     fresh process (``mode`` "memory": the whole model on ``device``; "stream": layers computed on ``device``)."""
-    arg = {"src": str(src), "out": str(out), "mode": mode, "widths": widths, "vocab": vocab, "nsamples": nsamples, "seqlen": seqlen,
-               "dtype": dtype, "batch_size": batch_size, "threads": threads, "device": device}
-    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arg)], check=True, capture_output=True, text=True,
-                       env=_env())
+    arg = {
+        "src": str(src),
+        "out": str(out),
+        "mode": mode,
+        "widths": widths,
+        "vocab": vocab,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "threads": threads,
+        "device": device,
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(arg)], check=True, capture_output=True, text=True, env=_env()
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def compare(name: str, cfg: dict, nsamples: int, seqlen: int, dtype: str, sp: float, workdir: Path,
-            modes: tuple[str, ...] = ("memory", "stream"), threads: int = 1, repeats: int = 1) -> dict:
+def compare(
+    name: str,
+    cfg: dict,
+    nsamples: int,
+    seqlen: int,
+    dtype: str,
+    sp: float,
+    workdir: Path,
+    modes: tuple[str, ...] = ("memory", "stream"),
+    threads: int = 1,
+    repeats: int = 1,
+) -> dict:
     """Measured (the median of ``repeats`` fresh-process runs) and predicted peaks for one config; both outputs'
     logits compared when both modes ran."""
     from transformers import AutoConfig
@@ -166,21 +235,35 @@ def compare(name: str, cfg: dict, nsamples: int, seqlen: int, dtype: str, sp: fl
     widths = [_round_down(shapes.hidden * (1 - sp), 8)] * shapes.layers
     src = build_model(cfg, workdir / "dense", dtype)
     disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    row: dict = {"config": name, "dtype": dtype, "nsamples": nsamples, "seqlen": seqlen, "widths": widths,
-                 "weights_on_disk_bytes": disk}
+    row: dict = {
+        "config": name,
+        "dtype": dtype,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "widths": widths,
+        "weights_on_disk_bytes": disk,
+    }
     for mode in modes:
         runs = []
         for k in range(repeats):
-            runs.append(measure(src, workdir / f"{mode}{k}", mode, widths, shapes.vocab, nsamples, seqlen, dtype,
-                                threads=threads))
+            runs.append(
+                measure(
+                    src, workdir / f"{mode}{k}", mode, widths, shapes.vocab, nsamples, seqlen, dtype, threads=threads
+                )
+            )
             if k + 1 < repeats:
                 shutil.rmtree(workdir / f"{mode}{k}")
         (workdir / f"{mode}{repeats - 1}").rename(workdir / mode)
         peak = int(statistics.median(r["peak_bytes"] for r in runs))
         p = predict(shapes, nsamples, seqlen, dtype, mode=mode, widths=widths, weights="mapped")
-        row[mode] = {"measured_bytes": peak, "measured_runs_bytes": [r["peak_bytes"] for r in runs],
-                     "predicted_bytes": p.peak_host_bytes, "error": round(p.peak_host_bytes / peak - 1, 4),
-                     "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2), "phases": p.phase_host_bytes}
+        row[mode] = {
+            "measured_bytes": peak,
+            "measured_runs_bytes": [r["peak_bytes"] for r in runs],
+            "predicted_bytes": p.peak_host_bytes,
+            "error": round(p.peak_host_bytes / peak - 1, 4),
+            "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
+            "phases": p.phase_host_bytes,
+        }
     if "stream" in modes:
         row["disk_to_stream_peak"] = round(disk / row["stream"]["measured_bytes"], 3)
     if set(modes) == {"memory", "stream"}:
@@ -209,8 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per mode; the median is compared")
-    p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"],
-                   help="which slicings to measure (stream alone for models larger than this machine's RAM)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["memory", "stream"],
+        choices=["memory", "stream"],
+        help="which slicings to measure (stream alone for models larger than this machine's RAM)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     from dynslice.jsonio import write_json
@@ -218,8 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in a.configs:
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append(compare(name, CONFIGS[name], a.nsamples, a.seqlen, a.dtype, a.sp, Path(tmp),
-                                modes=tuple(a.modes), threads=a.threads, repeats=a.repeats))
+            rows.append(
+                compare(
+                    name,
+                    CONFIGS[name],
+                    a.nsamples,
+                    a.seqlen,
+                    a.dtype,
+                    a.sp,
+                    Path(tmp),
+                    modes=tuple(a.modes),
+                    threads=a.threads,
+                    repeats=a.repeats,
+                )
+            )
         print(json.dumps(rows[-1]), flush=True)
     write_json(a.out, {"rows": rows, "load_average": os.getloadavg(), "threads": a.threads, "repeats": a.repeats})
     print(f"wrote {a.out}")

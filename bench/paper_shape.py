@@ -39,15 +39,19 @@ from dynslice.memory import Shapes, _round_down, predict
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def decode_tokens_per_s(folder: Path, sliced: bool, device: str, dtype: torch.dtype, vocab: int,
-                        new_tokens: int, prompt_len: int = 128) -> float:
+def decode_tokens_per_s(
+    folder: Path, sliced: bool, device: str, dtype: torch.dtype, vocab: int, new_tokens: int, prompt_len: int = 128
+) -> float:
     """Greedy decode speed (tokens/s, batch 1, KV cache) of the model saved in ``folder``."""
     from transformers import AutoModelForCausalLM
 
     from dynslice.io import load_sliced
 
-    model = load_sliced(folder, dtype=dtype, device=device) if sliced else \
-        AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = (
+        load_sliced(folder, dtype=dtype, device=device)
+        if sliced
+        else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    )
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(3)).to(device)
     kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
@@ -91,11 +95,23 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = Shapes.from_config(AutoConfig.for_model("llama", **{k: v for k, v in cfg.items() if k != "model_type"}))
     widths = [_round_down(shapes.hidden * (1 - a.sp), 8)] * layers
-    record: dict = {"config": cfg, "tiny": a.tiny, "device": device, "dtype": dtype, "sp": a.sp, "widths": widths,
-                    "calibration": {"nsamples": nsamples, "seqlen": seqlen, "batch_size": a.batch_size,
-                                    "tokens": "random ids, seed 0"},
-                    "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
-                    "load_average": os.getloadavg(), "runs": {}}
+    record: dict = {
+        "config": cfg,
+        "tiny": a.tiny,
+        "device": device,
+        "dtype": dtype,
+        "sp": a.sp,
+        "widths": widths,
+        "calibration": {
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "batch_size": a.batch_size,
+            "tokens": "random ids, seed 0",
+        },
+        "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
+        "load_average": os.getloadavg(),
+        "runs": {},
+    }
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         tmp = Path(tmp)
@@ -104,25 +120,49 @@ def main(argv: list[str] | None = None) -> int:
         record["build_s"] = round(time.perf_counter() - t, 2)
         record["weights_on_disk_bytes"] = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         for mode in a.modes:
-            m = mm.measure(src, tmp / mode, mode, widths, shapes.vocab, nsamples, seqlen, dtype,
-                           batch_size=a.batch_size, threads=os.cpu_count() or 1, device=device)
-            pr = predict(shapes, nsamples, seqlen, dtype, mode=mode, device=device, batch_size=a.batch_size,
-                         widths=widths, resident=device != "cpu" and mode == "memory")
+            m = mm.measure(
+                src,
+                tmp / mode,
+                mode,
+                widths,
+                shapes.vocab,
+                nsamples,
+                seqlen,
+                dtype,
+                batch_size=a.batch_size,
+                threads=os.cpu_count() or 1,
+                device=device,
+            )
+            pr = predict(
+                shapes,
+                nsamples,
+                seqlen,
+                dtype,
+                mode=mode,
+                device=device,
+                batch_size=a.batch_size,
+                widths=widths,
+                resident=device != "cpu" and mode == "memory",
+            )
             record["runs"][mode] = {
-                "wall_s": round(m["wall_s"], 2), "timings_s": m["timings_s"],
-                "peak_host_bytes": m["peak_bytes"], "predicted_peak_host_bytes": pr.peak_host_bytes,
-                "peak_gpu_bytes": m["gpu_peak_bytes"], "predicted_peak_gpu_bytes": pr.peak_gpu_bytes,
+                "wall_s": round(m["wall_s"], 2),
+                "timings_s": m["timings_s"],
+                "peak_host_bytes": m["peak_bytes"],
+                "predicted_peak_host_bytes": pr.peak_host_bytes,
+                "peak_gpu_bytes": m["gpu_peak_bytes"],
+                "predicted_peak_gpu_bytes": pr.peak_gpu_bytes,
                 "output_bytes": sum(f.stat().st_size for f in (tmp / mode).glob("*.safetensors")),
-                "predicted_output_bytes": pr.output_bytes}
+                "predicted_output_bytes": pr.output_bytes,
+            }
             print(mode, json.dumps(record["runs"][mode]), flush=True)
         if {"memory", "stream"} <= set(a.modes):
-            record["logits_rel_diff_memory_vs_stream"] = mm._logits_diff(tmp / "memory", tmp / "stream",
-                                                                         shapes.vocab)
+            record["logits_rel_diff_memory_vs_stream"] = mm._logits_diff(tmp / "memory", tmp / "stream", shapes.vocab)
         sliced_dir = tmp / a.modes[0]
         tdt = torch.bfloat16
         record["decode_tokens_per_s"] = {
             "dense": round(decode_tokens_per_s(src, False, device, tdt, shapes.vocab, a.new_tokens), 2),
-            "sliced": round(decode_tokens_per_s(sliced_dir, True, device, tdt, shapes.vocab, a.new_tokens), 2)}
+            "sliced": round(decode_tokens_per_s(sliced_dir, True, device, tdt, shapes.vocab, a.new_tokens), 2),
+        }
     record["total_s"] = round(time.perf_counter() - t_all, 2)
     write_json(out, record)
     print(f"wrote {out}")

@@ -62,8 +62,12 @@ def planted(plant: str, sb_step: float) -> Iterator[None]:
     def other_seed(self, cfg):
         return calibration(self, cfg.replace(seed=cfg.seed + 1))
 
-    patches = {"width": ("_allocate", pipeline, narrower), "sb": ("_allocate", pipeline, lower_sb),
-               "lr": ("lr", pipeline.Workbench, raised_lr), "seed": ("calibration", pipeline.Workbench, other_seed)}
+    patches = {
+        "width": ("_allocate", pipeline, narrower),
+        "sb": ("_allocate", pipeline, lower_sb),
+        "lr": ("lr", pipeline.Workbench, raised_lr),
+        "seed": ("calibration", pipeline.Workbench, other_seed),
+    }
     if plant == "none":
         yield
         return
@@ -80,8 +84,9 @@ def recompute(profile_name: str, root: Path, runs: list[str] | None, plants: lis
     profile = load_profile(profile_name)
     configs: list[RunConfig] = [c for c in sweep_configs(profile) if runs is None or run_name(c) in runs]
     if runs is not None and len(configs) != len(set(runs)):
-        raise SystemExit(f"plants: the {profile_name} profile has no runs named "
-                         f"{sorted(set(runs) - {run_name(c) for c in configs})}")
+        raise SystemExit(
+            f"plants: the {profile_name} profile has no runs named {sorted(set(runs) - {run_name(c) for c in configs})}"
+        )
     for plant in plants:
         folder = root / plant
         with planted(plant, profile.sb_step):

@@ -65,12 +65,12 @@ class AblationConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     cal_dataset: str = "wiki"
-    cal_nsamples: int = 16          # calibration windows per seed (also the LR batch of that seed)
+    cal_nsamples: int = 16  # calibration windows per seed (also the LR batch of that seed)
     cal_seqlen: int = 256
-    window_seed: int = 42           # seeds the one permutation of train chunks that every seed takes its share of
-    seeds: int = 3                  # calibration sets with pairwise disjoint windows (constant and lr)
+    window_seed: int = 42  # seeds the one permutation of train chunks that every seed takes its share of
+    seeds: int = 3  # calibration sets with pairwise disjoint windows (constant and lr)
     sp: tuple[float, ...] = (0.3,)
-    sb: float = 0.0                 # slicing base of every dynamic method (the best SB of the CPU sweep)
+    sb: float = 0.0  # slicing base of every dynamic method (the best SB of the CPU sweep)
     budgets: tuple[str, ...] = BUDGETS
     seed_budgets: tuple[str, ...] = ("params",)  # budgets at which lr is repeated over the seeds
     permutations: int = 5
@@ -88,16 +88,28 @@ class AblationConfig:
     bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("cal_nsamples", 1), ("cal_seqlen", 2), ("seeds", 1), ("permutations", 1),
-                          ("round_interval", 1), ("ppl_seqlen", 2), ("ppl_max_chunks", 1), ("batch_size", 1),
-                          ("bootstrap", 100)):
+        for name, low in (
+            ("cal_nsamples", 1),
+            ("cal_seqlen", 2),
+            ("seeds", 1),
+            ("permutations", 1),
+            ("round_interval", 1),
+            ("ppl_seqlen", 2),
+            ("ppl_max_chunks", 1),
+            ("batch_size", 1),
+            ("bootstrap", 100),
+        ):
             check_int(name, getattr(self, name), low)
         if not self.sp or any(not 0 < s < 1 for s in self.sp):
             raise ValueError(f"sp: {self.sp!r} must be a non-empty list of values with 0 < sp < 1")
         if any(not 0 <= self.sb < s for s in self.sp):
             raise ValueError(f"sb: {self.sb!r} is outside 0 <= sb < sp for sp in {list(self.sp)}")
-        for name, allowed in (("budgets", BUDGETS), ("seed_budgets", BUDGETS), ("task_budgets", BUDGETS),
-                              ("task_methods", METHODS)):
+        for name, allowed in (
+            ("budgets", BUDGETS),
+            ("seed_budgets", BUDGETS),
+            ("task_budgets", BUDGETS),
+            ("task_methods", METHODS),
+        ):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
                 raise ValueError(f"{name}: {bad} not in {list(allowed)}")
@@ -134,8 +146,9 @@ def load_config(path: str | Path, profile: str) -> AblationConfig | None:
 
 
 # --------------------------------------------------------------------------------------------------- data
-def disjoint_calibration(name: str, tokenizer, nsamples: int, seqlen: int, n_sets: int,
-                         seed: int = 42) -> list[dict[str, torch.Tensor]]:
+def disjoint_calibration(
+    name: str, tokenizer, nsamples: int, seqlen: int, n_sets: int, seed: int = 42
+) -> list[dict[str, torch.Tensor]]:
     """``n_sets`` calibration batches of ``nsamples`` windows each, no token shared between any two windows.
 
     The train stream is cut into consecutive ``seqlen`` chunks, which one generator seeded with ``seed``
@@ -144,12 +157,14 @@ def disjoint_calibration(name: str, tokenizer, nsamples: int, seqlen: int, n_set
     stream = data.token_stream(name, "train", tokenizer)
     n_chunks = stream.numel() // seqlen
     if n_chunks < n_sets * nsamples:
-        raise ValueError(f"seeds: {n_sets} sets of {nsamples} windows of {seqlen} tokens need "
-                         f"{n_sets * nsamples} chunks; the {name} train split has {n_chunks}")
+        raise ValueError(
+            f"seeds: {n_sets} sets of {nsamples} windows of {seqlen} tokens need "
+            f"{n_sets * nsamples} chunks; the {name} train split has {n_chunks}"
+        )
     order = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed))
     sets = []
     for k in range(n_sets):
-        starts = order[k * nsamples:(k + 1) * nsamples] * seqlen
+        starts = order[k * nsamples : (k + 1) * nsamples] * seqlen
         ids = stream[starts[:, None] + torch.arange(seqlen)]
         sets.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return sets
@@ -165,11 +180,12 @@ def chunk_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 8) -> np
     out = np.zeros(chunks.shape[0], dtype=np.float64)
     try:
         for start in range(0, chunks.shape[0], batch_size):
-            ids = chunks[start:start + batch_size].to(device)
+            ids = chunks[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits
             for row in range(ids.shape[0]):
-                out[start + row] = float(F.cross_entropy(logits[row, :-1].float(), ids[row, 1:],
-                                                         reduction="sum").double())
+                out[start + row] = float(
+                    F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").double()
+                )
     finally:
         model.train(was_training)
     return out
@@ -203,8 +219,15 @@ def method_of(key: str) -> str:
     return key.split("/")[0]
 
 
-def allocations(vectors: dict[str, np.ndarray], sp: float, sb: float, dims: ArchDims, budgets: Sequence[str],
-                round_interval: int = 8, sb_step: float = 0.02) -> dict[tuple[str, str], Allocation | str]:
+def allocations(
+    vectors: dict[str, np.ndarray],
+    sp: float,
+    sb: float,
+    dims: ArchDims,
+    budgets: Sequence[str],
+    round_interval: int = 8,
+    sb_step: float = 0.02,
+) -> dict[tuple[str, str], Allocation | str]:
     """``{(key, budget): Allocation}`` for constant slicing and every score vector at every budget.
 
     A vector that cannot meet its budget at ``sb`` (e.g. inverted LR, whose one peaked layer would have to be
@@ -215,14 +238,16 @@ def allocations(vectors: dict[str, np.ndarray], sp: float, sb: float, dims: Arch
     steps = range(math.ceil((sp - sb) / sb_step) + 1)
     grid = [b for b in (round(sb + k * sb_step, 10) for k in steps) if b < sp - 1e-9]
     for budget in budgets:
-        out[("constant", budget)] = allocate(vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval,
-                                             budget=budget, dims=dims)
+        out[("constant", budget)] = allocate(
+            vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval, budget=budget, dims=dims
+        )
         for key, vec in vectors.items():
             first_error = None
             for b in grid:
                 try:
-                    out[(key, budget)] = allocate(vec, sp, b, dims.hidden, round_interval=round_interval,
-                                                  budget=budget, dims=dims)
+                    out[(key, budget)] = allocate(
+                        vec, sp, b, dims.hidden, round_interval=round_interval, budget=budget, dims=dims
+                    )
                     break
                 except ValueError as err:
                     first_error = first_error or str(err)
@@ -247,8 +272,9 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float | None]:
     return out
 
 
-def bootstrap_gap(nll_a: np.ndarray, nll_b: np.ndarray, tokens_per_chunk: int, n_boot: int,
-                  seed: int) -> dict[str, float]:
+def bootstrap_gap(
+    nll_a: np.ndarray, nll_b: np.ndarray, tokens_per_chunk: int, n_boot: int, seed: int
+) -> dict[str, float]:
     """Paired bootstrap over evaluation chunks of the relative perplexity change ``ppl_a / ppl_b - 1``.
 
     ``nll_a`` and ``nll_b`` are ``(seeds, chunks)`` summed NLLs of the same chunks; each resample draws chunk
@@ -262,8 +288,11 @@ def bootstrap_gap(nll_a: np.ndarray, nll_b: np.ndarray, tokens_per_chunk: int, n
     log_ratio = (a[:, idx].sum(-1) - b[:, idx].sum(-1)).mean(0) / tok  # (n_boot,)
     point = float((a.sum(-1) - b.sum(-1)).mean() / tok)
     lo, hi = np.quantile(log_ratio, [0.025, 0.975])
-    return {"change": math.expm1(point), "ci95": [math.expm1(float(lo)), math.expm1(float(hi))],
-            "p_no_gain": float(np.mean(log_ratio >= 0))}
+    return {
+        "change": math.expm1(point),
+        "ci95": [math.expm1(float(lo)), math.expm1(float(hi))],
+        "p_no_gain": float(np.mean(log_ratio >= 0)),
+    }
 
 
 def mean_sd(values: Sequence[float]) -> dict[str, float | None]:
@@ -285,21 +314,30 @@ class _Context:
         nll = {name: chunk_nll(model, chunks, self.cfg.batch_size) for name, chunks in self.eval_chunks.items()}
         out: dict[str, Any] = {
             "ppl": {name: ppl_from_nll(v, self.cfg.ppl_seqlen - 1) for name, v in nll.items()},
-            "chunk_nll": {name: v.tolist() for name, v in nll.items()}}
+            "chunk_nll": {name: v.tolist() for name, v in nll.items()},
+        }
         if with_tasks and self.cfg.tasks:
-            out["tasks"] = zero_shot(model, self.tokenizer, list(self.cfg.tasks), limit=self.cfg.task_limit,
-                                     batch_size=self.cfg.batch_size)
+            out["tasks"] = zero_shot(
+                model, self.tokenizer, list(self.cfg.tasks), limit=self.cfg.task_limit, batch_size=self.cfg.batch_size
+            )
         return out
 
-    def sliced_eval(self, calibration: dict[str, torch.Tensor], seed: int, widths: tuple[int, ...],
-                    with_tasks: bool) -> dict[str, Any]:
+    def sliced_eval(
+        self, calibration: dict[str, torch.Tensor], seed: int, widths: tuple[int, ...], with_tasks: bool
+    ) -> dict[str, Any]:
         """Slice a copy of the dense model to ``widths`` and evaluate it (cached per seed and widths)."""
         key = (seed, widths, with_tasks)
         if key not in self.cache:
             if not with_tasks and (seed, widths, True) in self.cache:
                 return self.cache[(seed, widths, True)]
-            model = slice_model(copy.deepcopy(self.model), calibration, list(widths),
-                                batch_size=self.cfg.batch_size, device=self.cfg.device, progress=False)
+            model = slice_model(
+                copy.deepcopy(self.model),
+                calibration,
+                list(widths),
+                batch_size=self.cfg.batch_size,
+                device=self.cfg.device,
+                progress=False,
+            )
             actual = count_parameters(model)
             expected = sliced_params(self.dims, list(widths)).total
             if actual != expected:
@@ -309,14 +347,23 @@ class _Context:
         return self.cache[key]
 
 
-def _lr_scores(model: nn.Module, batch: dict[str, torch.Tensor], metrics: Sequence[str],
-               batch_size: int) -> dict[str, dict[str, Any]]:
-    return {m: layer_redundancy(model, batch, metric=m, batch_size=batch_size, progress=False).to_json()
-            for m in metrics}
+def _lr_scores(
+    model: nn.Module, batch: dict[str, torch.Tensor], metrics: Sequence[str], batch_size: int
+) -> dict[str, dict[str, Any]]:
+    return {
+        m: layer_redundancy(model, batch, metric=m, batch_size=batch_size, progress=False).to_json() for m in metrics
+    }
 
 
-def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = False,
-        model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+def run(
+    cfg: AblationConfig,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the whole ablation experiment and return its record; with ``out``, write it atomically.
 
     A record at ``out`` whose ``config`` equals ``cfg`` is returned as it is unless ``force``. ``model`` and
@@ -332,11 +379,14 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
     if model is None or tokenizer is None:
         model, tokenizer = load(cfg.model, cfg.dtype, cfg.device)
     dims = ArchDims.from_config(model.config)
-    eval_chunks = {name: data.eval_chunks(name, tokenizer, cfg.ppl_seqlen, split="test",
-                                          max_chunks=cfg.ppl_max_chunks) for name in cfg.ppl_datasets}
+    eval_chunks = {
+        name: data.eval_chunks(name, tokenizer, cfg.ppl_seqlen, split="test", max_chunks=cfg.ppl_max_chunks)
+        for name in cfg.ppl_datasets
+    }
     ctx = _Context(cfg, model, tokenizer, dims, eval_chunks)
-    cal_sets = disjoint_calibration(cfg.cal_dataset, tokenizer, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seeds,
-                                    cfg.window_seed)
+    cal_sets = disjoint_calibration(
+        cfg.cal_dataset, tokenizer, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seeds, cfg.window_seed
+    )
     checkpoint = None if out is None else Path(out).with_name(Path(out).stem + ".partial.json")
     saved = read_json(checkpoint) if checkpoint is not None and checkpoint.is_file() and not force else {}
     if saved.get("config") != cfg.to_json():
@@ -354,14 +404,23 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
             write_json(checkpoint, {"config": cfg.to_json(), "scores": scores, "rows": done})
 
     if "dense" not in done:
-        save("dense", {"method": "dense", "key": "dense", "budget": None, "sp": None, "seed": None,
-                       "widths": [dims.hidden] * dims.layers, "params": count_parameters(model),
-                       **ctx.evaluate(model, "dense" in cfg.task_methods)})
+        save(
+            "dense",
+            {
+                "method": "dense",
+                "key": "dense",
+                "budget": None,
+                "sp": None,
+                "seed": None,
+                "widths": [dims.hidden] * dims.layers,
+                "params": count_parameters(model),
+                **ctx.evaluate(model, "dense" in cfg.task_methods),
+            },
+        )
     rows: list[dict[str, Any]] = [done["dense"]]
 
     jobs: list[tuple[float, str, str, int]] = []  # (sp, key, budget, seed)
-    vecs0 = score_vectors({m: s["normalized"] for m, s in scores[0].items()}, cfg.permutations,
-                          cfg.permutation_seed)
+    vecs0 = score_vectors({m: s["normalized"] for m, s in scores[0].items()}, cfg.permutations, cfg.permutation_seed)
     for sp in cfg.sp:
         for budget in cfg.budgets:
             jobs += [(sp, "constant", budget, 0)] + [(sp, key, budget, 0) for key in vecs0]
@@ -376,15 +435,24 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
         alloc = allocs[(seed, sp)][(key, budget)]
         method = method_of(key)
         if isinstance(alloc, str):
-            rows.append({"method": method, "key": key, "budget": budget, "sp": sp, "seed": seed,
-                         "infeasible": alloc})
+            rows.append({"method": method, "key": key, "budget": budget, "sp": sp, "seed": seed, "infeasible": alloc})
             continue
         with_tasks = seed == 0 and method in cfg.task_methods and budget in cfg.task_budgets
         job = f"{sp}|{key}|{budget}|{seed}"
         if job not in done:
-            save(job, {"method": method, "key": key, "budget": budget, "sp": sp, "seed": seed, "sb": alloc.sb,
-                       "widths": list(alloc.widths),
-                       **ctx.sliced_eval(cal_sets[seed], seed, alloc.widths, with_tasks)})
+            save(
+                job,
+                {
+                    "method": method,
+                    "key": key,
+                    "budget": budget,
+                    "sp": sp,
+                    "seed": seed,
+                    "sb": alloc.sb,
+                    "widths": list(alloc.widths),
+                    **ctx.sliced_eval(cal_sets[seed], seed, alloc.widths, with_tasks),
+                },
+            )
         rows.append(done[job])
 
     for sp in cfg.sp:  # ShortGPT: delete the lowest-BI layers down to the constant-SP parameter count
@@ -394,18 +462,38 @@ def run(cfg: AblationConfig, out: str | Path | None = None, *, force: bool = Fal
         job = f"{sp}|shortgpt"
         if job not in done:
             short = delete_layers(copy.deepcopy(model), drop)
-            save(job, {"method": "shortgpt", "key": "shortgpt", "budget": "params", "sp": sp, "seed": 0,
-                       "deleted_layers": drop, "target_params": target, "params": count_parameters(short),
-                       "widths": [dims.hidden] * (dims.layers - len(drop)),
-                       **ctx.evaluate(short, "shortgpt" in cfg.task_methods)})
+            save(
+                job,
+                {
+                    "method": "shortgpt",
+                    "key": "shortgpt",
+                    "budget": "params",
+                    "sp": sp,
+                    "seed": 0,
+                    "deleted_layers": drop,
+                    "target_params": target,
+                    "params": count_parameters(short),
+                    "widths": [dims.hidden] * (dims.layers - len(drop)),
+                    **ctx.evaluate(short, "shortgpt" in cfg.task_methods),
+                },
+            )
             del short
         rows.append(done[job])
 
-    record = {"record_version": RECORD_VERSION, "config": cfg.to_json(), "model": cfg.model,
-              "dims": dims.to_json(), "dense_params": dense_params(dims),
-              "scores": {"per_seed_lr": [s["cosine"] for s in scores], "bi": scores[0]["bi"],
-                         "angular": scores[0]["angular"], "similarity": score_similarity(scores[0])},
-              "rows": rows}
+    record = {
+        "record_version": RECORD_VERSION,
+        "config": cfg.to_json(),
+        "model": cfg.model,
+        "dims": dims.to_json(),
+        "dense_params": dense_params(dims),
+        "scores": {
+            "per_seed_lr": [s["cosine"] for s in scores],
+            "bi": scores[0]["bi"],
+            "angular": scores[0]["angular"],
+            "similarity": score_similarity(scores[0]),
+        },
+        "rows": rows,
+    }
     record["summary"] = summarize(record)
     record["gap_tests"] = gap_tests(record)
     record["answer"] = answer(record)
@@ -440,10 +528,16 @@ def summarize(record: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for (sp, budget, method), rows in groups.items():
         spread = "permutations" if method == "shuffled" else "seeds" if len(rows) > 1 else None
-        entry: dict[str, Any] = {"sp": sp, "budget": budget or None, "method": method, "n": len(rows),
-                                 "spread_over": spread, "sb": rows[0].get("sb"),
-                                 "params": mean_sd([r["params"] for r in rows])["mean"],
-                                 "ppl": {d: mean_sd([r["ppl"][d] for r in rows]) for d in rows[0]["ppl"]}}
+        entry: dict[str, Any] = {
+            "sp": sp,
+            "budget": budget or None,
+            "method": method,
+            "n": len(rows),
+            "spread_over": spread,
+            "sb": rows[0].get("sb"),
+            "params": mean_sd([r["params"] for r in rows])["mean"],
+            "ppl": {d: mean_sd([r["ppl"][d] for r in rows]) for d in rows[0]["ppl"]},
+        }
         tasks = [r for r in rows if r.get("tasks")]
         if tasks:
             entry["tasks"] = tasks[0]["tasks"]
@@ -457,27 +551,50 @@ def gap_tests(record: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for sp in cfg.sp:
         for budget in cfg.seed_budgets:
-            by = {m: sorted((r for r in record["rows"] if r["sp"] == sp and r["budget"] == budget
-                             and r["method"] == m and not r.get("infeasible")), key=lambda r: r["seed"])
-                  for m in ("constant", "lr")}
+            by = {
+                m: sorted(
+                    (
+                        r
+                        for r in record["rows"]
+                        if r["sp"] == sp and r["budget"] == budget and r["method"] == m and not r.get("infeasible")
+                    ),
+                    key=lambda r: r["seed"],
+                )
+                for m in ("constant", "lr")
+            }
             if len(by["lr"]) != len(by["constant"]) or not by["lr"]:
                 continue
             for d in cfg.ppl_datasets:
                 log_lr = [math.log(r["ppl"][d]) for r in by["lr"]]
                 log_c = [math.log(r["ppl"][d]) for r in by["constant"]]
                 t = paired_t(log_lr, log_c)
-                boot = bootstrap_gap(np.array([r["chunk_nll"][d] for r in by["lr"]]),
-                                     np.array([r["chunk_nll"][d] for r in by["constant"]]),
-                                     cfg.ppl_seqlen - 1, cfg.bootstrap, cfg.bootstrap_seed)
+                boot = bootstrap_gap(
+                    np.array([r["chunk_nll"][d] for r in by["lr"]]),
+                    np.array([r["chunk_nll"][d] for r in by["constant"]]),
+                    cfg.ppl_seqlen - 1,
+                    cfg.bootstrap,
+                    cfg.bootstrap_seed,
+                )
                 sd_c = mean_sd([r["ppl"][d] for r in by["constant"]])["sd"]
                 sd_l = mean_sd([r["ppl"][d] for r in by["lr"]])["sd"]
-                gap = mean_sd([r["ppl"][d] for r in by["constant"]])["mean"] - \
-                    mean_sd([r["ppl"][d] for r in by["lr"]])["mean"]
+                gap = (
+                    mean_sd([r["ppl"][d] for r in by["constant"]])["mean"]
+                    - mean_sd([r["ppl"][d] for r in by["lr"]])["mean"]
+                )
                 spread = max(v for v in (sd_c, sd_l, 0.0) if v is not None)
-                out.append({"sp": sp, "budget": budget, "dataset": d, "seeds": len(by["lr"]),
-                            "gap_ppl": gap, "spread_sd": spread, "paired_t_logppl": t, "bootstrap": boot,
-                            "exceeds_spread": bool(abs(gap) > 2 * spread
-                                                   and (boot["ci95"][1] < 0 or boot["ci95"][0] > 0))})
+                out.append(
+                    {
+                        "sp": sp,
+                        "budget": budget,
+                        "dataset": d,
+                        "seeds": len(by["lr"]),
+                        "gap_ppl": gap,
+                        "spread_sd": spread,
+                        "paired_t_logppl": t,
+                        "bootstrap": boot,
+                        "exceeds_spread": bool(abs(gap) > 2 * spread and (boot["ci95"][1] < 0 or boot["ci95"][0] > 0)),
+                    }
+                )
     return out
 
 
@@ -494,8 +611,18 @@ def _pct(new: float, old: float) -> str:
 
 def _seed0(record: dict[str, Any], sp: float, budget: str, method: str, dataset: str) -> float | None:
     """The seed-0 perplexity of ``method`` (the calibration set every single-seed method uses), if it ran."""
-    row = next((r for r in record["rows"] if r["sp"] == sp and r["budget"] == budget and r["method"] == method
-                and r.get("seed") == 0 and not r.get("infeasible")), None)
+    row = next(
+        (
+            r
+            for r in record["rows"]
+            if r["sp"] == sp
+            and r["budget"] == budget
+            and r["method"] == method
+            and r.get("seed") == 0
+            and not r.get("infeasible")
+        ),
+        None,
+    )
     return None if row is None else float(row["ppl"][dataset])
 
 
@@ -521,36 +648,53 @@ def answer(record: dict[str, Any]) -> str:
             continue
         pc, pl = c["ppl"][d]["mean"], lr["ppl"][d]["mean"]
         over = f"the mean over {lr['n']} calibration sets" if lr["n"] > 1 else "one calibration set"
-        s = (f"At SP {sp} and equal parameters ({b} budget, SB {cfg.sb}), LR dynamic slicing gives {d} perplexity "
-             f"{pl:.2f} against constant slicing's {pc:.2f} ({_pct(pl, pc)}; {over})")
+        s = (
+            f"At SP {sp} and equal parameters ({b} budget, SB {cfg.sb}), LR dynamic slicing gives {d} perplexity "
+            f"{pl:.2f} against constant slicing's {pc:.2f} ({_pct(pl, pc)}; {over})"
+        )
         test = next((t for t in tests if t["sp"] == sp and t["budget"] == b and t["dataset"] == d), None)
         if test:
             boot = test["bootstrap"]
-            s += (f"; over {test['seeds']} disjoint calibration sets the gap is {abs(test['gap_ppl']):.2f} against "
-                  f"a seed-to-seed sd of {test['spread_sd']:.2f}, with a chunk-bootstrap 95% interval of "
-                  f"[{100 * boot['ci95'][0]:+.1f}%, {100 * boot['ci95'][1]:+.1f}%]"
-                  + (f" and a paired-t p of {test['paired_t_logppl']['p']:.3f}"
-                     if test["paired_t_logppl"]["p"] is not None else "")
-                  + (", so it exceeds the calibration noise." if test["exceeds_spread"]
-                     else ", so it does not clearly exceed the noise."))
+            s += (
+                f"; over {test['seeds']} disjoint calibration sets the gap is {abs(test['gap_ppl']):.2f} against "
+                f"a seed-to-seed sd of {test['spread_sd']:.2f}, with a chunk-bootstrap 95% interval of "
+                f"[{100 * boot['ci95'][0]:+.1f}%, {100 * boot['ci95'][1]:+.1f}%]"
+                + (
+                    f" and a paired-t p of {test['paired_t_logppl']['p']:.3f}"
+                    if test["paired_t_logppl"]["p"] is not None
+                    else ""
+                )
+                + (
+                    ", so it exceeds the calibration noise."
+                    if test["exceeds_spread"]
+                    else ", so it does not clearly exceed the noise."
+                )
+            )
         else:
             s += "."
-        s += (f" The single-seed variants that follow share calibration set 0, on which constant gives {c0:.2f} and "
-              f"LR {l0:.2f}.")
+        s += (
+            f" The single-seed variants that follow share calibration set 0, on which constant gives {c0:.2f} and "
+            f"LR {l0:.2f}."
+        )
         fl, sh, inv = get["first_layer"], get["shuffled"], get["inverted"]
         if fl:
             pf = fl["ppl"][d]["mean"]
             share = (c0 - pf) / (c0 - l0) if c0 != l0 else float("nan")
-            s += (f" Protecting only the first layer gives {pf:.2f}, "
-                  f"{'about ' + format(100 * share, '.0f') + '% of' if math.isfinite(share) else 'none of'} "
-                  f"LR's gain over constant on that set"
-                  + (", so protecting layer 0 carries the gain" if math.isfinite(share) and share >= 0.8 else ""))
+            s += (
+                f" Protecting only the first layer gives {pf:.2f}, "
+                f"{'about ' + format(100 * share, '.0f') + '% of' if math.isfinite(share) else 'none of'} "
+                f"LR's gain over constant on that set"
+                + (", so protecting layer 0 carries the gain" if math.isfinite(share) and share >= 0.8 else "")
+            )
             s += ";" if sh else "."
         if sh:
             ps, sds = sh["ppl"][d]["mean"], sh["ppl"][d]["sd"] or 0.0
-            verdict = ("worse than LR by more than twice their spread, so where the narrow layers go matters (a "
-                       "shuffle also moves layer 0's protection to a random layer)"
-                       if ps - l0 > 2 * sds else "within twice their spread of LR, so the LR ordering adds little")
+            verdict = (
+                "worse than LR by more than twice their spread, so where the narrow layers go matters (a "
+                "shuffle also moves layer 0's protection to a random layer)"
+                if ps - l0 > 2 * sds
+                else "within twice their spread of LR, so the LR ordering adds little"
+            )
             s += f" {sh['n']} shuffled LR vectors give {ps:.2f} ± {sds:.2f}, {verdict}."
         if inv:
             pi = inv["ppl"][d]["mean"]
@@ -559,25 +703,40 @@ def answer(record: dict[str, Any]) -> str:
         for m in ("angular", "bi"):
             g = get[m]
             if g:
-                s += f" {'Angular distance' if m == 'angular' else 'BI'} through the same allocator gives " \
-                     f"{g['ppl'][d]['mean']:.2f}."
+                s += (
+                    f" {'Angular distance' if m == 'angular' else 'BI'} through the same allocator gives "
+                    f"{g['ppl'][d]['mean']:.2f}."
+                )
         if get["shortgpt"]:
             g = get["shortgpt"]
             row = next(r for r in record["rows"] if r["method"] == "shortgpt" and r["sp"] == sp)
             dl = row["deleted_layers"]
-            s += (" ShortGPT at the same size deletes "
-                  + (f"{len(dl)} layer(s) ({', '.join(map(str, dl))})" if dl else "no layer (the dense model "
-                     "already fits the budget)")
-                  + f" and gives {g['ppl'][d]['mean']:.2f}"
-                  f" ({'better' if g['ppl'][d]['mean'] < l0 else 'worse'} than LR slicing).")
+            s += (
+                " ShortGPT at the same size deletes "
+                + (
+                    f"{len(dl)} layer(s) ({', '.join(map(str, dl))})"
+                    if dl
+                    else "no layer (the dense model already fits the budget)"
+                )
+                + f" and gives {g['ppl'][d]['mean']:.2f}"
+                f" ({'better' if g['ppl'][d]['mean'] < l0 else 'worse'} than LR slicing)."
+            )
         parts.append(s.strip())
     return " ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- table and figure
-LABELS = {"dense": "dense", "constant": "constant (SliceGPT)", "lr": "LR dynamic", "first_layer": "first layer only",
-          "shuffled": "shuffled LR", "inverted": "inverted LR", "bi": "BI", "angular": "angular",
-          "shortgpt": "ShortGPT (layer deletion)"}
+LABELS = {
+    "dense": "dense",
+    "constant": "constant (SliceGPT)",
+    "lr": "LR dynamic",
+    "first_layer": "first layer only",
+    "shuffled": "shuffled LR",
+    "inverted": "inverted LR",
+    "bi": "BI",
+    "angular": "angular",
+    "shortgpt": "ShortGPT (layer deletion)",
+}
 
 
 def table(record: dict[str, Any]):
@@ -586,10 +745,14 @@ def table(record: dict[str, Any]):
 
     rows = []
     for s in record["summary"]:
-        row = {"SP": "" if s["sp"] is None else f"{s['sp']:.2f}", "budget": s["budget"] or "-",
-               "method": LABELS[s["method"]],
-               "SB": "" if s.get("sb") is None else f"{s['sb']:.2f}", "n": s["n"],
-               "params (M)": f"{s['params'] / 1e6:.2f}"}
+        row = {
+            "SP": "" if s["sp"] is None else f"{s['sp']:.2f}",
+            "budget": s["budget"] or "-",
+            "method": LABELS[s["method"]],
+            "SB": "" if s.get("sb") is None else f"{s['sb']:.2f}",
+            "n": s["n"],
+            "params (M)": f"{s['params'] / 1e6:.2f}",
+        }
         for dname, v in s["ppl"].items():
             row[f"ppl {dname}"] = f"{v['mean']:.2f}" + (f" ± {v['sd']:.2f}" if v["sd"] is not None else "")
         for task, v in (s.get("tasks") or {}).items():
@@ -604,13 +767,26 @@ def table(record: dict[str, Any]):
 def write_tables(record: dict[str, Any], stem: str | Path) -> tuple[Path, Path]:
     from dynslice.report import write_table
 
-    return write_table(table(record), stem, caption="Ablations at equal parameters and equal mean width: "
-                       "perplexity mean ± sd over calibration seeds (constant, LR) or permutations (shuffled); "
-                       "accuracy ± lm-eval standard error")
+    return write_table(
+        table(record),
+        stem,
+        caption="Ablations at equal parameters and equal mean width: "
+        "perplexity mean ± sd over calibration seeds (constant, LR) or permutations (shuffled); "
+        "accuracy ± lm-eval standard error",
+    )
 
 
-MARKERS = {"dense": "*", "constant": "s", "lr": "o", "first_layer": "^", "shuffled": "v", "inverted": "X",
-           "bi": "P", "angular": "D", "shortgpt": "h"}
+MARKERS = {
+    "dense": "*",
+    "constant": "s",
+    "lr": "o",
+    "first_layer": "^",
+    "shuffled": "v",
+    "inverted": "X",
+    "bi": "P",
+    "angular": "D",
+    "shortgpt": "h",
+}
 
 
 def figure_note(record: dict[str, Any], dataset: str | None = None) -> str:
@@ -620,11 +796,18 @@ def figure_note(record: dict[str, Any], dataset: str | None = None) -> str:
     dense = _find(record["summary"], None, None, "dense")
     parts = []
     for sp in cfg.sp:
-        rows = sorted((s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"),
-                      key=lambda s: s["ppl"][d]["mean"])
-        parts.append(f"SP {sp}, equal parameters, best to worst: " + ", ".join(
-            f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.2f}" + (f" (mean of {s['n']})" if s["n"] > 1 else "")
-            for s in rows) + ".")
+        rows = sorted(
+            (s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"),
+            key=lambda s: s["ppl"][d]["mean"],
+        )
+        parts.append(
+            f"SP {sp}, equal parameters, best to worst: "
+            + ", ".join(
+                f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.2f}" + (f" (mean of {s['n']})" if s["n"] > 1 else "")
+                for s in rows
+            )
+            + "."
+        )
     if dense:
         parts.append(f"Dense: {dense['ppl'][d]['mean']:.2f}.")
     return " ".join(parts)
@@ -639,8 +822,9 @@ def figure(record: dict[str, Any], dataset: str | None = None):
 
     cfg = AblationConfig.from_dict(record["config"])
     d = dataset or cfg.ppl_datasets[0]
-    fig, axes = plt.subplots(len(cfg.sp), 2, figsize=(12.0, 4.2 * len(cfg.sp)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.25, 1.0]})
+    fig, axes = plt.subplots(
+        len(cfg.sp), 2, figsize=(12.0, 4.2 * len(cfg.sp)), squeeze=False, gridspec_kw={"width_ratios": [1.25, 1.0]}
+    )
     dense = _find(record["summary"], None, None, "dense")
     for (ax, bars), sp in zip(axes, cfg.sp, strict=True):
         seen = set()
@@ -652,8 +836,17 @@ def figure(record: dict[str, Any], dataset: str | None = None):
             color = f"C{list(MARKERS).index(m)}"
             label = LABELS[m] if m not in seen else None
             seen.add(m)
-            ax.errorbar(s["params"] / 1e6, v["mean"], yerr=v["sd"] or 0.0, fmt=MARKERS[m], color=color,
-                        mfc="none" if hollow else color, ms=8, capsize=3, label=label)
+            ax.errorbar(
+                s["params"] / 1e6,
+                v["mean"],
+                yerr=v["sd"] or 0.0,
+                fmt=MARKERS[m],
+                color=color,
+                mfc="none" if hollow else color,
+                ms=8,
+                capsize=3,
+                label=label,
+            )
         ax.set_title(f"SP = {sp}  (filled: equal params, hollow: equal mean width)", fontsize=9)
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(f"{d} perplexity (log scale)")
@@ -666,17 +859,22 @@ def figure(record: dict[str, Any], dataset: str | None = None):
 
 def _bars(ax, record: dict[str, Any], sp: float, d: str, dense: dict | None) -> None:
     """Equal-parameter methods at ``sp``, sorted by perplexity, with their spread; failures named, not drawn."""
-    rows = sorted((s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"),
-                  key=lambda s: s["ppl"][d]["mean"])
+    rows = sorted(
+        (s for s in record["summary"] if s["sp"] == sp and s["budget"] == "params"), key=lambda s: s["ppl"][d]["mean"]
+    )
     const = next((s["ppl"][d]["mean"] for s in rows if s["method"] == "constant"), None)
     cap = 3 * const if const else float("inf")
     shown = [s for s in rows if s["ppl"][d]["mean"] <= cap]
     off = [f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.0f}" for s in rows if s["ppl"][d]["mean"] > cap]
     ys = range(len(shown))
-    ax.barh(list(ys), [s["ppl"][d]["mean"] for s in shown], xerr=[s["ppl"][d]["sd"] or 0.0 for s in shown],
-            color=[f"C{list(MARKERS).index(s['method'])}" for s in shown], capsize=3)
-    ax.set_yticks(list(ys), [LABELS[s["method"]] + (f" (n={s['n']})" if s["n"] > 1 else "") for s in shown],
-                  fontsize=8)
+    ax.barh(
+        list(ys),
+        [s["ppl"][d]["mean"] for s in shown],
+        xerr=[s["ppl"][d]["sd"] or 0.0 for s in shown],
+        color=[f"C{list(MARKERS).index(s['method'])}" for s in shown],
+        capsize=3,
+    )
+    ax.set_yticks(list(ys), [LABELS[s["method"]] + (f" (n={s['n']})" if s["n"] > 1 else "") for s in shown], fontsize=8)
     ax.invert_yaxis()
     if dense:
         ax.axvline(dense["ppl"][d]["mean"], color="k", lw=0.8, ls="--", label="dense")

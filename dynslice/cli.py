@@ -47,6 +47,7 @@ def _at_least(low: int, none: bool = False, high: int | None = None):
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{value} is outside {allowed}")
         return value
+
     parse.__name__ = f"integer {allowed}"
     return parse
 
@@ -110,8 +111,9 @@ def _field_arg(p, name: str, *flags: str, default: object = _FIELD_DEFAULT, **ov
     elif opt.kind == "names":
         spec.update(nargs="*" if default_of(name) == () else "+", metavar="NAME")
     elif opt.kind == "int":  # in a RunConfig, an optional field whose default is a number may be set to None
-        spec["type"] = _at_least(opt.low or 0, none=to_config and opt.optional and default_of(name) is not None,
-                                 high=opt.high)
+        spec["type"] = _at_least(
+            opt.low or 0, none=to_config and opt.optional and default_of(name) is not None, high=opt.high
+        )
     elif opt.kind in ("float", "sb"):
         spec["type"] = _finite if opt.kind == "float" else _number_or_auto
     text = overrides.pop("help", opt.help)
@@ -145,13 +147,20 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
     for name in OPTIONS:
         _field_arg(p, name, default=argparse.SUPPRESS)
-    p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice output at --out "
-                                                            "(and at --save-model)")
-    p.add_argument("--force", action="store_true",
-                   help="rerun and replace the record even if --out already holds this config's record")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a previous dynslice output at --out (and at --save-model)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun and replace the record even if --out already holds this config's record",
+    )
     p.add_argument("--out", default=argparse.SUPPRESS, help="the run record (JSON); required without --profile")
-    p.add_argument("--profile", default=None, help=f"instead of one run: every run of a profile "
-                                                   f"({_profile_names()} or a YAML file), as `dynslice sweep`")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help=f"instead of one run: every run of a profile ({_profile_names()} or a YAML file), as `dynslice sweep`",
+    )
     p.add_argument("--root", default="results", help="with --profile: records go to <root>/<profile>/runs/")
 
 
@@ -172,17 +181,25 @@ def _parser() -> argparse.ArgumentParser:
     lr.add_argument("--out", required=True)
 
     al = sub.add_parser("allocate", help="per-layer widths from an LR file")
-    al.add_argument("--lr", required=True, help="LR JSON written by `dynslice lr`, {\"lr\": [...]} or a bare list")
-    al.add_argument("--lr-metric", default=None, choices=lr_file_metrics,
-                    help="metric of a hand-written LR file that does not state one")
+    al.add_argument("--lr", required=True, help='LR JSON written by `dynslice lr`, {"lr": [...]} or a bare list')
+    al.add_argument(
+        "--lr-metric",
+        default=None,
+        choices=lr_file_metrics,
+        help="metric of a hand-written LR file that does not state one",
+    )
     _field_arg(al, "sp", "--sp", required=True)
     _field_arg(al, "sb", "--sb", type=_finite, required=True, help="slicing base SB, a number in [0, sp]")
     _field_arg(al, "round_interval", "--round-interval", type=int)  # the allocator names its range (1..64)
     for name in ("rounding", "budget", "count"):
         _field_arg(al, name, f"--{name}")
     al.add_argument("--model", default=None, help="model spec (its config is needed for --budget params)")
-    al.add_argument("--hidden", type=_at_least(1, high=MAX_HIDDEN), default=None,
-                    help="dense width D, for an LR file that does not record it")
+    al.add_argument(
+        "--hidden",
+        type=_at_least(1, high=MAX_HIDDEN),
+        default=None,
+        help="dense width D, for an LR file that does not record it",
+    )
     al.add_argument("--overwrite", action="store_true", help="replace a previous dynslice record at --out")
     al.add_argument("--out", required=True)
 
@@ -193,33 +210,45 @@ def _parser() -> argparse.ArgumentParser:
     _field_arg(g, "sp", "--sp", default=None)
     _field_arg(sl, "sb", "--sb", type=_finite, default=None, help="slicing base SB, a number in [0, sp] (default: sp)")
     sl.add_argument("--lr", default=None, help="LR JSON; computed on the calibration data when omitted")
-    sl.add_argument("--lr-metric", default=None, choices=lr_file_metrics,
-                    help="metric of a hand-written LR file that does not state one")
+    sl.add_argument(
+        "--lr-metric",
+        default=None,
+        choices=lr_file_metrics,
+        help="metric of a hand-written LR file that does not state one",
+    )
     _field_arg(sl, "round_interval", "--round-interval", type=int)
     for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen"):
         _field_arg(sl, name, f"--{name.replace('_', '-')}")
     sl.add_argument("--out", required=True, help="folder for the sliced model")
-    sl.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                    help="read one layer at a time from safetensors (auto: when the model does not fit in RAM)")
+    sl.add_argument(
+        "--stream",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="read one layer at a time from safetensors (auto: when the model does not fit in RAM)",
+    )
 
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _model_args(ev)
-    for name in ("ppl_datasets", "ppl_seqlen", "ppl_protocol", "ppl_max_chunks", "ppl_nsamples", "tasks",
-                 "task_limit"):
+    for name in ("ppl_datasets", "ppl_seqlen", "ppl_protocol", "ppl_max_chunks", "ppl_nsamples", "tasks", "task_limit"):
         _field_arg(ev, name)
     ev.add_argument("--out", required=True)
 
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
     _run_args(rn)
 
-    pl = sub.add_parser("plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a "
-                                     "profile (--profile)")
+    pl = sub.add_parser(
+        "plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a profile (--profile)"
+    )
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model spec, or a folder holding only config.json")
     what.add_argument("--profile", help=f"a profile ({_profile_names()} or a YAML file): list its runs and their cost")
     pl.add_argument("--shards", type=_at_least(1, high=10_000), default=1, help="with --profile: the hours of N shards")
-    pl.add_argument("--gpu-tflops", type=_finite, default=None,
-                    help="with --profile: assumed effective GPU throughput (default 125; no GPU was measured)")
+    pl.add_argument(
+        "--gpu-tflops",
+        type=_finite,
+        default=None,
+        help="with --profile: assumed effective GPU throughput (default 125; no GPU was measured)",
+    )
     pl.add_argument("--list", action="store_true", help="with --profile: print every run and its predicted time")
     _field_arg(pl, "dtype", "--dtype", default="bf16")
     _field_arg(pl, "device", "--device")
@@ -236,8 +265,12 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a profile's runs (or one shard of them); finished runs are skipped")
     _profile_args(sw)
     sw.add_argument("--shard", default=None, help="K/N: run only shard K (from 0) of N, balanced by predicted cost")
-    sw.add_argument("--phase", default="all", choices=["sweep", "zero-shot", "all"],
-                    help="sweep runs, the best-SB zero-shot runs (after the sweep), or both in order")
+    sw.add_argument(
+        "--phase",
+        default="all",
+        choices=["sweep", "zero-shot", "all"],
+        help="sweep runs, the best-SB zero-shot runs (after the sweep), or both in order",
+    )
     sw.add_argument("--force", action="store_true", help="rerun finished runs")
     sw.add_argument("--missing", action="store_true", help="only list the runs not finished yet; run nothing")
 
@@ -247,12 +280,17 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3, or 'all' (the visible ones)")
     where.add_argument("--processes", type=_at_least(1, high=1024), help="N shards as CPU processes")
 
-    sb = sub.add_parser("submit", help="a Slurm job array through submitit, one shard per task (pip install "
-                                       "'dynslice[cluster]')")
+    sb = sub.add_parser(
+        "submit", help="a Slurm job array through submitit, one shard per task (pip install 'dynslice[cluster]')"
+    )
     _profile_args(sb)
     sb.add_argument("--shards", type=_at_least(1, high=10_000), required=True, help="array tasks (shards)")
-    sb.add_argument("--cluster", default=None, choices=["slurm", "local"],
-                    help="default: Slurm when sbatch is found; local runs the tasks as local processes")
+    sb.add_argument(
+        "--cluster",
+        default=None,
+        choices=["slurm", "local"],
+        help="default: Slurm when sbatch is found; local runs the tasks as local processes",
+    )
     sb.add_argument("--partition", default=None, help="Slurm partition")
     sb.add_argument("--gpus-per-task", type=_at_least(0, high=64), default=1)
     sb.add_argument("--cpus-per-task", type=_at_least(1, high=1024), default=8)
@@ -321,8 +359,10 @@ def _check_model(command: str, model: str, dtype: str, device: str, *, dense: bo
         from dynslice.io import read_sliced_meta
 
         base = read_sliced_meta(r.location)["base_model"]
-        raise ValueError(f"model: {model} is already sliced (from {base}); {command} needs a dense model, "
-                         f"such as its base model {base}")
+        raise ValueError(
+            f"model: {model} is already sliced (from {base}); {command} needs a dense model, "
+            f"such as its base model {base}"
+        )
 
 
 def _check_context(config, **seqlens: int | None) -> None:
@@ -377,9 +417,20 @@ def _cmd_lr(a: argparse.Namespace) -> None:
     t = time.perf_counter()
     score = layer_redundancy(model, batch, metric=a.metric, batch_size=a.batch_size)
     adapter = get_adapter(model)
-    write_json(out, {**score.to_json(), "model": a.model, "hidden": adapter.hidden_size,
-                     "num_layers": adapter.num_layers, "dataset": a.dataset, "nsamples": a.nsamples,
-                     "seqlen": a.seqlen, "seed": a.seed, "time_s": round(time.perf_counter() - t, 3)})
+    write_json(
+        out,
+        {
+            **score.to_json(),
+            "model": a.model,
+            "hidden": adapter.hidden_size,
+            "num_layers": adapter.num_layers,
+            "dataset": a.dataset,
+            "nsamples": a.nsamples,
+            "seqlen": a.seqlen,
+            "seed": a.seed,
+            "time_s": round(time.perf_counter() - t, 3),
+        },
+    )
 
 
 def _cmd_allocate(a: argparse.Namespace) -> None:
@@ -406,10 +457,18 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
     if not given:
         raise ValueError(f"hidden: {a.lr} records no dense width (hidden); pass --model or --hidden")
     hidden = next(iter(given.values()))
-    alloc = allocate(list(lr.redundancy), a.sp, a.sb, hidden, round_interval=a.round_interval, budget=a.budget,
-                     dims=dims, count=a.count, rounding=a.rounding)
-    write_json(out, {**alloc.to_json(), "lr_file": str(a.lr), "lr_metric": lr.metric,
-                     "model": a.model or lr.model})
+    alloc = allocate(
+        list(lr.redundancy),
+        a.sp,
+        a.sb,
+        hidden,
+        round_interval=a.round_interval,
+        budget=a.budget,
+        dims=dims,
+        count=a.count,
+        rounding=a.rounding,
+    )
+    write_json(out, {**alloc.to_json(), "lr_file": str(a.lr), "lr_metric": lr.metric, "model": a.model or lr.model})
 
 
 def _cmd_slice(a: argparse.Namespace) -> None:
@@ -427,8 +486,10 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     if a.widths is not None:
         for flag, value in (("sb", a.sb), ("lr", a.lr), ("lr_metric", a.lr_metric)):
             if value is not None:
-                raise ValueError(f"{flag}: --{flag.replace('_', '-')} has no effect with --widths (the widths are "
-                                 "given); drop one of them")
+                raise ValueError(
+                    f"{flag}: --{flag.replace('_', '-')} has no effect with --widths (the widths are "
+                    "given); drop one of them"
+                )
         widths = _read_widths(a.widths)
     _check_names(cal_dataset=a.cal_dataset)
     _check_model(a.command, a.model, a.dtype, a.device, dense=True)
@@ -441,12 +502,21 @@ def _cmd_slice(a: argparse.Namespace) -> None:
     dims = ArchDims.from_config(model.config)
     if a.widths is None:
         _check_lr_fits(a, redundancy, dims)
-    extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
-                                   "seed": a.seed}}
+    extra: dict = {
+        "calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen, "seed": a.seed}
+    }
 
     def widths_from(scores: list[float]) -> list[int]:
-        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
-                         rounding=a.rounding)
+        alloc = allocate(
+            scores,
+            a.sp,
+            sb,
+            dims.hidden,
+            round_interval=a.round_interval,
+            budget=a.budget,
+            dims=dims,
+            rounding=a.rounding,
+        )
         extra["allocation"] = alloc.to_json()
         return list(alloc.widths)
 
@@ -498,20 +568,30 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     t = time.perf_counter()
     ppl, tasks = evaluate_model(model, tok, cfg)
     widths = getattr(getattr(model, "dynslice_info", None), "widths", None)
-    write_json(out, {"config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
-                     "versions": versions(), "model": a.model, "ppl": ppl, "tasks": tasks,
-                     "params": {"total": count_parameters(model)},
-                     "widths": None if widths is None else list(widths),
-                     "timings_s": {"eval": round(time.perf_counter() - t, 3)},
-                     "numerics": describe_numerics(a.device)})
+    write_json(
+        out,
+        {
+            "config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
+            "versions": versions(),
+            "model": a.model,
+            "ppl": ppl,
+            "tasks": tasks,
+            "params": {"total": count_parameters(model)},
+            "widths": None if widths is None else list(widths),
+            "timings_s": {"eval": round(time.perf_counter() - t, 3)},
+            "numerics": describe_numerics(a.device),
+        },
+    )
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
     if a.profile is not None:
         given = sorted(k for k in vars(a) if k not in ("command", "overwrite", "force", "profile", "root"))
         if given:
-            raise ValueError(f"profile: --profile runs every run of the profile; leave out "
-                             f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+            raise ValueError(
+                f"profile: --profile runs every run of the profile; leave out "
+                f"{', '.join('--' + k.replace('_', '-') for k in given)}"
+            )
         from dynslice.profiles import load_profile
 
         _run_profile(a.command, load_profile(a.profile), a.root, "all", None, a.force)
@@ -526,8 +606,13 @@ def _cmd_run(a: argparse.Namespace) -> None:
 
     cfg = _config_from(a)
     out = Path(a.out) if a.out and a.out.strip() else None
-    done = (out is not None and not a.force and out.is_file() and is_dynslice_record(out)
-            and read_json(out).get("config") == cfg.to_json())
+    done = (
+        out is not None
+        and not a.force
+        and out.is_file()
+        and is_dynslice_record(out)
+        and read_json(out).get("config") == cfg.to_json()
+    )
     if done:
         return  # this config's record is already there: nothing to do
     out = check_json_out(a.out, overwrite=a.overwrite or a.force)
@@ -556,8 +641,16 @@ def _config_of(spec: str):
     return AutoConfig.from_pretrained(r.location, **kw)
 
 
-def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int, sp: float = 0.3,
-                 host_gib: float | None = None, gpu_gib: float | None = None, weights_needed: bool = True):
+def _memory_plan(
+    a: argparse.Namespace,
+    stream: str,
+    nsamples: int,
+    seqlen: int,
+    sp: float = 0.3,
+    host_gib: float | None = None,
+    gpu_gib: float | None = None,
+    weights_needed: bool = True,
+):
     import torch
 
     from dynslice.memory import GIB, Shapes, plan
@@ -576,10 +669,19 @@ def _memory_plan(a: argparse.Namespace, stream: str, nsamples: int, seqlen: int,
     for name, v in (("host-gib", host_gib), ("gpu-gib", gpu_gib)):
         if v is not None and not v > 0:
             raise ValueError(f"{name}: {v} is outside {name} > 0")
-    return plan(Shapes.from_config(_config_of(a.model)), nsamples, seqlen, a.dtype, device=str(a.device),
-                batch_size=a.batch_size, sp=sp, stream=stream, streamable=streamable,
-                host_bytes=None if host_gib is None else int(host_gib * GIB),
-                gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB))
+    return plan(
+        Shapes.from_config(_config_of(a.model)),
+        nsamples,
+        seqlen,
+        a.dtype,
+        device=str(a.device),
+        batch_size=a.batch_size,
+        sp=sp,
+        stream=stream,
+        streamable=streamable,
+        host_bytes=None if host_gib is None else int(host_gib * GIB),
+        gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB),
+    )
 
 
 def _slice_plan(a: argparse.Namespace):
@@ -595,8 +697,10 @@ def _slice_plan(a: argparse.Namespace):
         return None
     if archs and not any(name in supported_architectures() for name in archs):
         if a.stream == "on":
-            raise ValueError(f"stream: {a.model} is not a supported architecture "
-                             f"({', '.join(supported_architectures())}); it cannot be streamed")
+            raise ValueError(
+                f"stream: {a.model} is not a supported architecture "
+                f"({', '.join(supported_architectures())}); it cannot be streamed"
+            )
         return None
     sp = a.sp if a.sp is not None else 0.3
     return _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, sp)
@@ -614,8 +718,9 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
     config = _config_of(a.model)
     dims = ArchDims.from_config(config)
     _check_context(config, cal_seqlen=a.cal_seqlen)
-    extra: dict = {"calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen,
-                                   "seed": a.seed}}
+    extra: dict = {
+        "calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen, "seed": a.seed}
+    }
     if widths is not None:
         validate_widths(widths, dims.layers, dims.hidden)
     else:
@@ -628,8 +733,16 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
             raise ValueError("lr: dynamic widths (sb != sp) while streaming need --lr, an LR file from `dynslice lr`")
         else:  # constant slicing needs no LR
             scores = list(range(dims.layers))
-        alloc = allocate(scores, a.sp, sb, dims.hidden, round_interval=a.round_interval, budget=a.budget, dims=dims,
-                         rounding=a.rounding)
+        alloc = allocate(
+            scores,
+            a.sp,
+            sb,
+            dims.hidden,
+            round_interval=a.round_interval,
+            budget=a.budget,
+            dims=dims,
+            rounding=a.rounding,
+        )
         widths = list(alloc.widths)
         extra["allocation"] = alloc.to_json()
     folder = r.location
@@ -640,8 +753,19 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
     print(placement.describe(), file=sys.stderr)
     tok = load_tokenizer(a.model)
     cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
-    slice_streaming(folder, cal, widths, out, dtype=a.dtype, base_model=a.model, batch_size=a.batch_size,
-                    device=a.device, tokenizer=tok, extra=extra, overwrite=a.overwrite)
+    slice_streaming(
+        folder,
+        cal,
+        widths,
+        out,
+        dtype=a.dtype,
+        base_model=a.model,
+        batch_size=a.batch_size,
+        device=a.device,
+        tokenizer=tok,
+        extra=extra,
+        overwrite=a.overwrite,
+    )
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
@@ -663,8 +787,17 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, a.sp, a.host_gib, a.gpu_gib, weights_needed=False)
     print(p.describe())
     if a.out:
-        write_json(a.out, {**p.to_json(), "model": a.model, "cal_nsamples": a.cal_nsamples,
-                           "cal_seqlen": a.cal_seqlen, "batch_size": a.batch_size, "sp": a.sp})
+        write_json(
+            a.out,
+            {
+                **p.to_json(),
+                "model": a.model,
+                "cal_nsamples": a.cal_nsamples,
+                "cal_seqlen": a.cal_seqlen,
+                "batch_size": a.batch_size,
+                "sp": a.sp,
+            },
+        )
 
 
 def _cmd_sweep(a: argparse.Namespace) -> None:
@@ -689,14 +822,19 @@ def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int,
     from dynslice.sweep import run_phase
 
     if profile.numerics == "pinned" and not is_pinned():
-        print(f"dynslice {command}: note: profile {profile.name} is published with pinned arithmetic; this process "
-              f"is not pinned (export {' '.join(f'{k}={v}' for k, v in PINNED_ENV.items())} before starting, as "
-              "run_all.sh does), so its records are checked with the measured tolerances, not bit for bit",
-              file=sys.stderr)
+        print(
+            f"dynslice {command}: note: profile {profile.name} is published with pinned arithmetic; this process "
+            f"is not pinned (export {' '.join(f'{k}={v}' for k, v in PINNED_ENV.items())} before starting, as "
+            "run_all.sh does), so its records are checked with the measured tolerances, not bit for bit",
+            file=sys.stderr,
+        )
     results = run_phase(profile, root, phase, shard=shard, force=force)
     if any(r.infeasible for r in results):
-        print(f"dynslice {command}: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
-              f"{Path(root) / profile.name / 'infeasible'})", file=sys.stderr)
+        print(
+            f"dynslice {command}: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
+            f"{Path(root) / profile.name / 'infeasible'})",
+            file=sys.stderr,
+        )
 
 
 def _cmd_launch(a: argparse.Namespace) -> None:
@@ -718,8 +856,17 @@ def _cmd_submit(a: argparse.Namespace) -> None:
     submit(a.profile, a.root, a.shards, cluster=a.cluster, params=params, wait=a.wait)
 
 
-COMMANDS = {"lr": _cmd_lr, "allocate": _cmd_allocate, "slice": _cmd_slice, "eval": _cmd_eval, "run": _cmd_run,
-            "plan": _cmd_plan, "sweep": _cmd_sweep, "launch": _cmd_launch, "submit": _cmd_submit}
+COMMANDS = {
+    "lr": _cmd_lr,
+    "allocate": _cmd_allocate,
+    "slice": _cmd_slice,
+    "eval": _cmd_eval,
+    "run": _cmd_run,
+    "plan": _cmd_plan,
+    "sweep": _cmd_sweep,
+    "launch": _cmd_launch,
+    "submit": _cmd_submit,
+}
 
 
 def _one_line(command: str, kind: str, message: object) -> str:
@@ -771,8 +918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         if os.environ.get("DYNSLICE_DEBUG"):
             raise
-        print(_one_line(command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the "
-                                           "traceback)"), file=sys.stderr)
+        print(
+            _one_line(command, "failed", f"{type(e).__name__}: {e} (set DYNSLICE_DEBUG=1 for the traceback)"),
+            file=sys.stderr,
+        )
         return 1
     finally:
         if previous is not None:

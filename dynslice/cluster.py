@@ -31,8 +31,11 @@ class ShardTask:
         from dynslice.sweep import run_phase
 
         results = run_phase(load_profile(self.profile), self.root, self.phase, shard=(self.k, self.n))
-        return {"ran": sum(len(r.ran) for r in results), "skipped": sum(len(r.skipped) for r in results),
-                "infeasible": sum(len(r.infeasible) for r in results)}
+        return {
+            "ran": sum(len(r.ran) for r in results),
+            "skipped": sum(len(r.skipped) for r in results),
+            "infeasible": sum(len(r.infeasible) for r in results),
+        }
 
     def checkpoint(self):  # submitit calls this on pre-emption / timeout: requeue the same task
         import submitit
@@ -50,9 +53,16 @@ def make_executor(folder: str | Path, cluster: str | None = None, **params: Any)
     return ex
 
 
-def submit(profile: str, root: str | Path, shards: int, *, cluster: str | None = None,
-           params: Mapping[str, Any] | None = None, wait: bool = False,
-           log: Callable[[str], None] = print) -> list:
+def submit(
+    profile: str,
+    root: str | Path,
+    shards: int,
+    *,
+    cluster: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    wait: bool = False,
+    log: Callable[[str], None] = print,
+) -> list:
     """Submit the sweep array, then the zero-shot array after it; returns the jobs of both arrays.
 
     ``params`` go to ``executor.update_parameters`` (e.g. ``slurm_partition``, ``timeout_min``,
@@ -64,8 +74,10 @@ def submit(profile: str, root: str | Path, shards: int, *, cluster: str | None =
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards: {shards!r} is outside shards >= 1")
     if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise ValueError("cluster: slurm was asked for, but no Slurm is reachable from here (no sbatch command on "
-                         "PATH); run on a Slurm login node, or pass --cluster local")
+        raise ValueError(
+            "cluster: slurm was asked for, but no Slurm is reachable from here (no sbatch command on "
+            "PATH); run on a Slurm login node, or pass --cluster local"
+        )
     if cluster not in (None, "slurm", "local", "debug"):
         raise ValueError(f"cluster: {cluster!r} is not one of slurm, local")
     name = load_profile(profile).name
@@ -80,8 +92,10 @@ def submit(profile: str, root: str | Path, shards: int, *, cluster: str | None =
         kw = dict(base, name=f"dynslice-{name}-{phase}")
         if previous and not local:
             ids = ":".join(sorted({str(j.job_id).split("_")[0] for j in previous}))  # the array's job id
-            kw["slurm_additional_parameters"] = {**base.get("slurm_additional_parameters", {}),
-                                                 "dependency": f"afterany:{ids}"}
+            kw["slurm_additional_parameters"] = {
+                **base.get("slurm_additional_parameters", {}),
+                "dependency": f"afterany:{ids}",
+            }
         if not local:
             kw.setdefault("slurm_array_parallelism", shards)
         ex = make_executor(folder, cluster, **kw)

@@ -101,8 +101,12 @@ class Option:
         if value is None and self.optional:
             return
         if self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or value < (self.low or 0) \
-                    or (self.high is not None and value > self.high):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (self.low or 0)
+                or (self.high is not None and value > self.high)
+            ):
                 allowed = f">= {self.low or 0}" + ("" if self.high is None else f" and <= {self.high}")
                 raise ValueError(f"{name}: {value!r} must be an integer {allowed}")
         elif self.kind == "float":
@@ -155,71 +159,134 @@ class RunConfig:
     a profile cannot set: it names one folder, and a profile's many runs would overwrite each other there.
     """
 
-    model: str = _opt("smollm2-135m", "model spec: smollm2-135m, tiny-random, a hub id, a folder or a .gguf file",
-                      profile="models[].spec")
-    protocol: str = _opt("dynslice", "defaults of the protocol settings (dynslice.protocol); explicit values win",
-                         choices=PROTOCOLS)
+    model: str = _opt(
+        "smollm2-135m",
+        "model spec: smollm2-135m, tiny-random, a hub id, a folder or a .gguf file",
+        profile="models[].spec",
+    )
+    protocol: str = _opt(
+        "dynslice", "defaults of the protocol settings (dynslice.protocol); explicit values win", choices=PROTOCOLS
+    )
     dtype: str | None = _opt(None, "weights and compute dtype", choices=DTYPES, profile="models[].dtype")
-    device: str = _opt("cpu", "where layers are computed: cpu or cuda[:N]", kind="device",
-                       profile="models[].device")
+    device: str = _opt("cpu", "where layers are computed: cpu or cuda[:N]", kind="device", profile="models[].device")
     seed: int = _opt(42, "seed of every sampler", kind="int", low=0, high=2**32 - 1)
     # allocation
     sp: float = _opt(0.3, "mean slice fraction SP, 0 <= sp < 1 (0: the dense model)", kind="float", profile="sp")
-    sb: float | str = _opt(0.3, "slicing base SB, a number in [0, sp], or 'auto' (searched on held-out chunks)",
-                           kind="sb", profile="sb_step")
-    budget: str = _opt("width", "what dynamic slicing keeps equal to constant slicing: mean width or parameters",
-                       choices=BUDGETS, profile="budgets")
+    sb: float | str = _opt(
+        0.3,
+        "slicing base SB, a number in [0, sp], or 'auto' (searched on held-out chunks)",
+        kind="sb",
+        profile="sb_step",
+    )
+    budget: str = _opt(
+        "width",
+        "what dynamic slicing keeps equal to constant slicing: mean width or parameters",
+        choices=BUDGETS,
+        profile="budgets",
+    )
     count: str = _opt("total", "parameters counted by the params budget: all, or the weights only", choices=COUNTS)
     round_interval: int | None = _opt(None, "widths are multiples of this", kind="int", low=1, high=4096)
     rounding: str | None = _opt(None, "how widths are rounded", choices=ROUNDINGS)
     # LR score
-    lr_metric: str = _opt("cosine", "similarity of a layer's input and output that scores its redundancy",
-                          choices=METRICS)
+    lr_metric: str = _opt(
+        "cosine", "similarity of a layer's input and output that scores its redundancy", choices=METRICS
+    )
     lr_dataset: str = _opt("wiki", "corpus of the LR score", choices=DATASETS, cli_choices=False)
     lr_split: str | None = _opt(None, "split of the LR corpus", choices=SPLITS)
-    lr_sampler: str | None = _opt(None, "LR windows: random ones, or every lr_stride tokens of every document",
-                                  choices=LR_SAMPLERS)
-    lr_nsamples: int | None = _opt(32, "LR windows (none: every window, with the sliding sampler)", kind="int",
-                                   low=1, high=MAX_SAMPLES, optional=True)
+    lr_sampler: str | None = _opt(
+        None, "LR windows: random ones, or every lr_stride tokens of every document", choices=LR_SAMPLERS
+    )
+    lr_nsamples: int | None = _opt(
+        32,
+        "LR windows (none: every window, with the sliding sampler)",
+        kind="int",
+        low=1,
+        high=MAX_SAMPLES,
+        optional=True,
+    )
     lr_seqlen: int | None = _opt(None, "tokens per LR window", kind="int", low=2, high=MAX_SEQLEN)
-    lr_stride: int | None = _opt(None, "tokens between sliding LR windows", kind="int", low=1, high=MAX_SEQLEN,
-                                 optional=True)
-    lr_last_layer: str | None = _opt(None, "the last layer's output: raw, or after the final norm",
-                                     choices=LAST_LAYER)
+    lr_stride: int | None = _opt(
+        None, "tokens between sliding LR windows", kind="int", low=1, high=MAX_SEQLEN, optional=True
+    )
+    lr_last_layer: str | None = _opt(None, "the last layer's output: raw, or after the final norm", choices=LAST_LAYER)
     # calibration and folding
-    cal_dataset: str = _opt("wiki", "calibration corpus of the slicing", choices=DATASETS, cli_choices=False,
-                            profile="cal_datasets")
-    cal_sampler: str | None = _opt(None, "calibration windows: random windows, or joined documents",
-                                   choices=CAL_SAMPLERS)
+    cal_dataset: str = _opt(
+        "wiki", "calibration corpus of the slicing", choices=DATASETS, cli_choices=False, profile="cal_datasets"
+    )
+    cal_sampler: str | None = _opt(
+        None, "calibration windows: random windows, or joined documents", choices=CAL_SAMPLERS
+    )
     cal_nsamples: int = _opt(32, "calibration samples", kind="int", low=1, high=MAX_SAMPLES)
     cal_seqlen: int = _opt(512, "tokens per calibration sample", kind="int", low=2, high=MAX_SEQLEN)
     embedding_mean: bool | None = _opt(None, "subtract each embedding row's mean before slicing", kind="bool")
     batch_size: int = _opt(8, "samples per forward pass", kind="int", low=1, high=MAX_SAMPLES)
     # automatic SB
-    auto_sb_step: float = _opt(0.02, "grid step of the automatic SB search, 0.001 <= step < 1", kind="float",
-                               profile="auto_sb.step")
-    auto_sb_max_evals: int | None = _opt(None, "slicings an automatic SB search may make (none: until converged)",
-                                         kind="int", low=1, high=10_000, optional=True,
-                                         profile="auto_sb.max_evals")
-    auto_sb_nsamples: int = _opt(8, "held-out calibration chunks scored per SB tried", kind="int", low=1,
-                                 high=MAX_SAMPLES, profile="auto_sb.nsamples")
+    auto_sb_step: float = _opt(
+        0.02, "grid step of the automatic SB search, 0.001 <= step < 1", kind="float", profile="auto_sb.step"
+    )
+    auto_sb_max_evals: int | None = _opt(
+        None,
+        "slicings an automatic SB search may make (none: until converged)",
+        kind="int",
+        low=1,
+        high=10_000,
+        optional=True,
+        profile="auto_sb.max_evals",
+    )
+    auto_sb_nsamples: int = _opt(
+        8,
+        "held-out calibration chunks scored per SB tried",
+        kind="int",
+        low=1,
+        high=MAX_SAMPLES,
+        profile="auto_sb.nsamples",
+    )
     # evaluation
-    ppl_datasets: tuple[str, ...] = _opt(("wiki",), "perplexity corpora (the first one chooses the best SB)",
-                                         kind="names", choices=DATASETS, flags=("--ppl", "--ppl-datasets"))
+    ppl_datasets: tuple[str, ...] = _opt(
+        ("wiki",),
+        "perplexity corpora (the first one chooses the best SB)",
+        kind="names",
+        choices=DATASETS,
+        flags=("--ppl", "--ppl-datasets"),
+    )
     ppl_protocol: str | None = _opt(None, "perplexity protocol", choices=PPL_PROTOCOLS)
     ppl_seqlen: int = _opt(512, "tokens per perplexity chunk", kind="int", low=2, high=MAX_SEQLEN)
-    ppl_max_chunks: int | None = _opt(None, "at most this many chunks per corpus (slicegpt protocol)", kind="int",
-                                      low=1, high=MAX_SAMPLES, optional=True)
-    ppl_nsamples: int | None = _opt(None, "perplexity samples (paper and documents protocols)", kind="int", low=1,
-                                    high=MAX_SAMPLES, optional=True)
-    tasks: tuple[str, ...] = _opt((), "zero-shot tasks (lm-eval names, or dynslice_cloze, dynslice_continuation)",
-                                  kind="names", profile="zero_shot.tasks")
-    task_limit: int | None = _opt(None, "documents per zero-shot task (none: all)", kind="int", low=1, high=10**7,
-                                  optional=True,
-                                  flags=("--limit", "--task-limit"), profile="zero_shot.limit")
+    ppl_max_chunks: int | None = _opt(
+        None,
+        "at most this many chunks per corpus (slicegpt protocol)",
+        kind="int",
+        low=1,
+        high=MAX_SAMPLES,
+        optional=True,
+    )
+    ppl_nsamples: int | None = _opt(
+        None, "perplexity samples (paper and documents protocols)", kind="int", low=1, high=MAX_SAMPLES, optional=True
+    )
+    tasks: tuple[str, ...] = _opt(
+        (),
+        "zero-shot tasks (lm-eval names, or dynslice_cloze, dynslice_continuation)",
+        kind="names",
+        profile="zero_shot.tasks",
+    )
+    task_limit: int | None = _opt(
+        None,
+        "documents per zero-shot task (none: all)",
+        kind="int",
+        low=1,
+        high=10**7,
+        optional=True,
+        flags=("--limit", "--task-limit"),
+        profile="zero_shot.limit",
+    )
     # output
-    save_dir: str | None = _opt(None, "also save the sliced model to this folder", optional=True,
-                                flags=("--save-model",), profile=None, compare=False)
+    save_dir: str | None = _opt(
+        None,
+        "also save the sliced model to this folder",
+        optional=True,
+        flags=("--save-model",),
+        profile=None,
+        compare=False,
+    )
 
     def __post_init__(self) -> None:
         OPTIONS["protocol"].check("protocol", self.protocol)

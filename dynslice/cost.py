@@ -35,19 +35,51 @@ BENCH = "slicing_cpu.json"
 DEFAULT_GPU_TFLOPS = 125.0
 #: Shapes of the paper's models, so that a plan needs neither the hub nor a download (config.json values).
 KNOWN_SHAPES = {
-    "meta-llama/Meta-Llama-3-8B": Shapes(vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                                         intermediate=14336, tied=False, qkv_bias=False),
-    "mistralai/Mistral-7B-v0.1": Shapes(vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                                        intermediate=14336, tied=False, qkv_bias=False),
-    "smollm2-135m": Shapes(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
-                           tied=True, qkv_bias=False),
+    "meta-llama/Meta-Llama-3-8B": Shapes(
+        vocab=128256,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=14336,
+        tied=False,
+        qkv_bias=False,
+    ),
+    "mistralai/Mistral-7B-v0.1": Shapes(
+        vocab=32000,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=14336,
+        tied=False,
+        qkv_bias=False,
+    ),
+    "smollm2-135m": Shapes(
+        vocab=49152,
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        intermediate=1536,
+        tied=True,
+        qkv_bias=False,
+    ),
 }
 #: Approximate loglikelihood tokens per document of each zero-shot task (choices x context+continuation tokens;
 #: lm-eval scores a shared context once when the continuations are one token, as in MMLU) and the document count.
 TASK_TOKENS: dict[str, tuple[int, int]] = {
-    "piqa": (1838, 2 * 70), "winogrande": (1267, 2 * 35), "hellaswag": (10042, 4 * 110),
-    "arc_easy": (2376, 4 * 55), "arc_challenge": (1172, 4 * 60), "mmlu": (14042, 160),
-    "dynslice_cloze": (200, 4 * 40), "dynslice_continuation": (200, 4 * 120),
+    "piqa": (1838, 2 * 70),
+    "winogrande": (1267, 2 * 35),
+    "hellaswag": (10042, 4 * 110),
+    "arc_easy": (2376, 4 * 55),
+    "arc_challenge": (1172, 4 * 60),
+    "mmlu": (14042, 160),
+    "dynslice_cloze": (200, 4 * 40),
+    "dynslice_continuation": (200, 4 * 120),
 }
 DEFAULT_TASK = (1000, 4 * 100)
 #: Approximate corpus sizes in tokens, for "every window" LR sampling (PG-19 validation: 50 books, ~3M words).
@@ -116,7 +148,7 @@ def auto_sb_evals(cfg: RunConfig) -> int:
     if cfg.auto_sb_max_evals is not None:
         return cfg.auto_sb_max_evals
     points = round(cfg.sp / cfg.auto_sb_step) + 1
-    return max(2, math.ceil(math.log(max(points, 2)) / math.log((1 + 5 ** 0.5) / 2)) + 1)
+    return max(2, math.ceil(math.log(max(points, 2)) / math.log((1 + 5**0.5) / 2)) + 1)
 
 
 def run_flops(cfg: RunConfig, shapes: Shapes | None = None, ratio: float = SLICING_RATIO) -> dict[str, float]:
@@ -168,8 +200,15 @@ def throughput(device: str, gpu_tflops: float | None = None, bench: str | Path |
     tf = DEFAULT_GPU_TFLOPS if gpu_tflops is None else gpu_tflops
     if not tf > 0:
         raise ValueError(f"gpu_tflops: {tf} is outside gpu_tflops > 0")
-    return Throughput(tf * 1e12, "gpu", (f"CPU-scaled estimate: phase ratios measured on CPU ({source}), "
-                                        f"assumed {tf:.0f} TFLOP/s effective on the GPU"), ratio)
+    return Throughput(
+        tf * 1e12,
+        "gpu",
+        (
+            f"CPU-scaled estimate: phase ratios measured on CPU ({source}), "
+            f"assumed {tf:.0f} TFLOP/s effective on the GPU"
+        ),
+        ratio,
+    )
 
 
 def run_seconds(cfg: RunConfig, tp: Throughput, shapes: Shapes | None = None) -> float:
@@ -198,10 +237,16 @@ def predicted_zero_shot(profile: Profile) -> list[RunConfig]:
     """The best-SB zero-shot runs the profile will have (their SB is not known before the sweep: SP/2 stands in)."""
     if not profile.tasks:
         return []
-    return [profile.base_config(m, sp=sp, sb=round(sp / 2, 4), budget=b, cal_dataset=cal, tasks=profile.tasks,
-                                task_limit=profile.task_limit)
-            for m in profile.models for cal in profile.cal_datasets for sp in profile.sp
-            for b in profile.zero_shot_budgets if b in profile.budgets]
+    return [
+        profile.base_config(
+            m, sp=sp, sb=round(sp / 2, 4), budget=b, cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit
+        )
+        for m in profile.models
+        for cal in profile.cal_datasets
+        for sp in profile.sp
+        for b in profile.zero_shot_budgets
+        if b in profile.budgets
+    ]
 
 
 def balance(costs: Sequence[float], keys: Sequence[Any], n: int) -> list[int]:
@@ -245,8 +290,10 @@ def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) ->
     def tp_of(c: RunConfig) -> Throughput:
         return tps[c.model]
 
-    lr_h = {m.spec: lr_flops(next(c for c in sweep if c.model == m.spec)) / tps[m.spec].flops_per_s / 3600
-            for m in profile.models}
+    lr_h = {
+        m.spec: lr_flops(next(c for c in sweep if c.model == m.spec)) / tps[m.spec].flops_per_s / 3600
+        for m in profile.models
+    }
     models = []
     for m in profile.models:
         mine = [c for c in sweep + zs if c.model == m.spec]
@@ -254,45 +301,73 @@ def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) ->
         for c in mine:
             kinds[kind_of(c)] = kinds.get(kind_of(c), 0) + 1
         hours = sum(run_seconds(c, tps[m.spec]) for c in mine) / 3600 + lr_h[m.spec]
-        models.append({"model": m.spec, "device": tps[m.spec].device, "runs": len(mine), "by_kind": kinds,
-                       "hours": hours, "lr_hours": lr_h[m.spec], "estimate": tps[m.spec].source})
+        models.append(
+            {
+                "model": m.spec,
+                "device": tps[m.spec].device,
+                "runs": len(mine),
+                "by_kind": kinds,
+                "hours": hours,
+                "lr_hours": lr_h[m.spec],
+                "estimate": tps[m.spec].source,
+            }
+        )
     grid = [c for c in sweep if kind_of(c) == "dynamic" and c.budget in profile.auto_sb_budgets]
     autos = [c for c in sweep if c.auto_sb]
     grid_h = sum(run_seconds(c, tp_of(c)) for c in grid) / 3600
     auto_h = sum(run_seconds(c, tp_of(c)) for c in autos) / 3600
-    wall = {str(n): _wall_hours(sweep, n, tp_of, lr_h) + _wall_hours(zs, n, tp_of, lr_h)
-            for n in sorted({1, shards})}
+    wall = {str(n): _wall_hours(sweep, n, tp_of, lr_h) + _wall_hours(zs, n, tp_of, lr_h) for n in sorted({1, shards})}
     return {
-        "profile": profile.name, "runs": len(sweep) + len(zs), "sweep_runs": len(sweep), "zero_shot_runs": len(zs),
-        "device_hours": sum(m["hours"] for m in models), "models": models,
-        "wall_hours": wall, "shards": shards,
-        "auto_sb": {"auto_runs": len(autos), "auto_hours": auto_h, "grid_runs": len(grid), "grid_hours": grid_h,
-                    "saved_hours": grid_h - auto_h,
-                    "note": "auto-SB runs instead of the fixed-SB grid (same budgets); the zero-shot runs of the "
-                            "best SB are needed either way"},
-        "run_list": [{"model": c.model, "run": run_name(c), "kind": kind_of(c),
-                      "minutes": run_seconds(c, tp_of(c)) / 60} for c in sweep + zs],
+        "profile": profile.name,
+        "runs": len(sweep) + len(zs),
+        "sweep_runs": len(sweep),
+        "zero_shot_runs": len(zs),
+        "device_hours": sum(m["hours"] for m in models),
+        "models": models,
+        "wall_hours": wall,
+        "shards": shards,
+        "auto_sb": {
+            "auto_runs": len(autos),
+            "auto_hours": auto_h,
+            "grid_runs": len(grid),
+            "grid_hours": grid_h,
+            "saved_hours": grid_h - auto_h,
+            "note": "auto-SB runs instead of the fixed-SB grid (same budgets); the zero-shot runs of the "
+            "best SB are needed either way",
+        },
+        "run_list": [
+            {"model": c.model, "run": run_name(c), "kind": kind_of(c), "minutes": run_seconds(c, tp_of(c)) / 60}
+            for c in sweep + zs
+        ],
     }
 
 
 def describe(plan: Mapping[str, Any], list_runs: bool = False) -> str:
     """The plan as text for the terminal."""
     unit = "GPU" if any(m["device"] == "gpu" for m in plan["models"]) else "CPU"
-    lines = [(f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
-              f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)")]
+    lines = [
+        (
+            f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
+            f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)"
+        )
+    ]
     for m in plan["models"]:
         kinds = ", ".join(f"{v} {k}" for k, v in m["by_kind"].items())
-        lines.append(f"  {m['model']}: {m['runs']} runs ({kinds}): {m['hours']:.1f} {unit}-hours "
-                     f"(LR {m['lr_hours']:.2f} h once per process)")
+        lines.append(
+            f"  {m['model']}: {m['runs']} runs ({kinds}): {m['hours']:.1f} {unit}-hours "
+            f"(LR {m['lr_hours']:.2f} h once per process)"
+        )
     lines.append(f"  total: {plan['device_hours']:.1f} {unit}-hours")
     for n, h in plan["wall_hours"].items():
         lines.append(f"  wall clock with {n} shard(s) (one {unit} each): {h:.1f} h")
     a = plan["auto_sb"]
     if a["auto_runs"]:
         pct = 100 * a["saved_hours"] / a["grid_hours"] if a["grid_hours"] else 0.0
-        lines.append(f"  sb: auto: {a['auto_runs']} searches take {a['auto_hours']:.1f} h where the full grid of "
-                     f"{a['grid_runs']} fixed-SB runs takes {a['grid_hours']:.1f} h: saves {a['saved_hours']:.1f} h "
-                     f"({pct:.0f}%)")
+        lines.append(
+            f"  sb: auto: {a['auto_runs']} searches take {a['auto_hours']:.1f} h where the full grid of "
+            f"{a['grid_runs']} fixed-SB runs takes {a['grid_hours']:.1f} h: saves {a['saved_hours']:.1f} h "
+            f"({pct:.0f}%)"
+        )
     sources = sorted({m["estimate"] for m in plan["models"]})
     lines += [f"  figures: {s}" for s in sources]
     lines.append("  zero-shot request sizes are approximations of the lm-eval tasks")

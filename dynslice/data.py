@@ -90,26 +90,36 @@ PG19_MAX_BOOKS = 20
 ALPACA_HOLDOUT = 0.2
 ALPACA_SPLIT_SEED = 42
 
-HUB_SOURCES: Mapping[str, HubSource] = MappingProxyType({
-    # Rows are lines of the articles, blank lines included, joined with "\n\n" as in SliceGPT.
-    "wikitext2": HubSource("Salesforce/wikitext", "text", config="wikitext-2-raw-v1"),
-    # ptb_text_only (now ptb-text-only/ptb_text_only) is a loading script, which datasets >= 4 refuses; the
-    # hub's parquet export of its penn_treebank config holds the same rows.
-    "ptb": HubSource("ptb-text-only/ptb_text_only", "sentence", revision="refs/convert/parquet",
-                     data_dir="penn_treebank"),
-    "c4": HubSource("allenai/c4", "text", config="en",
-                    files=(("train", "en/c4-train.00000-of-01024.json.gz"),
-                           ("validation", "en/c4-validation.00000-of-00008.json.gz"))),
-    # "text" is the full Alpaca prompt (instruction, input and response).
-    "alpaca": HubSource("tatsu-lab/alpaca", "text"),
-    # deepmind/pg19 is a loading script that datasets >= 4 refuses; emozilla/pg19 is its parquet copy
-    # (same books, same train/validation/test splits).
-    "pg19": HubSource("emozilla/pg19", "text", max_docs=PG19_MAX_BOOKS),
-})
+HUB_SOURCES: Mapping[str, HubSource] = MappingProxyType(
+    {
+        # Rows are lines of the articles, blank lines included, joined with "\n\n" as in SliceGPT.
+        "wikitext2": HubSource("Salesforce/wikitext", "text", config="wikitext-2-raw-v1"),
+        # ptb_text_only (now ptb-text-only/ptb_text_only) is a loading script, which datasets >= 4 refuses; the
+        # hub's parquet export of its penn_treebank config holds the same rows.
+        "ptb": HubSource(
+            "ptb-text-only/ptb_text_only", "sentence", revision="refs/convert/parquet", data_dir="penn_treebank"
+        ),
+        "c4": HubSource(
+            "allenai/c4",
+            "text",
+            config="en",
+            files=(
+                ("train", "en/c4-train.00000-of-01024.json.gz"),
+                ("validation", "en/c4-validation.00000-of-00008.json.gz"),
+            ),
+        ),
+        # "text" is the full Alpaca prompt (instruction, input and response).
+        "alpaca": HubSource("tatsu-lab/alpaca", "text"),
+        # deepmind/pg19 is a loading script that datasets >= 4 refuses; emozilla/pg19 is its parquet copy
+        # (same books, same train/validation/test splits).
+        "pg19": HubSource("emozilla/pg19", "text", max_docs=PG19_MAX_BOOKS),
+    }
+)
 
 #: The column each dataset's text comes from (offline datasets are plain text).
 TEXT_FIELDS: Mapping[str, str] = MappingProxyType(
-    {**{name: src.text_field for name, src in HUB_SOURCES.items()}, **{name: "text" for name in OFFLINE_DATASETS}})
+    {**{name: src.text_field for name, src in HUB_SOURCES.items()}, **{name: "text" for name in OFFLINE_DATASETS}}
+)
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -142,8 +152,12 @@ def _load_hub_split(src: HubSource, hub_split: str) -> list[str]:
     from tqdm.auto import tqdm
 
     files = dict(src.files)
-    kwargs: dict[str, Any] = {"name": src.config, "revision": src.revision, "data_dir": src.data_dir,
-                              "data_files": {hub_split: files[hub_split]} if files else None}
+    kwargs: dict[str, Any] = {
+        "name": src.config,
+        "revision": src.revision,
+        "data_dir": src.data_dir,
+        "data_files": {hub_split: files[hub_split]} if files else None,
+    }
     if src.max_docs is None or hub_split == "validation":
         return list(datasets.load_dataset(src.path, split=hub_split, **kwargs)[src.text_field])
     stream = datasets.load_dataset(src.path, split=hub_split, streaming=True, **kwargs)
@@ -159,8 +173,11 @@ def alpaca_splits(texts: list[str]) -> dict[str, list[str]]:
     full = datasets.Dataset.from_dict({"text": texts})
     first = full.train_test_split(test_size=ALPACA_HOLDOUT, seed=ALPACA_SPLIT_SEED)
     second = first["test"].train_test_split(test_size=0.5, seed=ALPACA_SPLIT_SEED)
-    return {"train": list(first["train"]["text"]), "test": list(second["train"]["text"]),
-            "validation": list(second["test"]["text"])}
+    return {
+        "train": list(first["train"]["text"]),
+        "test": list(second["train"]["text"]),
+        "validation": list(second["test"]["text"]),
+    }
 
 
 def c4_subset(texts: list[str], split: str) -> list[str]:
@@ -172,7 +189,7 @@ def c4_subset(texts: list[str], split: str) -> list[str]:
     elif split == "test":
         picked = order[:C4_EVAL_DOCS]
     else:
-        picked = order[C4_EVAL_DOCS:2 * C4_EVAL_DOCS]
+        picked = order[C4_EVAL_DOCS : 2 * C4_EVAL_DOCS]
     return [texts[i] for i in picked]
 
 
@@ -188,11 +205,15 @@ def _hub_texts(name: str, split: str) -> list[str]:
     except Exception as exc:
         if not (offline or _is_connection_error(exc)):
             raise
-        why = "which is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if offline else \
-            f"which cannot be reached ({type(exc).__name__})"
+        why = (
+            "which is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)"
+            if offline
+            else f"which cannot be reached ({type(exc).__name__})"
+        )
         raise HubUnavailableError(
             f"dataset: {name!r} needs the Hugging Face hub ({src.path}), {why} and the dataset is not cached; "
-            f"offline datasets: {', '.join(OFFLINE_DATASETS)}") from exc
+            f"offline datasets: {', '.join(OFFLINE_DATASETS)}"
+        ) from exc
 
 
 # -------------------------------------------------------------------------------------------- offline datasets
@@ -206,9 +227,23 @@ HELDOUT_SHARE = 0.1
 WIKI_MIN_LINE_WORDS = 8
 WIKI_MIN_ARTICLE_CHARS = 500
 #: Sections from which on an article is reference material, not prose.
-WIKI_END_SECTIONS = frozenset({
-    "see also", "references", "external links", "further reading", "notes", "bibliography", "sources",
-    "footnotes", "citations", "works cited", "notes and references", "primary sources", "secondary sources"})
+WIKI_END_SECTIONS = frozenset(
+    {
+        "see also",
+        "references",
+        "external links",
+        "further reading",
+        "notes",
+        "bibliography",
+        "sources",
+        "footnotes",
+        "citations",
+        "works cited",
+        "notes and references",
+        "primary sources",
+        "secondary sources",
+    }
+)
 _HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1$")
 _MARKUP_START = tuple("|!{}+*#:;=")
 _MARKUP_ANYWHERE = ("|", "[[", "]]", "{{", "}}", "<", "http://", "https://", "__")
@@ -312,14 +347,16 @@ def _offline_texts(name: str, split: str) -> list[str]:
 def _check_source(name: str, split: str) -> None:
     """``name`` is a known dataset and ``split`` one of :data:`SPLITS`."""
     if name not in ALL_DATASETS:
-        raise ValueError(f"dataset: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)} "
-                         f"(offline: {', '.join(OFFLINE_DATASETS)})")
+        raise ValueError(
+            f"dataset: {name!r} is not a known dataset; choose one of {', '.join(ALL_DATASETS)} "
+            f"(offline: {', '.join(OFFLINE_DATASETS)})"
+        )
     check_choice("split", split, SPLITS)
 
 
 def _seeded_generator(seed: Any) -> torch.Generator:
     """A fresh generator seeded with ``seed`` (an integer with ``0 <= seed < 2**63``)."""
-    return torch.Generator().manual_seed(check_int("seed", seed, 0, 2 ** 63 - 1, allowed="0 <= seed < 2**63"))
+    return torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63 - 1, allowed="0 <= seed < 2**63"))
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -333,8 +370,11 @@ def _source_identity(name: str) -> dict[str, Any]:
     """What the documents of ``name`` depend on, for the token-cache key."""
     if name in OFFLINE_DATASETS:
         raw = gensim_test_file(WIKI_FILE if name == "wiki" else NEWS_FILE).read_bytes()
-        return {"file_sha256": hashlib.sha256(raw).hexdigest(), "version": OFFLINE_CORPUS_VERSION,
-                "heldout_share": HELDOUT_SHARE}
+        return {
+            "file_sha256": hashlib.sha256(raw).hexdigest(),
+            "version": OFFLINE_CORPUS_VERSION,
+            "heldout_share": HELDOUT_SHARE,
+        }
     extra = {"c4": [C4_TRAIN_DOCS, C4_EVAL_DOCS, C4_SAMPLE_SEED], "alpaca": [ALPACA_HOLDOUT, ALPACA_SPLIT_SEED]}
     return {**asdict(HUB_SOURCES[name]), "split_rule": extra.get(name)}
 
@@ -343,16 +383,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of everything that decides a tokenizer's output (its full definition when it has a fast backend)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    head = json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                       getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)])
+    head = json.dumps(
+        [
+            type(tokenizer).__name__,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            getattr(tokenizer, "add_bos_token", None),
+            getattr(tokenizer, "add_eos_token", None),
+        ]
+    )
     return hashlib.sha256((head + body).encode("utf-8")).hexdigest()
 
 
 def token_cache_path(name: str, split: str, tokenizer) -> Path:
     """Where :func:`token_stream` caches the ids of ``name``/``split`` for ``tokenizer``."""
     who = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
-    key = {"dataset": name, "split": split, "source": _source_identity(name), "tokenizer": who,
-           "vocab": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer), "separator": DOC_SEPARATOR}
+    key = {
+        "dataset": name,
+        "split": split,
+        "source": _source_identity(name),
+        "tokenizer": who,
+        "vocab": len(tokenizer),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "separator": DOC_SEPARATOR,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     local = os.path.isabs(who) or os.path.exists(who)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "--", Path(who).name if local else who).strip("-")[:60] or "tokenizer"
@@ -383,8 +437,10 @@ def token_stream(name: str, split: str, tokenizer) -> torch.Tensor:
 
 def _long_enough(stream: torch.Tensor, name: str, split: str, seqlen: int) -> None:
     if stream.numel() < seqlen:
-        raise ValueError(f"seqlen: {seqlen} is longer than the {split} split of {name!r}, which has "
-                         f"{stream.numel()} tokens; one window needs {seqlen}")
+        raise ValueError(
+            f"seqlen: {seqlen} is longer than the {split} split of {name!r}, which has "
+            f"{stream.numel()} tokens; one window needs {seqlen}"
+        )
 
 
 def _random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
@@ -393,8 +449,9 @@ def _random_windows(stream: torch.Tensor, nsamples: int, seqlen: int, generator:
     return stream[starts[:, None] + torch.arange(seqlen)]
 
 
-def _seeded_windows(name: str, tokenizer, nsamples: int, seqlen: int, split: str,
-                    generator: torch.Generator) -> torch.Tensor:
+def _seeded_windows(
+    name: str, tokenizer, nsamples: int, seqlen: int, split: str, generator: torch.Generator
+) -> torch.Tensor:
     """Validated arguments, then ``nsamples`` random ``seqlen`` windows of the split's stream."""
     _check_source(name, split)
     check_int("nsamples", nsamples, 1)
@@ -404,8 +461,9 @@ def _seeded_windows(name: str, tokenizer, nsamples: int, seqlen: int, split: str
     return _random_windows(stream, nsamples, seqlen, generator)
 
 
-def calibration_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42, split: str = "train",
-                      varied_seqlen: bool = False) -> dict[str, torch.Tensor]:
+def calibration_batch(
+    name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42, split: str = "train", varied_seqlen: bool = False
+) -> dict[str, torch.Tensor]:
     """SliceGPT-style calibration data: ``nsamples`` seeded random ``seqlen`` windows of the ``split`` stream.
 
     Returns ``input_ids`` and ``attention_mask``, both ``(nsamples, seqlen)`` long. With ``varied_seqlen`` every
@@ -441,15 +499,25 @@ def eval_chunks(name: str, tokenizer, seqlen: int, split: str = "test", max_chun
     return stream[: n * seqlen].reshape(n, seqlen).clone()
 
 
-def random_chunks(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42,
-                  split: str = "validation") -> torch.Tensor:
+def random_chunks(
+    name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42, split: str = "validation"
+) -> torch.Tensor:
     """The paper's perplexity data: ``nsamples`` seeded random ``seqlen`` windows of the ``split`` stream."""
     generator = _seeded_generator(seed)
     return _seeded_windows(name, tokenizer, nsamples, seqlen, split, generator)
 
 
-def heldout_chunks(name: str, tokenizer, nsamples: int, seqlen: int, *, seed: int = 42, cal_nsamples: int,
-                   cal_seqlen: int, split: str = "train") -> torch.Tensor:
+def heldout_chunks(
+    name: str,
+    tokenizer,
+    nsamples: int,
+    seqlen: int,
+    *,
+    seed: int = 42,
+    cal_nsamples: int,
+    cal_seqlen: int,
+    split: str = "train",
+) -> torch.Tensor:
     """``nsamples`` chunks of the ``split`` stream that share no token with the calibration windows that
     :func:`calibration_batch` draws for ``(cal_nsamples, cal_seqlen, seed)``: data for choosing hyper-parameters
     (the slicing base) without touching the calibration tokens or any evaluation split.
@@ -468,14 +536,16 @@ def heldout_chunks(name: str, tokenizer, nsamples: int, seqlen: int, *, seed: in
     cal_starts = torch.randint(0, stream.numel() - cal_seqlen + 1, (cal_nsamples,), generator=generator)
     used = torch.zeros(stream.numel(), dtype=torch.bool)
     for s in cal_starts.tolist():
-        used[s:s + cal_seqlen] = True
+        used[s : s + cal_seqlen] = True
     n = stream.numel() // seqlen
-    free = [c for c in range(n) if not bool(used[c * seqlen:(c + 1) * seqlen].any())]
+    free = [c for c in range(n) if not bool(used[c * seqlen : (c + 1) * seqlen].any())]
     if len(free) < nsamples:
-        raise ValueError(f"nsamples: {nsamples} held-out chunks of {seqlen} tokens asked for, but only {len(free)} "
-                         f"of {name}/{split} avoid the calibration windows")
+        raise ValueError(
+            f"nsamples: {nsamples} held-out chunks of {seqlen} tokens asked for, but only {len(free)} "
+            f"of {name}/{split} avoid the calibration windows"
+        )
     pick = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed + 1))[:nsamples].sort().values
-    return torch.stack([stream[free[i] * seqlen:(free[i] + 1) * seqlen] for i in pick.tolist()])
+    return torch.stack([stream[free[i] * seqlen : (free[i] + 1) * seqlen] for i in pick.tolist()])
 
 
 # ------------------------------------------------------------------------------------- the reference samplers
@@ -484,13 +554,14 @@ def special_prefix(tokenizer) -> list[int]:
     SmolLM2)."""
     with_special = tokenizer("x")["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    if plain and len(with_special) >= len(plain) and with_special[-len(plain):] == plain:
-        return list(with_special[:len(with_special) - len(plain)])
-    return list(with_special[:max(0, len(with_special) - len(plain))])
+    if plain and len(with_special) >= len(plain) and with_special[-len(plain) :] == plain:
+        return list(with_special[: len(with_special) - len(plain)])
+    return list(with_special[: max(0, len(with_special) - len(plain))])
 
 
-def join_documents(docs: list[str], encode, nsamples: int, seqlen: int, seed: int,
-                   prefix: list[int] | tuple[int, ...] = ()) -> list[list[int]]:
+def join_documents(
+    docs: list[str], encode, nsamples: int, seqlen: int, seed: int, prefix: list[int] | tuple[int, ...] = ()
+) -> list[list[int]]:
     """SliceGPT's document-joining sampler on plain lists (the rule :func:`document_batch` applies to a dataset).
 
     Empty documents are dropped. Until ``nsamples`` samples exist or no document is left: draw a start position
@@ -517,8 +588,9 @@ def join_documents(docs: list[str], encode, nsamples: int, seqlen: int, seed: in
     return out
 
 
-def document_batch(name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42,
-                   split: str = "train") -> dict[str, torch.Tensor]:
+def document_batch(
+    name: str, tokenizer, nsamples: int, seqlen: int, seed: int = 42, split: str = "train"
+) -> dict[str, torch.Tensor]:
     """The authors' calibration (``split="train"``) and perplexity (``split="validation"``) samples:
     :func:`join_documents` over the documents of ``name``/``split`` with the tokenizer's own BOS, as
     ``input_ids`` and ``attention_mask`` of shape ``(n, seqlen)``, ``n <= nsamples`` (fewer when the split runs
@@ -554,8 +626,9 @@ def evenly_spaced(total: int, n: int | None) -> list[int]:
     return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
 
 
-def sliding_window_batch(name: str, tokenizer, length: int, stride: int, split: str = "validation",
-                         nsamples: int | None = None) -> dict[str, torch.Tensor]:
+def sliding_window_batch(
+    name: str, tokenizer, length: int, stride: int, split: str = "validation", nsamples: int | None = None
+) -> dict[str, torch.Tensor]:
     """The authors' LR data: each document of ``name``/``split`` tokenised on its own (with the tokenizer's
     special tokens), cut into :func:`window_starts` windows, right-padded to ``length`` under mask 0.
 
@@ -578,6 +651,6 @@ def sliding_window_batch(name: str, tokenizer, length: int, stride: int, split: 
     ids = torch.full((len(picked), length), int(pad_id), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, w in enumerate(picked):
-        ids[row, :len(w)] = torch.tensor(w, dtype=torch.long)
-        mask[row, :len(w)] = 1
+        ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
+        mask[row, : len(w)] = 1
     return {"input_ids": ids, "attention_mask": mask}

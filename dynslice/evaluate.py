@@ -53,24 +53,35 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_chunks(chunks: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> None:
     if not isinstance(chunks, torch.Tensor) or chunks.dim() != 2 or chunks.dtype.is_floating_point:
-        raise ValueError(f"chunks: expected a 2-D integer tensor (n, seqlen), got "
-                         f"{type(chunks).__name__} {tuple(getattr(chunks, 'shape', ()))}")
+        raise ValueError(
+            f"chunks: expected a 2-D integer tensor (n, seqlen), got "
+            f"{type(chunks).__name__} {tuple(getattr(chunks, 'shape', ()))}"
+        )
     if chunks.shape[0] < 1 or chunks.shape[1] < 2:
         raise ValueError(f"chunks: shape {tuple(chunks.shape)} needs n >= 1 rows and seqlen >= 2 tokens")
     check_int("batch_size", batch_size, 1)
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != chunks.shape:
-        raise ValueError(f"attention_mask: shape {tuple(getattr(attention_mask, 'shape', ()))} must equal the "
-                         f"chunks' shape {tuple(chunks.shape)}")
+        raise ValueError(
+            f"attention_mask: shape {tuple(getattr(attention_mask, 'shape', ()))} must equal the "
+            f"chunks' shape {tuple(chunks.shape)}"
+        )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask: values must be 0 (padding) or 1 (token)")
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
-               attention_mask: torch.Tensor | None = None, device: str | torch.device | None = None,
-               desc: str = "ppl", reduction: str = "token") -> float:
+def perplexity(
+    model: nn.Module,
+    chunks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    attention_mask: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    desc: str = "ppl",
+    reduction: str = "token",
+) -> float:
     """Perplexity of ``model`` on token ``chunks`` (n, seqlen): exp(mean NLL of every predicted next token).
 
     ``reduction="sample"`` gives the authors' variant instead: exp of the mean over rows of each row's mean NLL.
@@ -90,8 +101,8 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
     row_means: list[float] = []
     try:
         for start in tqdm(range(0, chunks.shape[0], batch_size), desc=desc, leave=False):
-            ids = chunks[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            ids = chunks[start : start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             valid = None if mask is None else (mask[:, 1:] * mask[:, :-1]).bool()
             for row in range(ids.shape[0]):  # one row at a time keeps the fp32 copy of the logits small
@@ -111,9 +122,18 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, *, batch_size: int = 8,
     return math.exp(float(total_nll) / total_tokens)
 
 
-def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: int, protocol: str,
-                       nsamples: int | None = None, seed: int = 42, batch_size: int = 8,
-                       max_chunks: int | None = None) -> float:
+def dataset_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    *,
+    seqlen: int,
+    protocol: str,
+    nsamples: int | None = None,
+    seed: int = 42,
+    batch_size: int = 8,
+    max_chunks: int | None = None,
+) -> float:
     """Perplexity on the named dataset under ``protocol``.
 
     - ``"slicegpt"``: the test split cut into consecutive ``seqlen`` chunks (at most ``max_chunks``);
@@ -128,31 +148,44 @@ def dataset_perplexity(model: nn.Module, tokenizer: Any, name: str, *, seqlen: i
     check_int("seqlen", seqlen, 2)
     if protocol == "slicegpt":
         if nsamples is not None:
-            raise ValueError(f"nsamples: {nsamples!r} applies to the 'paper' protocol only; use max_chunks "
-                             "to cap the 'slicegpt' protocol")
+            raise ValueError(
+                f"nsamples: {nsamples!r} applies to the 'paper' protocol only; use max_chunks "
+                "to cap the 'slicegpt' protocol"
+            )
         if max_chunks is not None:
             check_int("max_chunks", max_chunks, 1, allowed="max_chunks >= 1 (or None for all)")
         chunks = data.eval_chunks(name, tokenizer, seqlen, split="test", max_chunks=max_chunks)
     elif protocol == "documents":
         if max_chunks is not None:
-            raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
-                             "for the 'documents' protocol")
+            raise ValueError(
+                f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
+                "for the 'documents' protocol"
+            )
         n = check_int("nsamples", DOCUMENTS_NSAMPLES if nsamples is None else nsamples, 1)
         batch = data.document_batch(name, tokenizer, n, seqlen, seed=seed, split="validation")
-        return perplexity(model, batch["input_ids"], attention_mask=batch["attention_mask"], batch_size=batch_size,
-                          desc=f"ppl {name}/{protocol}", reduction="sample")
+        return perplexity(
+            model,
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            batch_size=batch_size,
+            desc=f"ppl {name}/{protocol}",
+            reduction="sample",
+        )
     else:
         if max_chunks is not None:
-            raise ValueError(f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
-                             "for the 'paper' protocol")
+            raise ValueError(
+                f"max_chunks: {max_chunks!r} applies to the 'slicegpt' protocol only; use nsamples "
+                "for the 'paper' protocol"
+            )
         check_int("nsamples", nsamples, 1, allowed="nsamples >= 1 (required by the 'paper' protocol)")
         chunks = data.random_chunks(name, tokenizer, nsamples, seqlen, seed=seed, split="validation")
     return perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {name}/{protocol}")
 
 
 # ------------------------------------------------------------------------------------------------------ zero-shot
-def _check_zero_shot_args(tasks: Sequence[str], limit: int | None, batch_size: int, num_fewshot: int,
-                          max_length: int) -> list[str]:
+def _check_zero_shot_args(
+    tasks: Sequence[str], limit: int | None, batch_size: int, num_fewshot: int, max_length: int
+) -> list[str]:
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) == 0:
         raise ValueError(f"tasks: {tasks!r} must be a non-empty sequence of task names, e.g. {list(METRIC)}")
     names = list(tasks)
@@ -161,17 +194,29 @@ def _check_zero_shot_args(tasks: Sequence[str], limit: int | None, batch_size: i
         raise ValueError(f"tasks: {unknown} are not known tasks; known tasks are {sorted(METRIC)}")
     if len(set(names)) != len(names):
         raise ValueError(f"tasks: {names} names a task more than once")
-    for arg, value, low in (("batch_size", batch_size, 1), ("num_fewshot", num_fewshot, 0),
-                            ("max_length", max_length, 2)):
+    for arg, value, low in (
+        ("batch_size", batch_size, 1),
+        ("num_fewshot", num_fewshot, 0),
+        ("max_length", max_length, 2),
+    ):
         check_int(arg, value, low)
     if limit is not None:
         check_int("limit", limit, 1, allowed="limit >= 1 (or None for every document)")
     return names
 
 
-def lm_eval_results(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None,
-                    batch_size: int = 8, num_fewshot: int = 0, seed: int = 1234, max_length: int = 2048,
-                    log_samples: bool = False) -> dict[str, Any]:
+def lm_eval_results(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    max_length: int = 2048,
+    log_samples: bool = False,
+) -> dict[str, Any]:
     """The raw ``lm_eval.simple_evaluate`` result for known ``tasks`` on a model object (see :func:`zero_shot`).
 
     Offline tasks are (re)built first and found through ``TaskManager(include_path=...)``; the built-in task
@@ -190,15 +235,27 @@ def lm_eval_results(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *, l
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except ConnectionError as err:
-        why = "the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if data.hub_offline() else \
-            "the hub cannot be reached"
+        why = (
+            "the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)"
+            if data.hub_offline()
+            else "the hub cannot be reached"
+        )
         raise data.HubUnavailableError(
             f"tasks: {hub} need their Hugging Face hub datasets, {why} and they are not cached; the offline tasks "
-            f"{', '.join(OFFLINE_TASKS)} need no hub") from err
+            f"{', '.join(OFFLINE_TASKS)} need no hub"
+        ) from err
     if out is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the rank-0 process)")
     return out
@@ -221,14 +278,25 @@ def summarize(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[s
         if value is None:
             raise RuntimeError(f"lm-eval reported no '{metric}' for task {task!r}: {sorted(row)}")
         summary[task] = {"metric": metric, "value": value, "stderr": _as_float(row.get(f"{metric}_stderr,none"))}
-    summary["average"] = {"metric": "mean", "value": sum(s["value"] for s in summary.values()) / len(tasks),
-                          "stderr": None}
+    summary["average"] = {
+        "metric": "mean",
+        "value": sum(s["value"] for s in summary.values()) / len(tasks),
+        "stderr": None,
+    }
     return summary
 
 
-def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None,
-              batch_size: int = 8, num_fewshot: int = 0, seed: int = 1234,
-              max_length: int = 2048) -> dict[str, dict[str, Any]]:
+def zero_shot(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int = 0,
+    seed: int = 1234,
+    max_length: int = 2048,
+) -> dict[str, dict[str, Any]]:
     """Zero-shot (or ``num_fewshot``-shot) accuracy of a model object on ``tasks`` with lm-eval.
 
     Returns ``{task: {"metric": name, "value": float, "stderr": float | None}}`` with the metric of
@@ -236,6 +304,14 @@ def zero_shot(model: nn.Module, tokenizer: Any, tasks: Sequence[str], *, limit: 
     ``limit`` caps the documents per (sub)task. Standard tasks need their hub datasets (or a datasets cache);
     the offline tasks :data:`~dynslice.offline_tasks.OFFLINE_TASKS` need nothing.
     """
-    results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                              num_fewshot=num_fewshot, seed=seed, max_length=max_length)
+    results = lm_eval_results(
+        model,
+        tokenizer,
+        tasks,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        seed=seed,
+        max_length=max_length,
+    )
     return summarize(results, tasks)

@@ -30,8 +30,15 @@ FORMAT_VERSION = 1
 _sha256 = ownership.sha256_file
 
 
-def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, tokenizer=None,
-                extra: dict | None = None, *, overwrite: bool = False) -> Path:
+def save_sliced(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    base_model: str,
+    tokenizer=None,
+    extra: dict | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write a sliced model to ``out_dir`` through a temporary folder, then move it in place atomically.
 
     Args:
@@ -47,8 +54,9 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
 
     info = getattr(model, "dynslice_info", None)
     if info is None:
-        raise ValueError("model: not a sliced model (no dynslice_info); slice it with dynslice.core.slicing."
-                         "slice_model")
+        raise ValueError(
+            "model: not a sliced model (no dynslice_info); slice it with dynslice.core.slicing.slice_model"
+        )
     out_dir = outputs.check_model_out(out_dir, overwrite=overwrite)
     outputs.clean_stale(out_dir)
     tmp = outputs.temp_folder(out_dir)
@@ -59,27 +67,53 @@ def save_sliced(model: nn.Module, out_dir: str | os.PathLike, base_model: str, t
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         weights = {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": _sha256(tmp / WEIGHTS)}
-        finish_save(tmp, out_dir, base_model=base_model, architecture=type(model).__name__, widths=info.widths,
-                    final_width=info.final_width, dtype=next(model.parameters()).dtype, weights=weights,
-                    num_parameters=sum(p.numel() for p in model.parameters()), has_tokenizer=tokenizer is not None,
-                    extra=extra or {})
+        finish_save(
+            tmp,
+            out_dir,
+            base_model=base_model,
+            architecture=type(model).__name__,
+            widths=info.widths,
+            final_width=info.final_width,
+            dtype=next(model.parameters()).dtype,
+            weights=weights,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            has_tokenizer=tokenizer is not None,
+            extra=extra or {},
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str, widths, final_width: int,
-                dtype: torch.dtype, weights: dict, num_parameters: int, has_tokenizer: bool, extra: dict) -> None:
+def finish_save(
+    tmp: Path,
+    out_dir: Path,
+    *,
+    base_model: str,
+    architecture: str,
+    widths,
+    final_width: int,
+    dtype: torch.dtype,
+    weights: dict,
+    num_parameters: int,
+    has_tokenizer: bool,
+    extra: dict,
+) -> None:
     """Write ``dynslice.json`` (listing every file written into ``tmp``) and move ``tmp`` to ``out_dir``.
 
     Shared by :func:`save_sliced` and :func:`dynslice.stream.slice_streaming`, so both write the same format.
     """
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
-                   if p.is_file() and p.name != outputs.INCOMPLETE_MARKER)
+    files = sorted(
+        p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != outputs.INCOMPLETE_MARKER
+    )
     listed = {entry["file"]: entry for entry in weights.get("shards") or [weights]}
-    hashes = {rel: {"bytes": listed[rel]["bytes"], "sha256": listed[rel]["sha256"]} if rel in listed else
-              dict(zip(("bytes", "sha256"), ownership.fingerprint(tmp / rel), strict=True)) for rel in files}
+    hashes = {
+        rel: {"bytes": listed[rel]["bytes"], "sha256": listed[rel]["sha256"]}
+        if rel in listed
+        else dict(zip(("bytes", "sha256"), ownership.fingerprint(tmp / rel), strict=True))
+        for rel in files
+    }
     meta = {
         "format_version": FORMAT_VERSION,
         "dynslice_version": __version__,
@@ -102,10 +136,20 @@ def finish_save(tmp: Path, out_dir: Path, *, base_model: str, architecture: str,
 
 #: The schema of ``dynslice.json``: field -> (JSON type, required). Checked by :func:`validate_sliced_meta`.
 META_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
-    "format_version": (int, True), "dynslice_version": (str, False), "base_model": (str, True),
-    "architecture": (str, False), "widths": (list, True), "final_width": (int, True), "dtype": (str, False),
-    "weights": (dict, True), "num_parameters": (int, False), "has_tokenizer": (bool, False),
-    "files": (list, False), "extra": (dict, False), "save_id": (str, False), "file_hashes": (dict, False),
+    "format_version": (int, True),
+    "dynslice_version": (str, False),
+    "base_model": (str, True),
+    "architecture": (str, False),
+    "widths": (list, True),
+    "final_width": (int, True),
+    "dtype": (str, False),
+    "weights": (dict, True),
+    "num_parameters": (int, False),
+    "has_tokenizer": (bool, False),
+    "files": (list, False),
+    "extra": (dict, False),
+    "save_id": (str, False),
+    "file_hashes": (dict, False),
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _JSON_TYPE = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
@@ -131,8 +175,7 @@ def _check_weights_entry(w: object, field: str, folder: Path, meta_path: Path) -
         if not isinstance(w.get(key), kind) or isinstance(w.get(key), bool):
             raise ValueError(f"model: {meta_path} field {field}.{key} = {w.get(key)!r} must be {_JSON_TYPE[kind]}")
     if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
-        raise ValueError(f"model: {meta_path} field {field} has a negative size or a sha256 that is not 64 hex "
-                         "digits")
+        raise ValueError(f"model: {meta_path} field {field} has a negative size or a sha256 that is not 64 hex digits")
     _inside(folder, w["file"], f"{field}.file", meta_path)
 
 
@@ -152,8 +195,10 @@ def validate_sliced_meta(meta: object, folder: Path) -> dict:
     version = meta["format_version"]
     if not 1 <= version <= FORMAT_VERSION:
         if version > FORMAT_VERSION:
-            raise ValueError(f"model: {meta_path} has format {version}; this dynslice reads up to "
-                             f"{FORMAT_VERSION}. Upgrade dynslice.")
+            raise ValueError(
+                f"model: {meta_path} has format {version}; this dynslice reads up to "
+                f"{FORMAT_VERSION}. Upgrade dynslice."
+            )
         raise ValueError(f"model: {meta_path} field format_version = {version} is outside 1..{FORMAT_VERSION}")
     widths = meta["widths"]
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
@@ -176,8 +221,9 @@ def validate_sliced_meta(meta: object, folder: Path) -> dict:
     for i, name in enumerate(meta.get("files", [])):
         _inside(folder, name, f"files[{i}]", meta_path)
     for name, entry in meta.get("file_hashes", {}).items():
-        _check_weights_entry({"file": name, **entry} if isinstance(entry, dict) else entry,
-                             f"file_hashes[{name!r}]", folder, meta_path)
+        _check_weights_entry(
+            {"file": name, **entry} if isinstance(entry, dict) else entry, f"file_hashes[{name!r}]", folder, meta_path
+        )
     if "file_hashes" in meta and "config.json" not in meta["file_hashes"]:
         raise ValueError(f"model: {meta_path} field file_hashes lists no config.json")
     return meta
@@ -194,8 +240,9 @@ def read_sliced_meta(path: str | os.PathLike) -> dict:
     return validate_sliced_meta(read_json(meta_path), path)
 
 
-def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                verify: bool = True) -> nn.Module:
+def load_sliced(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True
+) -> nn.Module:
     """Load a model saved by :func:`save_sliced`; logits match those before saving exactly (same dtype).
 
     ``verify`` checks the weights file's size and SHA-256 against ``dynslice.json`` first, so a truncated or
@@ -218,8 +265,10 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
             raise FileNotFoundError(f"model: {weights} is missing")
         size = weights.stat().st_size
         if size != entry["bytes"]:
-            raise ValueError(f"model: {weights} is {size} bytes but {meta_path} records {entry['bytes']}; "
-                             "the file is truncated or from another save")
+            raise ValueError(
+                f"model: {weights} is {size} bytes but {meta_path} records {entry['bytes']}; "
+                "the file is truncated or from another save"
+            )
         if verify and _sha256(weights) != entry["sha256"]:
             raise ValueError(f"model: {weights} does not match the SHA-256 recorded in {SLICED_META}")
     weight_files = {entry["file"] for entry in files}
@@ -230,8 +279,10 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
         if target.is_symlink() or not target.is_file():
             raise ValueError(f"model: {target} is missing (recorded in {SLICED_META})")
         if ownership.fingerprint(target) != (entry["bytes"], entry["sha256"]):
-            raise ValueError(f"model: {target} was changed after the save (its size or SHA-256 differs from "
-                             f"{SLICED_META}); restore it or save the model again")
+            raise ValueError(
+                f"model: {target} was changed after the save (its size or SHA-256 differs from "
+                f"{SLICED_META}); restore it or save the model again"
+            )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -252,8 +303,11 @@ def load_sliced(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     unexpected = sorted(set(state) - set(expected))
     bad = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or bad:
-        detail = "; ".join(f"{name}: {keys[:3]}{'...' if len(keys) > 3 else ''}" for name, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad)) if keys)
+        detail = "; ".join(
+            f"{name}: {keys[:3]}{'...' if len(keys) > 3 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", bad))
+            if keys
+        )
         raise ValueError(f"model: {weights} does not match the widths in {SLICED_META} ({detail})")
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_buffers(model)

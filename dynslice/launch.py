@@ -36,19 +36,39 @@ def parse_gpus(text: str) -> list[str]:
     return gpus
 
 
-def shard_command(profile: str, root: str | Path, k: int, n: int, phase: str,
-                  python: str = sys.executable) -> list[str]:
+def shard_command(
+    profile: str, root: str | Path, k: int, n: int, phase: str, python: str = sys.executable
+) -> list[str]:
     """The command line of one shard: ``python -m dynslice sweep --profile P --root R --shard K/N --phase X``."""
-    return [python, "-m", "dynslice", "sweep", "--profile", str(profile), "--root", str(root),
-            "--shard", f"{k}/{n}", "--phase", phase]
+    return [
+        python,
+        "-m",
+        "dynslice",
+        "sweep",
+        "--profile",
+        str(profile),
+        "--root",
+        str(root),
+        "--shard",
+        f"{k}/{n}",
+        "--phase",
+        phase,
+    ]
 
 
 def log_path(root: str | Path, profile_name: str, phase: str, k: int, n: int) -> Path:
     return Path(root) / profile_name / "logs" / f"{phase}-shard{k}of{n}.log"
 
 
-def launch(profile: str, root: str | Path, *, gpus: Sequence[str] | None = None, processes: int | None = None,
-           phases: Sequence[str] = ("sweep", "zero-shot"), log: Callable[[str], None] = print) -> int:
+def launch(
+    profile: str,
+    root: str | Path,
+    *,
+    gpus: Sequence[str] | None = None,
+    processes: int | None = None,
+    phases: Sequence[str] = ("sweep", "zero-shot"),
+    log: Callable[[str], None] = print,
+) -> int:
     """Run every phase of ``profile`` in shards, one per GPU in ``gpus`` (or ``processes`` CPU processes).
 
     Returns 0 when every shard of every phase exited 0, else 1 (a failed phase stops before the next one).
@@ -72,8 +92,11 @@ def launch(profile: str, root: str | Path, *, gpus: Sequence[str] | None = None,
             path = log_path(root, name, phase, k, n)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as fh:  # the child keeps its own handle
-                procs.append(subprocess.Popen(shard_command(profile, root, k, n, phase), stdout=fh,
-                                              stderr=subprocess.STDOUT, env=env))
+                procs.append(
+                    subprocess.Popen(
+                        shard_command(profile, root, k, n, phase), stdout=fh, stderr=subprocess.STDOUT, env=env
+                    )
+                )
             where = f"GPU {gpus[k]}" if gpus is not None else "CPU"
             log(f"{phase}: shard {k}/{n} on {where} (pid {procs[-1].pid}), log {path}")
         codes = [p.wait() for p in procs]

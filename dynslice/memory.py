@@ -87,12 +87,18 @@ class Shapes:
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         heads = int(cfg.num_attention_heads)
         head_dim = getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
-        return cls(vocab=int(cfg.vocab_size), hidden=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers),
-                   heads=heads, kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-                   head_dim=int(head_dim), intermediate=int(cfg.intermediate_size),
-                   tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-                   qkv_bias=getattr(cfg, "model_type", "") == "qwen2",
-                   checkpoint_dtype=_DTYPE_NAMES.get(str(getattr(cfg, "dtype", None)).removeprefix("torch.")))
+        return cls(
+            vocab=int(cfg.vocab_size),
+            hidden=int(cfg.hidden_size),
+            layers=int(cfg.num_hidden_layers),
+            heads=heads,
+            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            intermediate=int(cfg.intermediate_size),
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=getattr(cfg, "model_type", "") == "qwen2",
+            checkpoint_dtype=_DTYPE_NAMES.get(str(getattr(cfg, "dtype", None)).removeprefix("torch.")),
+        )
 
     def layer_params(self, d_in: int | None = None, d_out: int | None = None, sliced: bool = False) -> int:
         """Parameters of one decoder layer, dense or sliced (reading ``d_in``, writing ``d_out``)."""
@@ -129,17 +135,28 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """The plan in a few lines, printed before slicing starts."""
+
         def g(n: int) -> str:
             return f"{n / GIB:.2f} GiB"
-        return "\n".join([
-            (f"plan: {self.mode} (weights on {self.weights_on}, calibration signals on {self.signals_on}, "
-            f"layers computed on {self.device}, {self.dtype})"),
-            (f"  dense weights {g(self.dense_bytes)}" + (f" ({self.weights})" if self.weights_on == "host" else "")
-             + f", calibration signals {g(self.signals_bytes)} per copy"),
-            (f"  predicted peak host RAM {g(self.peak_host_bytes)} above the process baseline, "
-            f"peak GPU memory {g(self.peak_gpu_bytes)}"),
-            f"  output folder {g(self.output_bytes)}",
-        ])
+
+        return "\n".join(
+            [
+                (
+                    f"plan: {self.mode} (weights on {self.weights_on}, calibration signals on {self.signals_on}, "
+                    f"layers computed on {self.device}, {self.dtype})"
+                ),
+                (
+                    f"  dense weights {g(self.dense_bytes)}"
+                    + (f" ({self.weights})" if self.weights_on == "host" else "")
+                    + f", calibration signals {g(self.signals_bytes)} per copy"
+                ),
+                (
+                    f"  predicted peak host RAM {g(self.peak_host_bytes)} above the process baseline, "
+                    f"peak GPU memory {g(self.peak_gpu_bytes)}"
+                ),
+                f"  output folder {g(self.output_bytes)}",
+            ]
+        )
 
 
 def _round_down(x: float, interval: int) -> int:
@@ -198,10 +215,20 @@ class _Step:
         qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
         q = s.heads * s.head_dim
         bias = qkv * b if s.qkv_bias else 0
-        dense_parts = {"attn_in": d * qkv * b + bias, "attn_out": q * d * b, "mlp_in": 2 * d * inter * b,
-                       "mlp_out": inter * d * b, "norms": 2 * d * b}
-        rot = {"attn_in": d_in * qkv * b + bias, "attn_out": q * d_in * b, "mlp_in": 2 * d_in * inter * b,
-               "mlp_out": inter * d_out * b, "shortcuts": (d_in * d_in + d_in * d_out) * b}
+        dense_parts = {
+            "attn_in": d * qkv * b + bias,
+            "attn_out": q * d * b,
+            "mlp_in": 2 * d * inter * b,
+            "mlp_out": inter * d * b,
+            "norms": 2 * d * b,
+        }
+        rot = {
+            "attn_in": d_in * qkv * b + bias,
+            "attn_out": q * d_in * b,
+            "mlp_in": 2 * d_in * inter * b,
+            "mlp_out": inter * d_out * b,
+            "shortcuts": (d_in * d_in + d_in * d_out) * b,
+        }
 
         def weights(*rotated: str) -> int:
             if dense == "held":
@@ -241,9 +268,21 @@ class _Step:
         return max(steps)
 
 
-def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, mode: str = "memory",
-            device: str = "cpu", batch_size: int = 8, widths: list[int] | None = None, sp: float = 0.3,
-            shard_bytes: int = GIB, resident: bool = False, weights: str = "mapped") -> MemoryPlan:
+def predict(
+    shapes: Shapes,
+    nsamples: int,
+    seqlen: int,
+    dtype: str = "bf16",
+    *,
+    mode: str = "memory",
+    device: str = "cpu",
+    batch_size: int = 8,
+    widths: list[int] | None = None,
+    sp: float = 0.3,
+    shard_bytes: int = GIB,
+    resident: bool = False,
+    weights: str = "mapped",
+) -> MemoryPlan:
     """Predict the peaks of slicing a model of ``shapes`` (see the module docstring).
 
     ``widths`` defaults to a constant slice of ``sp`` (rounded down to a multiple of 8); ``resident``: the model
@@ -277,8 +316,7 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
     rows = min(v, EMBEDDING_CHUNK_ROWS)
     # glibc keeps the embedding PCA's small blocks, and those of the embedding rotation once a second block of
     # rows reuses them, resident to the end (module docstring)
-    kept = 0 if gpu else _heap(*[step.mat] * 3) + (
-        _heap(rows * widths[0] * 4, rows * widths[0] * b) if v > rows else 0)
+    kept = 0 if gpu else _heap(*[step.mat] * 3) + (_heap(rows * widths[0] * 4, rows * widths[0] * b) if v > rows else 0)
     base = RUNTIME_BYTES + kwargs  # before the first PCA
     extra = base + kept  # from the embedding rotation on
 
@@ -301,14 +339,17 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
         layer_peaks = []
         for i in range(s.layers):
             layer_held = held - (0 if mapped else (i + 1) * dense_layer) + new + sum(sliced[:i])
-            layer_peaks.append(layer_held + step.layer(widths[i], outs[i], i == s.layers - 1,
-                                                       "held" if mapped else "freed"))
+            layer_peaks.append(
+                layer_held + step.layer(widths[i], outs[i], i == s.layers - 1, "held" if mapped else "freed")
+            )
         phases["layers"] = extra + max(layer_peaks, default=0)
         phases["save"] = extra + (held if mapped else held - s.layers * dense_layer) + new + sum(sliced)
         if gpu and resident:  # moved to the GPU: host memory is freed, the GPU holds one copy of the weights
             head_copy = v * d * b if s.tied else 0
-            gpu_phases = {"capture+embeddings": dense + head_copy + sig + tokens * widths[0] * b + pca + emb_rot,
-                          "layers": dense + head_copy + 2 * sig + pca + rot + fwd + kwargs}
+            gpu_phases = {
+                "capture+embeddings": dense + head_copy + sig + tokens * widths[0] * b + pca + emb_rot,
+                "layers": dense + head_copy + 2 * sig + pca + rot + fwd + kwargs,
+            }
             phases = {"load": dense}
         elif gpu:
             gpu_phases["layer"] = dense_layer + 2 * rot + pca + fwd + 2 * batch_tokens * d * b
@@ -322,17 +363,29 @@ def predict(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, 
             pending += t
             pend_after.append(pending)
         phases["capture+embeddings"] = base + emb_bytes + step.embedding(widths[0], kept)
-        phases["layers"] = extra + max((pend_after[i] + step.layer(widths[i], outs[i], i == s.layers - 1, "whole")
-                                        for i in range(s.layers)), default=0)
+        phases["layers"] = extra + max(
+            (pend_after[i] + step.layer(widths[i], outs[i], i == s.layers - 1, "whole") for i in range(s.layers)),
+            default=0,
+        )
         # the head is read, the final norm folded into it in place (its pages copied), and it joins the shard
         phases["head"] = extra + pend_after[-2] + emb_bytes + sig
         if gpu:
             gpu_phases["layer"] = dense_layer + 2 * rot + pca + fwd + 2 * batch_tokens * d * b
         weights_on, signals_on = "disk", "host"
-    return MemoryPlan(mode=mode, device=device, weights_on=weights_on, signals_on=signals_on, dtype=dtype,
-                      peak_host_bytes=int(max(phases.values())),
-                      peak_gpu_bytes=int(max(gpu_phases.values())) if gpu_phases else 0, output_bytes=int(output),
-                      dense_bytes=int(dense), signals_bytes=int(sig), phase_host_bytes=phases, weights=weights)
+    return MemoryPlan(
+        mode=mode,
+        device=device,
+        weights_on=weights_on,
+        signals_on=signals_on,
+        dtype=dtype,
+        peak_host_bytes=int(max(phases.values())),
+        peak_gpu_bytes=int(max(gpu_phases.values())) if gpu_phases else 0,
+        output_bytes=int(output),
+        dense_bytes=int(dense),
+        signals_bytes=int(sig),
+        phase_host_bytes=phases,
+        weights=weights,
+    )
 
 
 def available_host_bytes() -> int:
@@ -356,10 +409,23 @@ def available_gpu_bytes(device: str) -> int:
     return int(free)
 
 
-def plan(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, device: str = "cpu",
-         batch_size: int = 8, widths: list[int] | None = None, sp: float = 0.3, stream: str = "auto",
-         streamable: bool = True, host_bytes: int | None = None, gpu_bytes: int | None = None,
-         headroom: float = 0.9, weights: str | None = None) -> MemoryPlan:
+def plan(
+    shapes: Shapes,
+    nsamples: int,
+    seqlen: int,
+    dtype: str = "bf16",
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    widths: list[int] | None = None,
+    sp: float = 0.3,
+    stream: str = "auto",
+    streamable: bool = True,
+    host_bytes: int | None = None,
+    gpu_bytes: int | None = None,
+    headroom: float = 0.9,
+    weights: str | None = None,
+) -> MemoryPlan:
     """Choose the placement: resident on the GPU when model and signals fit there (fastest), else in host RAM when
     the in-RAM peak fits in ``headroom`` × the available RAM, else streaming (when ``streamable``).
 
@@ -369,8 +435,9 @@ def plan(shapes: Shapes, nsamples: int, seqlen: int, dtype: str = "bf16", *, dev
     """
     check_choice("stream", stream, ("auto", "on", "off"))
     if stream == "on" and not streamable:
-        raise ValueError("stream: 'on' needs a local folder of safetensors weights (GGUF and built-in models "
-                         "are sliced in RAM)")
+        raise ValueError(
+            "stream: 'on' needs a local folder of safetensors weights (GGUF and built-in models are sliced in RAM)"
+        )
     if weights is None:
         weights = "mapped" if streamable and shapes.checkpoint_dtype == dtype else "anonymous"
     kw = {"device": device, "batch_size": batch_size, "widths": widths, "sp": sp, "weights": weights}

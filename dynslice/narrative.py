@@ -34,24 +34,30 @@ def lr_text(scores: Mapping[tuple[str, str], Mapping[str, Any]], agreement: pd.D
     for (model, corpus), s in scores.items():
         lr = list(s["lr"])
         lo, hi = min(range(len(lr)), key=lr.__getitem__), max(range(len(lr)), key=lr.__getitem__)
-        parts.append(f"On **{model} / {corpus}**, LR runs from {lr[lo]:.3f} at layer {lo} (least redundant: it "
-                     f"turns its input most, so it is sliced least) to {lr[hi]:.3f} at layer {hi} (sliced most).")
+        parts.append(
+            f"On **{model} / {corpus}**, LR runs from {lr[lo]:.3f} at layer {lo} (least redundant: it "
+            f"turns its input most, so it is sliced least) to {lr[hi]:.3f} at layer {hi} (sliced most)."
+        )
     for _, row in agreement.iterrows():
         verdict = "the same ordering" if row["spearman"] > 0.8 else "a different ordering"
-        parts.append(f"The {row['corpus A']} and {row['corpus B']} curves have Spearman ρ = {row['spearman']:.2f}: "
-                     f"{verdict} of layers, so the allocation "
-                     f"{'does not hinge' if row['spearman'] > 0.8 else 'depends'}"
-                     f" on the LR corpus (the paper reports LR to be stable across corpora).")
+        parts.append(
+            f"The {row['corpus A']} and {row['corpus B']} curves have Spearman ρ = {row['spearman']:.2f}: "
+            f"{verdict} of layers, so the allocation "
+            f"{'does not hinge' if row['spearman'] > 0.8 else 'depends'}"
+            f" on the LR corpus (the paper reports LR to be stable across corpora)."
+        )
     return " ".join(parts)
 
 
 def allocation_text(widths: Sequence[int], hidden: int, constant: int, sp: float, sb: float) -> str:
     """The spread of the per-layer widths against SliceGPT's constant width."""
     lo, hi = min(range(len(widths)), key=widths.__getitem__), max(range(len(widths)), key=widths.__getitem__)
-    return (f"At SP = {sp:g} and SB = {sb:g}, SliceGPT keeps every layer at width {constant} of {hidden}; "
-            f"dynamic slicing keeps between {widths[lo]} (layer {lo}) and {widths[hi]} (layer {hi}), with the same "
-            f"total width ({sum(widths)} vs {constant * len(widths)}). The redundant layers give width to the "
-            f"others, as in the paper's Figure 1.")
+    return (
+        f"At SP = {sp:g} and SB = {sb:g}, SliceGPT keeps every layer at width {constant} of {hidden}; "
+        f"dynamic slicing keeps between {widths[lo]} (layer {lo}) and {widths[hi]} (layer {hi}), with the same "
+        f"total width ({sum(widths)} vs {constant * len(widths)}). The redundant layers give width to the "
+        f"others, as in the paper's Figure 1."
+    )
 
 
 def sweep_text(head: pd.DataFrame, dataset: str) -> str:
@@ -61,33 +67,44 @@ def sweep_text(head: pd.DataFrame, dataset: str) -> str:
     col = f"ppl_{dataset}"
     lines = []
     for _, r in head.iterrows():
-        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: best SB {r['best_sb']:g}, perplexity "
-                     f"{r[col + '_dynamic']:.2f} vs {r[col + '_constant']:.2f} for constant slicing: "
-                     f"{_claim_ppl(r[col + '_change_pct'])}.")
-    return (f"Perplexity on **{dataset}**, best dynamic SB against constant slicing (SB = SP):\n\n"
-            + "\n".join(lines) + f"\n\n*{BEST_SB_NOTE}*")
+        lines.append(
+            f"- SP {r['sp']:g}, {r['comparison']}: best SB {r['best_sb']:g}, perplexity "
+            f"{r[col + '_dynamic']:.2f} vs {r[col + '_constant']:.2f} for constant slicing: "
+            f"{_claim_ppl(r[col + '_change_pct'])}."
+        )
+    return (
+        f"Perplexity on **{dataset}**, best dynamic SB against constant slicing (SB = SP):\n\n"
+        + "\n".join(lines)
+        + f"\n\n*{BEST_SB_NOTE}*"
+    )
 
 
 def params_text(head: pd.DataFrame) -> str:
     """What each comparison costs in parameters."""
     if head.empty:
         return "No comparison to show."
-    lines = [f"- SP {r['sp']:g}, {r['comparison']}: {r['params_dynamic'] / 1e6:.2f}M parameters vs "
-             f"{r['params_constant'] / 1e6:.2f}M ({100 * (r['params_dynamic'] / r['params_constant'] - 1):+.1f}%)."
-             for _, r in head.iterrows()]
-    return ("At equal mean width dynamic slicing may keep more parameters than constant slicing; the "
-            "equal-parameter budget removes that advantage, so its gain is the one that survives a fair size "
-            "match:\n\n" + "\n".join(lines))
+    lines = [
+        f"- SP {r['sp']:g}, {r['comparison']}: {r['params_dynamic'] / 1e6:.2f}M parameters vs "
+        f"{r['params_constant'] / 1e6:.2f}M ({100 * (r['params_dynamic'] / r['params_constant'] - 1):+.1f}%)."
+        for _, r in head.iterrows()
+    ]
+    return (
+        "At equal mean width dynamic slicing may keep more parameters than constant slicing; the "
+        "equal-parameter budget removes that advantage, so its gain is the one that survives a fair size "
+        "match:\n\n" + "\n".join(lines)
+    )
 
 
 def auto_text(auto: pd.DataFrame) -> str:
     """Automatic SB vs the sweep's best."""
     if auto.empty:
         return "This profile runs no automatic SB search."
-    lines = [f"- SP {r['sp']:g} ({r['comparison']}): picked SB {r['auto_sb']:g} with {r['auto_runs']} slicings "
-             f"on a grid of {r['auto_grid']} points; the sweep's best is SB {r['sweep_sb']:g} "
-             f"({r['sweep_runs']} runs); perplexity gap {r['ppl_gap_pct']:+.1f}%."
-             for _, r in auto.iterrows()]
+    lines = [
+        f"- SP {r['sp']:g} ({r['comparison']}): picked SB {r['auto_sb']:g} with {r['auto_runs']} slicings "
+        f"on a grid of {r['auto_grid']} points; the sweep's best is SB {r['sweep_sb']:g} "
+        f"({r['sweep_runs']} runs); perplexity gap {r['ppl_gap_pct']:+.1f}%."
+        for _, r in auto.iterrows()
+    ]
     return "The automatic search sees only held-out calibration text, never the test split:\n\n" + "\n".join(lines)
 
 
@@ -99,11 +116,15 @@ def zero_shot_text(head: pd.DataFrame) -> str:
     for _, r in head[head["acc_delta_points"].notna()].iterrows():
         d = r["acc_delta_points"]
         rel = "more than" if d > PAPER_ACC_GAIN_POINTS else "within" if d > 0 else "against"
-        lines.append(f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs "
-                     f"{r['acc_constant']:.3f} "
-                     f"({d:+.1f} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g}).")
-    return ("Average zero-shot accuracy, best dynamic SB (by perplexity, never by accuracy) against constant "
-            "slicing:\n\n" + "\n".join(lines))
+        lines.append(
+            f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs "
+            f"{r['acc_constant']:.3f} "
+            f"({d:+.1f} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g})."
+        )
+    return (
+        "Average zero-shot accuracy, best dynamic SB (by perplexity, never by accuracy) against constant "
+        "slicing:\n\n" + "\n".join(lines)
+    )
 
 
 def headline_text(head: pd.DataFrame, dataset: str) -> str:
@@ -118,11 +139,15 @@ def headline_text(head: pd.DataFrame, dataset: str) -> str:
         if best[col] < 0:
             parts.append(f"At **{comparison}**, the best gain is {-best[col]:.1f}% lower {dataset} perplexity {where}.")
         else:
-            parts.append(f"At **{comparison}**, dynamic slicing gains nothing: at best {best[col]:+.1f}% {dataset} "
-                         f"perplexity {where}.")
+            parts.append(
+                f"At **{comparison}**, dynamic slicing gains nothing: at best {best[col]:+.1f}% {dataset} "
+                f"perplexity {where}."
+            )
     if "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
-        parts.append(f"Average accuracy moves by {head['acc_delta_points'].min():+.1f} to "
-                     f"{head['acc_delta_points'].max():+.1f} points.")
+        parts.append(
+            f"Average accuracy moves by {head['acc_delta_points'].min():+.1f} to "
+            f"{head['acc_delta_points'].max():+.1f} points."
+        )
     top = -float(head[col].min())
     rel = "more than" if top > PAPER_PPL_GAIN_PCT else "within" if top > 0 else "against"
     claim = f"The perplexity gain is {rel} the paper's up to {PAPER_PPL_GAIN_PCT:g}% over SliceGPT"
@@ -151,20 +176,25 @@ def noise_text(head: pd.DataFrame, dataset: str, noise: Mapping[str, Any], docum
     ppl_rel = float(noise["tolerances"]["by_quantity"]["ppl_sliced"]["largest_seen"])
     paired = noise["seed_spread"]["paired_change"].get(dataset)
     seed_sd = None if paired is None else float(paired["change_sd_points"])
-    seed_note = ("" if paired is None else
-                 f" A different calibration seed moves the dynamic-vs-constant difference by sd {seed_sd:.1f} points "
-                 f"({dataset}, SP {paired['sp']:g}, {paired['budget']} budget, {paired['seeds']} seeds, notebook 06).")
+    seed_note = (
+        ""
+        if paired is None
+        else f" A different calibration seed moves the dynamic-vs-constant difference by sd {seed_sd:.1f} points "
+        f"({dataset}, SP {paired['sp']:g}, {paired['budget']} budget, {paired['seeds']} seeds, notebook 06)."
+    )
     lines = []
     for _, r in head.iterrows():
         d = float(r[col])
         verdict = "within noise" if within_noise(d, numerical, seed_sd) else "beyond both spreads"
         lines.append(f"- SP {r['sp']:g}, {r['comparison']}: {d:+.1f}% ({verdict}).")
-    text = (f"**The noise under these numbers.** Recomputed under other thread counts and SIMD levels, and on "
-            f"another CPU, a sliced model's perplexity moved by up to {100 * ppl_rel:.2f}% and a % change by up to "
-            f"{numerical:.2f} points ({classes['ppl_sliced']['numbers']} perplexities, bench/results/"
-            f"numerics_noise.json); run_all.sh pins the arithmetic, so on the CPU kind of the reference its bits "
-            f"are reproduced exactly.{seed_note} A difference no larger than the numerical spread or two seed "
-            f"standard deviations is within noise:\n\n" + "\n".join(lines))
+    text = (
+        f"**The noise under these numbers.** Recomputed under other thread counts and SIMD levels, and on "
+        f"another CPU, a sliced model's perplexity moved by up to {100 * ppl_rel:.2f}% and a % change by up to "
+        f"{numerical:.2f} points ({classes['ppl_sliced']['numbers']} perplexities, bench/results/"
+        f"numerics_noise.json); run_all.sh pins the arithmetic, so on the CPU kind of the reference its bits "
+        f"are reproduced exactly.{seed_note} A difference no larger than the numerical spread or two seed "
+        f"standard deviations is within noise:\n\n" + "\n".join(lines)
+    )
     if documents and "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
         acc = []
         for _, r in head[head["acc_delta_points"].notna()].iterrows():
@@ -173,6 +203,8 @@ def noise_text(head: pd.DataFrame, dataset: str, noise: Mapping[str, Any], docum
             d = float(r["acc_delta_points"])
             verdict = "within noise" if abs(d) <= 2 * se else "beyond two standard errors"
             acc.append(f"- SP {r['sp']:g}, {r['comparison']}: {d:+.1f} points, standard error {se:.1f} ({verdict}).")
-        text += (f"\n\nZero-shot accuracy at {documents} documents per model has a sampling standard error of its "
-                 "own, far larger than its numerical spread:\n\n" + "\n".join(acc))
+        text += (
+            f"\n\nZero-shot accuracy at {documents} documents per model has a sampling standard error of its "
+            "own, far larger than its numerical spread:\n\n" + "\n".join(acc)
+        )
     return text

@@ -32,9 +32,9 @@ class Notebook:
     """Where one notebook reads and writes, for one profile."""
 
     profile: Profile
-    root: Path      # <root>: holds <profile>/
-    results: Path   # <root>/<profile>: runs/, lr/, tables/, executed/
-    figures: Path   # <figures>/<profile>: the PDFs
+    root: Path  # <root>: holds <profile>/
+    results: Path  # <root>/<profile>: runs/, lr/, tables/, executed/
+    figures: Path  # <figures>/<profile>: the PDFs
     force: bool
     started: float = field(default_factory=time.perf_counter)
 
@@ -70,8 +70,7 @@ class Notebook:
         return f"notebook time {time.perf_counter() - self.started:.0f} s"
 
 
-def setup(profile: str, root: str | Path = "results", figures: str | Path = "figures",
-          force: bool = False) -> Notebook:
+def setup(profile: str, root: str | Path = "results", figures: str | Path = "figures", force: bool = False) -> Notebook:
     """Load ``profile``, create its output folders, and configure caches, matplotlib, seaborn and pandas."""
     configure_hf_cache()  # before anything imports datasets
     import logging
@@ -88,8 +87,9 @@ def setup(profile: str, root: str | Path = "results", figures: str | Path = "fig
 
     prof = load_profile(profile)
     root_dir = _abs(root)
-    ctx = Notebook(profile=prof, root=root_dir, results=root_dir / prof.name, figures=_abs(figures) / prof.name,
-                   force=bool(force))
+    ctx = Notebook(
+        profile=prof, root=root_dir, results=root_dir / prof.name, figures=_abs(figures) / prof.name, force=bool(force)
+    )
     ctx.figures.mkdir(parents=True, exist_ok=True)
     ctx.tables.mkdir(parents=True, exist_ok=True)
     try:  # inside IPython: inline PNG figures, shown only through Notebook.figure
@@ -103,8 +103,14 @@ def setup(profile: str, root: str | Path = "results", figures: str | Path = "fig
     except ImportError:
         pass
     sns.set_theme(style="whitegrid", context="paper")
-    matplotlib.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42, "figure.dpi": 80,  # TrueType in PDFs
-                                "savefig.dpi": 110})
+    matplotlib.rcParams.update(
+        {
+            "pdf.fonttype": 42,
+            "ps.fonttype": 42,
+            "figure.dpi": 80,  # TrueType in PDFs
+            "savefig.dpi": 110,
+        }
+    )
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 40)
     print(f"profile {prof.name}: {prof.description}\nresults -> {ctx.results}\nfigures -> {ctx.figures}")
@@ -126,8 +132,12 @@ def tidy_streams(path: str | Path) -> int:
             continue
         outputs = []
         for out in cell.outputs:
-            if out.output_type == "stream" and outputs and outputs[-1].output_type == "stream" \
-                    and outputs[-1].name == out.name:
+            if (
+                out.output_type == "stream"
+                and outputs
+                and outputs[-1].output_type == "stream"
+                and outputs[-1].name == out.name
+            ):
                 outputs[-1].text += out.text
                 removed += 1
             else:

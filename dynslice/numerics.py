@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 #: The environment that pins the CPU arithmetic (read by torch, MKL and oneDNN when they start).
-PINNED_ENV: Mapping[str, str] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
-                                 "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PINNED_ENV: Mapping[str, str] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 #: Environment variables that change the arithmetic or the thread split; recorded when set.
 ENV_VARS = (*PINNED_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_ENABLE_INSTRUCTIONS")
 #: The values of a profile's ``numerics:`` key.
@@ -40,8 +39,13 @@ def versions() -> dict[str, str]:
 
     from dynslice import __version__
 
-    out = {"dynslice": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "datasets": datasets.__version__, "python": platform.python_version()}
+    out = {
+        "dynslice": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import lm_eval
 
@@ -95,10 +99,15 @@ def describe(device: str = "cpu") -> dict[str, Any]:
 
     isa = torch.backends.cpu.get_cpu_capability()
     # Pinned only when the variables were set before torch started: then ATen reports the pinned SIMD level.
-    out: dict[str, Any] = {"pinned": is_pinned() and isa == "AVX2", "isa": isa,
-                           "threads": torch.get_num_threads(), "blas": _blas(), "cpu": cpu(),
-                           "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
-                           "torch": torch.__version__}
+    out: dict[str, Any] = {
+        "pinned": is_pinned() and isa == "AVX2",
+        "isa": isa,
+        "threads": torch.get_num_threads(),
+        "blas": _blas(),
+        "cpu": cpu(),
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        "torch": torch.__version__,
+    }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return out
@@ -115,7 +124,14 @@ def arithmetic_key(numerics: Mapping[str, Any] | None, versions: Mapping[str, st
         return None
     c = numerics.get("cpu", {})
     v = versions or {}
-    parts = [c.get("vendor", "?"), c.get("family", "?"), c.get("model", "?"), str(numerics.get("isa")),
-             str(numerics.get("blas")), str(numerics.get("gpu", "-")), f"torch {v.get('torch', numerics.get('torch'))}",
-             f"transformers {v.get('transformers', '?')}"]
+    parts = [
+        c.get("vendor", "?"),
+        c.get("family", "?"),
+        c.get("model", "?"),
+        str(numerics.get("isa")),
+        str(numerics.get("blas")),
+        str(numerics.get("gpu", "-")),
+        f"torch {v.get('torch', numerics.get('torch'))}",
+        f"transformers {v.get('transformers', '?')}",
+    ]
     return " / ".join(parts)

@@ -41,7 +41,8 @@ N_CHOICES = 4
 _BOUNDARY = re.compile(r"[.!?][\"')\]]?\s+(?=[\"(]?[A-Z])")
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr st jr sr prof gen col lt sgt capt gov sen rev vs etc no nos inc co corp ltd mt ft approx ca c "
-    "e.g i.e u.s u.k a.d b.c fig vol ed eds jan feb mar apr jun jul aug sep sept oct nov dec".split())
+    "e.g i.e u.s u.k a.d b.c fig vol ed eds jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
 # Clean prose: letters, digits and ordinary punctuation, no wiki markup; ASCII only where lengths must be bytes.
 _CLEAN_ASCII = re.compile(r"[A-Za-z0-9 ,.;:'\"()%$&/!?-]+")
 _CLEAN_TEXT = re.compile(r"[^\x00-\x1f|\[\]{}<>=*#_\\`~^@+]+")
@@ -62,10 +63,10 @@ def split_sentences(paragraph: str) -> list[str]:
     text = " ".join(paragraph.split())
     sentences, start = [], 0
     for match in _BOUNDARY.finditer(text):
-        before = text[start:match.start()].rsplit(" ", 1)[-1].lower().lstrip("(\"'")
+        before = text[start : match.start()].rsplit(" ", 1)[-1].lower().lstrip("(\"'")
         if len(before) <= 1 or before in _ABBREVIATIONS or before.rstrip(".") in _ABBREVIATIONS:
             continue
-        sentences.append(text[start:match.start() + len(match.group().rstrip())])
+        sentences.append(text[start : match.start() + len(match.group().rstrip())])
         start = match.end()
     tail = text[start:].strip()
     if tail:
@@ -78,9 +79,14 @@ def is_clean(sentence: str, ascii_only: bool = True) -> bool:
     without wiki markup; with ``ascii_only`` plain ASCII too (so its character and byte lengths agree)."""
     words = sentence.split()
     pattern = _CLEAN_ASCII if ascii_only else _CLEAN_TEXT
-    return (5 <= len(words) <= 60 and 30 <= len(sentence) <= 300 and sentence[0].isupper()
-            and sentence.endswith(".") and pattern.fullmatch(sentence) is not None
-            and not any(m in sentence for m in _MARKUP))
+    return (
+        5 <= len(words) <= 60
+        and 30 <= len(sentence) <= 300
+        and sentence[0].isupper()
+        and sentence.endswith(".")
+        and pattern.fullmatch(sentence) is not None
+        and not any(m in sentence for m in _MARKUP)
+    )
 
 
 def _paragraph_sentences(docs: Sequence[str]) -> list[list[_Sentence]]:
@@ -92,8 +98,9 @@ def _paragraph_sentences(docs: Sequence[str]) -> list[list[_Sentence]]:
     return paragraphs
 
 
-def _cloze_candidates(paragraphs: list[list[_Sentence]], min_words: int = 30,
-                      max_sentences: int = 6) -> list[dict[str, Any]]:
+def _cloze_candidates(
+    paragraphs: list[list[_Sentence]], min_words: int = 30, max_sentences: int = 6
+) -> list[dict[str, Any]]:
     """One passage per clean sentence: it and up to ``max_sentences - 1`` clean sentences before it, reaching
     back until the passage has ``min_words`` words and its last word occurs earlier in it (else no item)."""
     items = []
@@ -108,11 +115,12 @@ def _cloze_candidates(paragraphs: list[list[_Sentence]], min_words: int = 30,
                 continue
             start = end
             while True:
-                passage = " ".join(s.text for s in sents[start:end + 1])
+                passage = " ".join(s.text for s in sents[start : end + 1])
                 context = passage[:-1].rsplit(" ", 1)[0]  # drop the final '.', then the last word
                 if len(passage.split()) >= min_words and re.search(rf"\b{word}\b", context):
-                    items.append({"doc": last.doc, "context": context, "target": " " + word,
-                                  "text": context + " " + word})
+                    items.append(
+                        {"doc": last.doc, "context": context, "target": " " + word, "text": context + " " + word}
+                    )
                     break
                 if start == first or end - start + 1 == max_sentences:
                     break
@@ -198,14 +206,17 @@ def build_offline_tasks(n_cloze: int = 200, n_cont: int = 400, seed: int = 0) ->
     check_int("seed", seed)
     configure_hf_cache()
     docs = load_texts("wiki", "test")
-    items = {"dynslice_cloze": make_cloze_items(docs, n_cloze, seed),
-             "dynslice_continuation": make_continuation_items(docs, n_cont, seed + 1)}
+    items = {
+        "dynslice_cloze": make_cloze_items(docs, n_cloze, seed),
+        "dynslice_continuation": make_continuation_items(docs, n_cont, seed + 1),
+    }
     out = cache_dir() / "tasks"
     out.mkdir(parents=True, exist_ok=True)
     datasets_cache = os.environ["HF_DATASETS_CACHE"]
     for name in OFFLINE_TASKS:
         data_file = (out / f"{name}.jsonl").resolve()
-        _write_if_changed(data_file, "".join(json.dumps(item, ensure_ascii=True, sort_keys=True) + "\n"
-                                             for item in items[name]))
+        _write_if_changed(
+            data_file, "".join(json.dumps(item, ensure_ascii=True, sort_keys=True) + "\n" for item in items[name])
+        )
         _write_if_changed(out / f"{name}.yaml", _task_yaml(name, data_file, datasets_cache))
     return out

@@ -97,16 +97,20 @@ def _guard(path: Path, tmp: Path) -> str:
         if expected is None:
             return "create"
         if not path.is_file() or path.is_symlink() or ownership.fingerprint(path) != expected:
-            raise ValueError(f"out: {path} changed while dynslice was working (another process wrote it?); kept "
-                             "it, and refusing to replace it")
+            raise ValueError(
+                f"out: {path} changed while dynslice was working (another process wrote it?); kept "
+                "it, and refusing to replace it"
+            )
         return "replace"
     ledger = ownership.active_ledger()
     if ledger is not None and ledger.guard and os.path.lexists(path):
         where = ledger.locate(path)
-        if where is not None and not ownership.is_ours(ledger.roots[where[0]], where[1],
-                                                       ledger.listing()[where[0]].get(where[1], ())):
-            raise ValueError(f"{where[0]}: {path} exists and was not written by this run; refusing to replace it "
-                             "(move it away)")
+        if where is not None and not ownership.is_ours(
+            ledger.roots[where[0]], where[1], ledger.listing()[where[0]].get(where[1], ())
+        ):
+            raise ValueError(
+                f"{where[0]}: {path} exists and was not written by this run; refusing to replace it (move it away)"
+            )
     return "replace"
 
 
@@ -139,8 +143,10 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
             try:
                 os.link(tmp, path)  # fails if anything appeared at path meanwhile
             except FileExistsError:
-                raise ValueError(f"out: {path} appeared while dynslice was working (another process wrote it?); "
-                                 "kept it, and refusing to replace it") from None
+                raise ValueError(
+                    f"out: {path} appeared while dynslice was working (another process wrote it?); "
+                    "kept it, and refusing to replace it"
+                ) from None
             tmp.unlink()
         else:
             os.replace(tmp, path)
@@ -179,8 +185,9 @@ def _check_path_text(param: str, path: str | os.PathLike) -> Path:
     limit = _name_max(p.parent if str(p.parent) else Path(".")) - NAME_SLACK
     for part in p.parts:
         if len(part.encode()) > limit:
-            raise ValueError(f"{param}: a name in the path is {len(part.encode())} bytes long; at most {limit} "
-                             "bytes are allowed")
+            raise ValueError(
+                f"{param}: a name in the path is {len(part.encode())} bytes long; at most {limit} bytes are allowed"
+            )
     if len(os.fsencode(os.path.abspath(p))) > PATH_MAX:
         raise ValueError(f"{param}: the path is longer than {PATH_MAX} bytes")
     return p
@@ -234,8 +241,9 @@ def check_json_out(path: str | os.PathLike, *, overwrite: bool = False, param: s
         if not p.is_file():
             raise ValueError(f"{param}: {p} exists and is not a regular file")
         if not is_dynslice_record(p):
-            raise ValueError(f"{param}: {p} exists and is not a dynslice record; refusing to replace it "
-                             "(choose another path)")
+            raise ValueError(
+                f"{param}: {p} exists and is not a dynslice record; refusing to replace it (choose another path)"
+            )
         if not overwrite:
             raise ValueError(f"{param}: {p} already exists; pass --overwrite to replace this dynslice record")
         if not os.access(p.parent if str(p.parent) else Path("."), os.W_OK | os.X_OK):
@@ -286,17 +294,23 @@ def _model_refusal(param: str, p: Path, overwrite: bool) -> str | None:
     """Why the non-empty folder ``p`` may not be replaced by a model (``None``: it may)."""
     meta = _sliced_meta(p)
     if meta is None or "widths" not in meta:
-        return (f"{param}: {p} is a non-empty folder that is not a dynslice model; refusing to write into it "
-                "(choose a new or empty folder)")
+        return (
+            f"{param}: {p} is a non-empty folder that is not a dynslice model; refusing to write into it "
+            "(choose a new or empty folder)"
+        )
     if model_listing(p) is None:
-        return (f"{param}: {p} was saved by an older dynslice that did not record its files' hashes, so it cannot "
-                "prove what it wrote there; delete it yourself or choose another folder")
+        return (
+            f"{param}: {p} was saved by an older dynslice that did not record its files' hashes, so it cannot "
+            "prove what it wrote there; delete it yourself or choose another folder"
+        )
     if not overwrite:
         return f"{param}: {p} already holds a dynslice model; pass --overwrite to replace it"
     extra = foreign_files(p)
     if extra:
-        return (f"{param}: {p} holds files dynslice did not write or that changed since ({ownership.describe(extra)});"
-                " refusing to replace it")
+        return (
+            f"{param}: {p} holds files dynslice did not write or that changed since ({ownership.describe(extra)});"
+            " refusing to replace it"
+        )
     return None
 
 
@@ -343,15 +357,19 @@ _ID = re.compile(r"[0-9a-f]{32}")
 
 def _marker(folder: Path, name: str, prefix: str) -> dict | None:
     """The marker ``name`` in ``folder`` when it is one dynslice wrote for this folder (its id is the folder's)."""
-    ident = folder.name[len(prefix):]
+    ident = folder.name[len(prefix) :]
     if not folder.name.startswith(prefix) or not _ID.fullmatch(ident) or folder.is_symlink():
         return None
     try:
         obj = json.loads((folder / name).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(obj, dict) or obj.get("id") != ident or not isinstance(obj.get("target"), str) \
-            or not isinstance(obj.get("pid"), int):
+    if (
+        not isinstance(obj, dict)
+        or obj.get("id") != ident
+        or not isinstance(obj.get("target"), str)
+        or not isinstance(obj.get("pid"), int)
+    ):
         return None
     return obj
 
@@ -365,8 +383,11 @@ def clean_stale(target: Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     for entry in sorted(parent.iterdir()):
-        for prefix, name in ((INIT_PREFIX, INCOMPLETE_MARKER), (TMP_PREFIX, INCOMPLETE_MARKER),
-                             (OLD_PREFIX, OLD_MARKER)):
+        for prefix, name in (
+            (INIT_PREFIX, INCOMPLETE_MARKER),
+            (TMP_PREFIX, INCOMPLETE_MARKER),
+            (OLD_PREFIX, OLD_MARKER),
+        ):
             mark = _marker(entry, name, prefix)
             if mark is None or mark["target"] != target.name or _pid_alive(mark["pid"]):
                 continue
@@ -424,7 +445,7 @@ def publish_folder(tmp: Path, target: Path) -> None:
     for entry in tmp.rglob("*"):
         os.chmod(entry, dir_mode() if entry.is_dir() else file_mode())
     os.chmod(tmp, dir_mode())
-    ident = tmp.name[len(TMP_PREFIX):]
+    ident = tmp.name[len(TMP_PREFIX) :]
     if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
         (tmp / INCOMPLETE_MARKER).unlink()
         _refuse_race(tmp, target, "appeared as a file or link")
@@ -448,8 +469,10 @@ def publish_folder(tmp: Path, target: Path) -> None:
         except OSError:  # something new at target: put nothing back over it
             (old / OLD_MARKER).unlink()
             kept = _keep_new(tmp, target)
-            raise ValueError(f"out: {target} appeared while dynslice was working; kept it, the previous model is "
-                             f"at {old} and the new one at {kept}") from None
+            raise ValueError(
+                f"out: {target} appeared while dynslice was working; kept it, the previous model is "
+                f"at {old} and the new one at {kept}"
+            ) from None
         ownership.remove_owned(old, listing, extra=(SLICED_META, OLD_MARKER))
         return
     (tmp / INCOMPLETE_MARKER).unlink()

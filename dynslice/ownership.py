@@ -110,8 +110,9 @@ def foreign(folder: Path, listing: Mapping[str, Iterable[Entry]], ignore: Iterab
     return [rel for rel in walk_files(folder) if rel not in skip and not is_ours(folder, rel, listing.get(rel, ()))]
 
 
-def remove_owned(folder: Path, listing: Mapping[str, Iterable[Entry]], extra: Iterable[str] = (), *,
-                 keep_top: bool = False) -> list[str]:
+def remove_owned(
+    folder: Path, listing: Mapping[str, Iterable[Entry]], extra: Iterable[str] = (), *, keep_top: bool = False
+) -> list[str]:
     """Delete the files of ``listing`` that are still ours (and the ``extra`` names, e.g. the record itself), then
     every folder under ``folder`` left empty (``folder`` itself too unless ``keep_top``). Returns what was kept
     (foreign entries)."""
@@ -170,8 +171,9 @@ class Ledger:
     def create(cls, path: Path, roots: Mapping[str, Path], guard: bool = True) -> Ledger:
         """Start a ledger (or reuse the one at ``path``: a resumed run appends)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = json.dumps({"dynslice_ledger": 1, "guard": guard,
-                             "roots": {k: str(Path(v).resolve()) for k, v in roots.items()}})
+        header = json.dumps(
+            {"dynslice_ledger": 1, "guard": guard, "roots": {k: str(Path(v).resolve()) for k, v in roots.items()}}
+        )
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -245,10 +247,19 @@ def make_manifest(folder: Path, kind: str, ignore: Iterable[str] = ()) -> str:
     """The text of a manifest (with a new id) listing every file under ``folder``; the caller writes it to
     ``folder/.dynslice-owned.json``."""
     skip = {MANIFEST, *ignore}
-    files = {rel: {"bytes": size, "sha256": digest} for rel in walk_files(folder) if rel not in skip
-             for size, digest in [fingerprint(folder / rel)]}
-    manifest = {"dynslice_owned": 1, "id": new_id(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind,
-                "files": files}
+    files = {
+        rel: {"bytes": size, "sha256": digest}
+        for rel in walk_files(folder)
+        if rel not in skip
+        for size, digest in [fingerprint(folder / rel)]
+    }
+    manifest = {
+        "dynslice_owned": 1,
+        "id": new_id(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "kind": kind,
+        "files": files,
+    }
     return json.dumps(manifest, indent=1) + "\n"
 
 

@@ -32,8 +32,10 @@ def cache_dir() -> Path:
             raise PermissionError(13, "not writable")
     except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or str(e)
-        raise ValueError(f"{source}: {str(root)!r} cannot be used as dynslice's cache folder ({why}); set "
-                         "DYNSLICE_CACHE to a writable folder") from None
+        raise ValueError(
+            f"{source}: {str(root)!r} cannot be used as dynslice's cache folder ({why}); set "
+            "DYNSLICE_CACHE to a writable folder"
+        ) from None
     return root
 
 

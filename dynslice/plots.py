@@ -14,8 +14,7 @@ from dynslice.report import ppl_columns
 BUDGET_COLORS = {"width": "tab:blue", "params": "tab:green"}
 
 
-def lr_per_layer(scores: Mapping[tuple[str, str], Mapping[str, Any]], models: Sequence[str],
-                 corpora: Sequence[str]):
+def lr_per_layer(scores: Mapping[tuple[str, str], Mapping[str, Any]], models: Sequence[str], corpora: Sequence[str]):
     """Raw and min-max normalised LR per layer: one row per model, one line per corpus."""
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 2.8 * len(models)), squeeze=False)
     for row, model in zip(axes, models, strict=True):
@@ -32,9 +31,13 @@ def lr_per_layer(scores: Mapping[tuple[str, str], Mapping[str, Any]], models: Se
 
 def allocation_steps(steps: pd.DataFrame, sp: float, sb: float, constant_pct: float, title: str):
     """The paper's Figure 1: LR, normalised, divided by the mean, FS, and the slice applied after rounding."""
-    panels = [("LR", "LR score", None), ("normalised n", "min-max normalised", None),
-              ("n / mean(n)", "divided by mean", 1.0), ("FS (%)", "FS = SB + (SP-SB) n/mean(n)", None),
-              ("sliced after rounding (%)", "sliced (%) after rounding", None)]
+    panels = [
+        ("LR", "LR score", None),
+        ("normalised n", "min-max normalised", None),
+        ("n / mean(n)", "divided by mean", 1.0),
+        ("FS (%)", "FS = SB + (SP-SB) n/mean(n)", None),
+        ("sliced after rounding (%)", "sliced (%) after rounding", None),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.8))
     for ax, (col, name, ref) in zip(axes, panels, strict=True):
         ax.bar(steps["layer"], steps[col], color="tab:blue" if "%" not in col else "tab:orange", width=0.8)
@@ -65,12 +68,21 @@ def ppl_vs_sb(frame: pd.DataFrame, sweep_rows: pd.DataFrame, sps: Sequence[float
                 const = g[g["kind"] == "constant"]
                 for budget in budgets:
                     d = pd.concat([const, g[(g["kind"] == "dynamic") & (g["budget"] == budget)]]).sort_values("sb")
-                    ax.plot(d["sb"], d[pc], marker="o", ms=4, color=BUDGET_COLORS[budget],
-                            label=f"{budget} budget {tag}")
+                    ax.plot(
+                        d["sb"], d[pc], marker="o", ms=4, color=BUDGET_COLORS[budget], label=f"{budget} budget {tag}"
+                    )
                 ax.plot(const["sb"], const[pc], marker="*", ms=14, ls="", color="tab:red", label=f"constant {tag}")
                 for _, a in g[g["kind"] == "auto"].iterrows():
-                    ax.plot([a["sb"]], [a[pc]], marker="X", ms=9, ls="", color=BUDGET_COLORS[a["budget"]],
-                            markeredgecolor="k", label=f"auto SB ({a['budget']}) {tag}")
+                    ax.plot(
+                        [a["sb"]],
+                        [a[pc]],
+                        marker="X",
+                        ms=9,
+                        ls="",
+                        color=BUDGET_COLORS[a["budget"]],
+                        markeredgecolor="k",
+                        label=f"auto SB ({a['budget']}) {tag}",
+                    )
             for _, dn in frame[frame["kind"] == "dense"].iterrows():
                 ax.axhline(dn[pc], color="grey", ls="--", lw=0.8, label="dense")
             ax.set(title=f"SP = {sp}", xlabel="SB", ylabel=pc.replace("ppl_", "perplexity, "))
@@ -87,11 +99,20 @@ def ppl_vs_params(sweep_rows: pd.DataFrame, dataset: str, title: str):
     for (kind, budget), g in sweep_rows.groupby(["kind", "budget"]):
         label = kind if kind in ("constant", "dense") else f"{kind}, {budget} budget"
         color = "tab:red" if kind == "constant" else "grey" if kind == "dense" else BUDGET_COLORS[budget]
-        ax.scatter(g["params"] / 1e6, g[pc], marker=markers[kind], s=90 if kind == "constant" else 30, color=color,
-                   label=label, edgecolor="k", linewidth=0.3)
+        ax.scatter(
+            g["params"] / 1e6,
+            g[pc],
+            marker=markers[kind],
+            s=90 if kind == "constant" else 30,
+            color=color,
+            label=label,
+            edgecolor="k",
+            linewidth=0.3,
+        )
     for _, c in sweep_rows[sweep_rows["kind"] == "constant"].iterrows():
-        ax.annotate(f"SP={c['sp']:g}", (c["params"] / 1e6, c[pc]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=7)
+        ax.annotate(
+            f"SP={c['sp']:g}", (c["params"] / 1e6, c[pc]), textcoords="offset points", xytext=(6, 4), fontsize=7
+        )
     ax.set(xlabel="parameters (millions)", ylabel=f"perplexity ({dataset})", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()

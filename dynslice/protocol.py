@@ -42,7 +42,8 @@ from dynslice.config import protocol_defaults
 BEST_SB_NOTE = (
     "Best SB as in the paper: the SB with the lowest perplexity on the same evaluation data that this table "
     "reports, so the 'best' numbers are optimistic. The automatic search (sb: auto) chooses SB on held-out "
-    "calibration data instead and never sees the evaluation split.")
+    "calibration data instead and never sees the evaluation split."
+)
 
 
 def differences(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,10 +53,12 @@ def differences(config: dict[str, Any]) -> dict[str, Any]:
     ours, chosen = protocol_defaults("dynslice"), protocol_defaults(protocol)
     return {
         "name": protocol,
-        "differs_from_dynslice": {k: {"value": config[k], "dynslice": v} for k, v in ours.items()
-                                  if k in config and config[k] != v},
-        "overrides": {k: {"value": config[k], protocol: v} for k, v in chosen.items()
-                      if k in config and config[k] != v},
+        "differs_from_dynslice": {
+            k: {"value": config[k], "dynslice": v} for k, v in ours.items() if k in config and config[k] != v
+        },
+        "overrides": {
+            k: {"value": config[k], protocol: v} for k, v in chosen.items() if k in config and config[k] != v
+        },
     }
 
 
@@ -72,29 +75,62 @@ class Deviation:
 
 
 DEVIATIONS: tuple[Deviation, ...] = (
-    Deviation("LR data", "PG-19 validation, every book in 1024-token windows every 256 tokens (tail windows "
-              "included)", "random windows of the LR corpus's train split",
-              "evaluation splits stay untouched; equal-length windows weigh every token once",
-              "`lr_split: validation`, `lr_sampler: sliding`, `lr_seqlen: 1024`, `lr_stride: 256`", "lr_data"),
-    Deviation("Last layer's LR", "compared after the final norm (HF `hidden_states[-1]`)",
-              "the last layer's raw output", "the final norm rescales every token: it would measure the norm, "
-              "not the layer", "`lr_last_layer: final_norm`", "lr_last_layer"),
-    Deviation("Embedding mean", "each embedding row's mean subtracted (SliceGPT's LayerNorm fusion), also on "
-              "RMSNorm models", "not subtracted", "RMSNorm does not remove the mean, so the subtraction changes "
-              "the model; dynslice's folding is exact", "`embedding_mean: true`", "embedding_mean"),
-    Deviation("Calibration sampler", "SliceGPT's document-joining sampler on train, empty rows dropped, BOS first, "
-              "128 x 2048", "random windows of the joined train stream, no BOS",
-              "uniform coverage of the stream, no document-start bias", "`cal_sampler: documents`",
-              "cal_sampler"),
-    Deviation("Perplexity", "validation split, document-joining sampler (at most 128 x 2048), mean of per-sample "
-              "mean NLLs", "test split in consecutive chunks, mean over all tokens",
-              "the test-split protocol of SliceGPT/SparseGPT tables; every token weighs the same",
-              "`ppl_protocol: documents`", "ppl_protocol"),
-    Deviation("Rounding", "`round((1 - FS_i) * D)` per layer (interval 1)", "multiples of 8 whose sum equals the "
-              "constant run's total width", "hardware-friendly widths, and exactly the constant baseline's size",
-              "`rounding: reference`, `round_interval: 1`", "rounding"),
-    Deviation("dtype", "fp16", "fp32 on CPU, bf16 on GPU", "bf16 does not overflow; fp16 is slow on CPU",
-              "`dtype: fp16`", "dtype"),
+    Deviation(
+        "LR data",
+        "PG-19 validation, every book in 1024-token windows every 256 tokens (tail windows included)",
+        "random windows of the LR corpus's train split",
+        "evaluation splits stay untouched; equal-length windows weigh every token once",
+        "`lr_split: validation`, `lr_sampler: sliding`, `lr_seqlen: 1024`, `lr_stride: 256`",
+        "lr_data",
+    ),
+    Deviation(
+        "Last layer's LR",
+        "compared after the final norm (HF `hidden_states[-1]`)",
+        "the last layer's raw output",
+        "the final norm rescales every token: it would measure the norm, not the layer",
+        "`lr_last_layer: final_norm`",
+        "lr_last_layer",
+    ),
+    Deviation(
+        "Embedding mean",
+        "each embedding row's mean subtracted (SliceGPT's LayerNorm fusion), also on RMSNorm models",
+        "not subtracted",
+        "RMSNorm does not remove the mean, so the subtraction changes the model; dynslice's folding is exact",
+        "`embedding_mean: true`",
+        "embedding_mean",
+    ),
+    Deviation(
+        "Calibration sampler",
+        "SliceGPT's document-joining sampler on train, empty rows dropped, BOS first, 128 x 2048",
+        "random windows of the joined train stream, no BOS",
+        "uniform coverage of the stream, no document-start bias",
+        "`cal_sampler: documents`",
+        "cal_sampler",
+    ),
+    Deviation(
+        "Perplexity",
+        "validation split, document-joining sampler (at most 128 x 2048), mean of per-sample mean NLLs",
+        "test split in consecutive chunks, mean over all tokens",
+        "the test-split protocol of SliceGPT/SparseGPT tables; every token weighs the same",
+        "`ppl_protocol: documents`",
+        "ppl_protocol",
+    ),
+    Deviation(
+        "Rounding",
+        "`round((1 - FS_i) * D)` per layer (interval 1)",
+        "multiples of 8 whose sum equals the constant run's total width",
+        "hardware-friendly widths, and exactly the constant baseline's size",
+        "`rounding: reference`, `round_interval: 1`",
+        "rounding",
+    ),
+    Deviation(
+        "dtype",
+        "fp16",
+        "fp32 on CPU, bf16 on GPU",
+        "bf16 does not overflow; fp16 is slow on CPU",
+        "`dtype: fp16`",
+        "dtype",
+    ),
 )
 
 
@@ -119,8 +155,12 @@ def deviations_markdown(effects: dict[str, Any] | None = None, short: bool = Fal
         rows = ["| | authors' code | dynslice | switch (`protocol: reference` sets all) |", "|---|---|---|---|"]
         rows += [f"| {d.topic} | {d.authors} | {d.dynslice} | {d.switch} |" for d in DEVIATIONS]
         return "\n".join(rows + ["", BEST_SB_NOTE])
-    rows = ["| | authors' code | dynslice | why | switch | ppl effect on SmolLM2 (dynslice -> authors') |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| {d.topic} | {d.authors} | {d.dynslice} | {d.why} | {d.switch} | {_fmt_effect(effects, d.effect)} |"
-             for d in DEVIATIONS]
+    rows = [
+        "| | authors' code | dynslice | why | switch | ppl effect on SmolLM2 (dynslice -> authors') |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {d.topic} | {d.authors} | {d.dynslice} | {d.why} | {d.switch} | {_fmt_effect(effects, d.effect)} |"
+        for d in DEVIATIONS
+    ]
     return "\n".join(rows)

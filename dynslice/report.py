@@ -59,27 +59,38 @@ def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         cfg = rec["config"]
         alloc = rec.get("allocation") or {}
         row: dict[str, Any] = {
-            "model": cfg["model"], "cal_dataset": cfg["cal_dataset"], "budget": cfg["budget"],
-            "sp": float(cfg["sp"]), "sb": float(rec["sb"]), "kind": kind(rec), "zero_shot": bool(cfg["tasks"]),
-            "params": rec["params"]["total"], "params_dense": rec["params"]["dense"],
+            "model": cfg["model"],
+            "cal_dataset": cfg["cal_dataset"],
+            "budget": cfg["budget"],
+            "sp": float(cfg["sp"]),
+            "sb": float(rec["sb"]),
+            "kind": kind(rec),
+            "zero_shot": bool(cfg["tasks"]),
+            "params": rec["params"]["total"],
+            "params_dense": rec["params"]["dense"],
             "fraction_removed": rec["params"]["fraction_removed"],
             "mean_slice": alloc.get("mean_effective_fraction", 0.0),
             "time_s": sum(float(v) for k, v in rec.get("timings_s", {}).items() if k != "load"),
             "eval_time_s": float(rec.get("timings_s", {}).get("eval", 0.0)),
-            "key": Path(rec["path"]).stem if "path" in rec else "", "path": rec.get("path", ""),
+            "key": Path(rec["path"]).stem if "path" in rec else "",
+            "path": rec.get("path", ""),
         }
         for ds, value in rec["ppl"].items():
             row[f"ppl_{ds}"] = value
         for task, res in (rec.get("tasks") or {}).items():
             row[f"acc_{task}"] = res["value"]
         if "auto_sb" in rec:
-            row.update(auto_n_evals=rec["auto_sb"]["n_evals"], auto_grid_size=rec["auto_sb"]["grid_size"],
-                       auto_time_s=rec["auto_sb"]["time_s"])
+            row.update(
+                auto_n_evals=rec["auto_sb"]["n_evals"],
+                auto_grid_size=rec["auto_sb"]["grid_size"],
+                auto_time_s=rec["auto_sb"]["time_s"],
+            )
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        frame = frame.sort_values(["model", "cal_dataset", "sp", "budget", "sb"], ascending=[True, True, True,
-                                                                                             True, False])
+        frame = frame.sort_values(
+            ["model", "cal_dataset", "sp", "budget", "sb"], ascending=[True, True, True, True, False]
+        )
     return frame.reset_index(drop=True)
 
 
@@ -104,8 +115,9 @@ def pick_best(rows: pd.DataFrame, col: str) -> pd.Series:
     """The row with the lowest ``col``; ties go to the larger SB (:func:`dynslice.search.best_sb_key`)."""
     if rows.empty:
         raise ValueError(f"rows: no candidate rows to choose the best {col} from")
-    return rows.iloc[min(range(len(rows)), key=lambda i: best_sb_key(float(rows[col].iloc[i]),
-                                                                      float(rows["sb"].iloc[i])))]
+    return rows.iloc[
+        min(range(len(rows)), key=lambda i: best_sb_key(float(rows[col].iloc[i]), float(rows["sb"].iloc[i])))
+    ]
 
 
 def _constants(frame: pd.DataFrame) -> dict[tuple, pd.Series]:
@@ -139,9 +151,17 @@ def best_vs_constant(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
         if const is None:
             continue
         best = pick_best(group, col)
-        row = {"model": model, "cal_dataset": cal, "budget": budget, "comparison": COMPARISON[budget], "sp": sp,
-               "best_sb": best["sb"], "n_sb": len(group), "params_constant": int(const["params"]),
-               "params_dynamic": int(best["params"])}
+        row = {
+            "model": model,
+            "cal_dataset": cal,
+            "budget": budget,
+            "comparison": COMPARISON[budget],
+            "sp": sp,
+            "best_sb": best["sb"],
+            "n_sb": len(group),
+            "params_constant": int(const["params"]),
+            "params_dynamic": int(best["params"]),
+        }
         for pc in ppl_columns(frame):
             if pd.notna(best.get(pc)) and pd.notna(const.get(pc)):
                 row[f"{pc}_constant"] = const[pc]
@@ -165,24 +185,49 @@ def zero_shot_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     best = best_vs_constant(frame, dataset) if f"ppl_{dataset}" in frame.columns else pd.DataFrame()
     rows = []
     for _, row in zs[zs["kind"] == "dense"].iterrows():
-        rows.append({"model": row["model"], "cal_dataset": "", "sp": 0.0, "method": "dense", "sb": None,
-                     "params": int(row["params"]), **{c: row[c] for c in acc}})
+        rows.append(
+            {
+                "model": row["model"],
+                "cal_dataset": "",
+                "sp": 0.0,
+                "method": "dense",
+                "sb": None,
+                "params": int(row["params"]),
+                **{c: row[c] for c in acc},
+            }
+        )
     consts = zs[zs["kind"] == "constant"]
     for _, c in consts.iterrows():
         base = {"model": c["model"], "cal_dataset": c["cal_dataset"], "sp": c["sp"]}
-        rows.append({**base, "method": "constant", "sb": c["sp"], "params": int(c["params"]),
-                     **{a: c[a] for a in acc}})
-        for _, b in best[(best["model"] == c["model"]) & (best["cal_dataset"] == c["cal_dataset"])
-                         & (best["sp"] == c["sp"])].iterrows() if not best.empty else []:
-            match = zs[(zs["kind"] == "dynamic") & (zs["model"] == c["model"]) & (zs["budget"] == b["budget"])
-                       & (zs["cal_dataset"] == c["cal_dataset"]) & (zs["sp"] == c["sp"]) & (zs["sb"] == b["best_sb"])]
+        rows.append({**base, "method": "constant", "sb": c["sp"], "params": int(c["params"]), **{a: c[a] for a in acc}})
+        for _, b in (
+            best[
+                (best["model"] == c["model"]) & (best["cal_dataset"] == c["cal_dataset"]) & (best["sp"] == c["sp"])
+            ].iterrows()
+            if not best.empty
+            else []
+        ):
+            match = zs[
+                (zs["kind"] == "dynamic")
+                & (zs["model"] == c["model"])
+                & (zs["budget"] == b["budget"])
+                & (zs["cal_dataset"] == c["cal_dataset"])
+                & (zs["sp"] == c["sp"])
+                & (zs["sb"] == b["best_sb"])
+            ]
             if match.empty:
                 continue
             d = match.iloc[0]
-            rows.append({**base, "method": f"dynamic ({COMPARISON[b['budget']]})", "sb": d["sb"],
-                         "params": int(d["params"]), **{a: d[a] for a in acc},
-                         "delta_points": 100.0 * (d["acc_average"] - c["acc_average"])
-                         if "acc_average" in acc else None})
+            rows.append(
+                {
+                    **base,
+                    "method": f"dynamic ({COMPARISON[b['budget']]})",
+                    "sb": d["sb"],
+                    "params": int(d["params"]),
+                    **{a: d[a] for a in acc},
+                    "delta_points": 100.0 * (d["acc_average"] - c["acc_average"]) if "acc_average" in acc else None,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -199,9 +244,14 @@ def auto_vs_sweep(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     rows = []
     consts = _constants(frame)
     for _, a in autos.iterrows():
-        grid = frame[(frame["kind"] == "dynamic") & (frame["model"] == a["model"])
-                     & (frame["cal_dataset"] == a["cal_dataset"]) & (frame["budget"] == a["budget"])
-                     & (frame["sp"] == a["sp"]) & ~frame["zero_shot"]]
+        grid = frame[
+            (frame["kind"] == "dynamic")
+            & (frame["model"] == a["model"])
+            & (frame["cal_dataset"] == a["cal_dataset"])
+            & (frame["budget"] == a["budget"])
+            & (frame["sp"] == a["sp"])
+            & ~frame["zero_shot"]
+        ]
         const = consts.get((a["model"], a["cal_dataset"], a["sp"]))
         cands = grid if const is None else pd.concat([grid, const.to_frame().T])
         cands = cands[cands[col].notna()]
@@ -212,16 +262,29 @@ def auto_vs_sweep(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
         # grid's mean evaluation time instead of its own
         sweep_time = float(grid["time_s"].sum())
         if const is not None:
-            const_eval = float(grid["eval_time_s"].mean()) if const["zero_shot"] and len(grid) else \
-                float(const["eval_time_s"])
+            const_eval = (
+                float(grid["eval_time_s"].mean()) if const["zero_shot"] and len(grid) else float(const["eval_time_s"])
+            )
             sweep_time += float(const["time_s"]) - float(const["eval_time_s"]) + const_eval
-        rows.append({"model": a["model"], "cal_dataset": a["cal_dataset"], "budget": a["budget"],
-                     "comparison": COMPARISON[a["budget"]], "sp": a["sp"],
-                     "auto_sb": a["sb"], "auto_ppl": a[col], "auto_runs": int(a["auto_n_evals"]),
-                     "auto_grid": int(a["auto_grid_size"]), "auto_time_s": float(a["time_s"]),
-                     "sweep_sb": float(best["sb"]), "sweep_ppl": float(best[col]), "sweep_runs": len(cands),
-                     "sweep_time_s": sweep_time,
-                     "ppl_gap_pct": pct_change(float(a[col]), float(best[col]))})
+        rows.append(
+            {
+                "model": a["model"],
+                "cal_dataset": a["cal_dataset"],
+                "budget": a["budget"],
+                "comparison": COMPARISON[a["budget"]],
+                "sp": a["sp"],
+                "auto_sb": a["sb"],
+                "auto_ppl": a[col],
+                "auto_runs": int(a["auto_n_evals"]),
+                "auto_grid": int(a["auto_grid_size"]),
+                "auto_time_s": float(a["time_s"]),
+                "sweep_sb": float(best["sb"]),
+                "sweep_ppl": float(best[col]),
+                "sweep_runs": len(cands),
+                "sweep_time_s": sweep_time,
+                "ppl_gap_pct": pct_change(float(a[col]), float(best[col])),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -254,27 +317,43 @@ def to_markdown(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2) -> str
         return "_(no rows)_\n"
     header = [str(c) for c in frame.columns]
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _cells(frame, digits)]
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "–": "--",
+}
 
 
 def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def to_latex(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2, caption: str = "",
-             label: str = "") -> str:
+def to_latex(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2, caption: str = "", label: str = "") -> str:
     """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
     spec = "".join("r" if n else "l" for n in numeric)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(latex_escape(str(c)) for c in frame.columns) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(str(c)) for c in frame.columns) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in _cells(frame, digits)]
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
@@ -285,14 +364,17 @@ def to_latex(frame: pd.DataFrame, digits: int | Mapping[str, int] = 2, caption: 
     return "\n".join(lines) + "\n"
 
 
-def write_table(frame: pd.DataFrame, stem: str | Path, *, caption: str = "",
-                digits: int | Mapping[str, int] = 2) -> tuple[Path, Path]:
+def write_table(
+    frame: pd.DataFrame, stem: str | Path, *, caption: str = "", digits: int | Mapping[str, int] = 2
+) -> tuple[Path, Path]:
     """Write ``<stem>.md`` (caption as a first line) and ``<stem>.tex``; returns both paths."""
     stem = Path(stem)
     md = (f"{caption}\n\n" if caption else "") + to_markdown(frame, digits)
     label = "tab:" + stem.name.replace("_", "-")
-    return (atomic_write(stem.with_suffix(".md"), md),
-            atomic_write(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)))
+    return (
+        atomic_write(stem.with_suffix(".md"), md),
+        atomic_write(stem.with_suffix(".tex"), to_latex(frame, digits, caption, label)),
+    )
 
 
 # ------------------------------------------------------------------------------------------ the paper's tables
@@ -320,8 +402,9 @@ def headline_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
         const = acc[acc["method"] == "constant"][key + ["acc_average"]].rename(columns={"acc_average": "acc_constant"})
         dyn = acc[acc["method"].str.startswith("dynamic")].copy()
         dyn["comparison"] = dyn["method"].str.slice(len("dynamic ("), -1)
-        dyn = dyn[key + ["comparison", "sb", "acc_average"]].rename(columns={"acc_average": "acc_dynamic",
-                                                                              "sb": "best_sb"})
+        dyn = dyn[key + ["comparison", "sb", "acc_average"]].rename(
+            columns={"acc_average": "acc_dynamic", "sb": "best_sb"}
+        )
         head = head.merge(const, on=key, how="left").merge(dyn, on=key + ["comparison", "best_sb"], how="left")
         head["acc_delta_points"] = 100 * (head["acc_dynamic"] - head["acc_constant"])
     keep = ["model", "cal_dataset", "comparison", "sp", "best_sb", "params_constant", "params_dynamic"]
@@ -332,8 +415,10 @@ def headline_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """``frame`` as JSON-ready rows (NaN -> None)."""
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            for row in frame.astype(object).to_dict(orient="records")]
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in frame.astype(object).to_dict(orient="records")
+    ]
 
 
 def write_tables(frame: pd.DataFrame, results: str | Path, dataset: str) -> dict[str, pd.DataFrame]:
@@ -348,17 +433,30 @@ def write_tables(frame: pd.DataFrame, results: str | Path, dataset: str) -> dict
 
     results = Path(results)
     tables = results / "tables"
-    out = {"sweep": sweep_table(frame), "headline": headline_table(frame, dataset),
-           "auto_sb": auto_vs_sweep(frame, dataset), "zero_shot": zero_shot_table(frame, dataset)}
+    out = {
+        "sweep": sweep_table(frame),
+        "headline": headline_table(frame, dataset),
+        "auto_sb": auto_vs_sweep(frame, dataset),
+        "zero_shot": zero_shot_table(frame, dataset),
+    }
     acc4 = {c: 4 for c in frame.columns if c.startswith("acc_")} | {"acc_constant": 4, "acc_dynamic": 4}
     specs = {
         "sweep": ("Perplexity of every sweep run (constant: SB = SP)", {"fraction_removed": 4, "mean_slice": 4}),
-        "headline": ((f"Best dynamic SB vs constant slicing (SB chosen on {dataset} perplexity): % perplexity "
-                      "change (negative = better) and accuracy points (positive = better). " + BEST_SB_NOTE), acc4),
-        "auto_sb": (f"Automatic SB vs the sweep's best (perplexity on {dataset})",
-                    {"auto_time_s": 0, "sweep_time_s": 0}),
-        "zero_shot": ("Zero-shot accuracy: dense, constant (SB = SP) and best dynamic SB per SP. " + BEST_SB_NOTE,
-                      acc4),
+        "headline": (
+            (
+                f"Best dynamic SB vs constant slicing (SB chosen on {dataset} perplexity): % perplexity "
+                "change (negative = better) and accuracy points (positive = better). " + BEST_SB_NOTE
+            ),
+            acc4,
+        ),
+        "auto_sb": (
+            f"Automatic SB vs the sweep's best (perplexity on {dataset})",
+            {"auto_time_s": 0, "sweep_time_s": 0},
+        ),
+        "zero_shot": (
+            "Zero-shot accuracy: dense, constant (SB = SP) and best dynamic SB per SP. " + BEST_SB_NOTE,
+            acc4,
+        ),
     }
     for name, table in out.items():
         if table.empty:
@@ -382,7 +480,7 @@ def lr_agreement(scores: Mapping[tuple[str, str], Mapping[str, Any]]) -> pd.Data
         ranks = pd.DataFrame({c: scores[(model, c)]["lr"] for c in corpora}).rank()
         corr = ranks.corr()  # Spearman = Pearson on ranks
         for i, a in enumerate(corpora):
-            for b in corpora[i + 1:]:
+            for b in corpora[i + 1 :]:
                 rows.append({"model": model, "corpus A": a, "corpus B": b, "spearman": float(corr.loc[a, b])})
     return pd.DataFrame(rows)
 
@@ -402,7 +500,15 @@ def allocation_steps(lr_record: Any, sp: float, sb: float, hidden: int, round_in
     r = np.asarray(lr_record["lr"] if isinstance(lr_record, Mapping) else lr_record, dtype=float)
     n = np.asarray(inp.redundancy, dtype=float)
     alloc = allocate(n, sp, sb, hidden, round_interval=round_interval)
-    table = pd.DataFrame({"layer": range(len(r)), "LR": r, "normalised n": n, "n / mean(n)": n / n.mean(),
-                          "FS (%)": 100 * slice_fractions(n, sp, sb), "width": alloc.widths,
-                          "sliced after rounding (%)": 100 * np.array(alloc.effective_fractions)})
+    table = pd.DataFrame(
+        {
+            "layer": range(len(r)),
+            "LR": r,
+            "normalised n": n,
+            "n / mean(n)": n / n.mean(),
+            "FS (%)": 100 * slice_fractions(n, sp, sb),
+            "width": alloc.widths,
+            "sliced after rounding (%)": 100 * np.array(alloc.effective_fractions),
+        }
+    )
     return table, alloc

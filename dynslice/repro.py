@@ -50,8 +50,18 @@ from dynslice.paths import PROJECT_ROOT
 PUBLISHED_ROOT = None if PROJECT_ROOT is None else PROJECT_ROOT / "results" / "published"
 MARKER = "RUN.json"
 #: What a results folder holds (everything a run writes there); ``publish`` copies these.
-RESULT_ITEMS = ("runs", "lr", "tables", "executed", "headline.json", "zero_shot.json", "summary.json",
-                "ablations.json", "ablations.partial.json", MARKER)
+RESULT_ITEMS = (
+    "runs",
+    "lr",
+    "tables",
+    "executed",
+    "headline.json",
+    "zero_shot.json",
+    "summary.json",
+    "ablations.json",
+    "ablations.partial.json",
+    MARKER,
+)
 #: Notebook 06's record: its summary numbers are checked like the run records' (ablations profile).
 ABLATIONS = "ablations.json"
 #: The measured noise (a copy of ``bench/results/numerics_noise.json``), read for the different-arithmetic regime.
@@ -104,8 +114,11 @@ def measured_tolerances() -> dict[str, Tolerance]:
     for q in QUANTITIES:
         t = noise["by_quantity"][q]
         seen = t["largest_seen"]
-        why = (f"{noise['margin']:g} x the largest deviation measured ({seen:.2g})" if seen else
-               "no measured setting changed it")
+        why = (
+            f"{noise['margin']:g} x the largest deviation measured ({seen:.2g})"
+            if seen
+            else "no measured setting changed it"
+        )
         out[q] = Tolerance(float(t.get("abs", 0.0)), float(t.get("rel", 0.0)), why)
     return out
 
@@ -152,8 +165,9 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
     results = Path(results)
     runs = results / "runs"
     if not is_results_folder(results):
-        raise ValueError(f"results: {results} has no runs/ folder and no {ABLATIONS} (not a results folder of "
-                         "run_all.sh)")
+        raise ValueError(
+            f"results: {results} has no runs/ folder and no {ABLATIONS} (not a results folder of run_all.sh)"
+        )
     out: dict[str, tuple[str, float]] = {}
     for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
         rec = read_json(path)
@@ -175,8 +189,10 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
             if value is None:
                 continue
             if key.endswith("_change_pct"):
-                out[f"{label} {key.removeprefix('ppl_').removesuffix('_change_pct')} ppl change %"] = \
-                    ("ppl_change_pct", float(value))
+                out[f"{label} {key.removeprefix('ppl_').removesuffix('_change_pct')} ppl change %"] = (
+                    "ppl_change_pct",
+                    float(value),
+                )
             elif key == "acc_delta_points":
                 out[f"{label} acc points"] = ("acc_points", float(value))
     return out
@@ -230,11 +246,16 @@ class Row:
         return "ok" if self.tolerance.ok(self.published, self.recomputed) else "FAIL"
 
 
-def compare(published: Mapping[str, tuple[str, float]], recomputed: Mapping[str, tuple[str, float]],
-            tolerances: Mapping[str, Tolerance]) -> list[Row]:
+def compare(
+    published: Mapping[str, tuple[str, float]],
+    recomputed: Mapping[str, tuple[str, float]],
+    tolerances: Mapping[str, Tolerance],
+) -> list[Row]:
     """Pair the numbers by name: published ones first, in order, then numbers only the recomputed folder has."""
-    rows = [Row(name, q, v, recomputed[name][1] if name in recomputed else None, tolerances[q])
-            for name, (q, v) in published.items()]
+    rows = [
+        Row(name, q, v, recomputed[name][1] if name in recomputed else None, tolerances[q])
+        for name, (q, v) in published.items()
+    ]
     rows += [Row(name, q, None, v, tolerances[q]) for name, (q, v) in recomputed.items() if name not in published]
     return rows
 
@@ -250,12 +271,24 @@ def _num(value: float | None, quantity: str) -> str:
 def format_rows(rows: Sequence[Row]) -> str:
     """The check as a fixed-width text table."""
     header = ("number", "published", "recomputed", "difference", "tolerance", "")
-    cells = [header] + [(r.name, _num(r.published, r.quantity), _num(r.recomputed, r.quantity),
-                         "–" if r.diff is None else f"{r.diff:+.3g}", str(r.tolerance), r.status)
-                        for r in rows]
+    cells = [header] + [
+        (
+            r.name,
+            _num(r.published, r.quantity),
+            _num(r.recomputed, r.quantity),
+            "–" if r.diff is None else f"{r.diff:+.3g}",
+            str(r.tolerance),
+            r.status,
+        )
+        for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                               enumerate(zip(row, widths, strict=True))).rstrip() for row in cells)
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
 
 
 def check(results: str | Path, published: str | Path, *, out=None) -> int:
@@ -273,15 +306,23 @@ def check(results: str | Path, published: str | Path, *, out=None) -> int:
     bad = [r for r in rows if r.status in ("FAIL", "MISSING")]
     new = [r for r in rows if r.status == "new"]
     if new:
-        print(f"note: {len(new)} numbers are not in the published reference (a changed profile?); publish a "
-              "finished run to add them", file=out)
+        print(
+            f"note: {len(new)} numbers are not in the published reference (a changed profile?); publish a "
+            "finished run to add them",
+            file=out,
+        )
     if bad:
-        print(f"reproduction check FAILED: {len(bad)} of {len(pub)} published numbers out of tolerance or missing:",
-              file=out)
+        print(
+            f"reproduction check FAILED: {len(bad)} of {len(pub)} published numbers out of tolerance or missing:",
+            file=out,
+        )
         for r in bad:
-            why = "missing from the recomputed results" if r.status == "MISSING" else \
-                f"published {_num(r.published, r.quantity)}, recomputed {_num(r.recomputed, r.quantity)}, " \
+            why = (
+                "missing from the recomputed results"
+                if r.status == "MISSING"
+                else f"published {_num(r.published, r.quantity)}, recomputed {_num(r.recomputed, r.quantity)}, "
                 f"difference {r.diff:+.3g}, tolerance {r.tolerance} ({rule.name})"
+            )
             print(f"  {r.name}: {why}", file=out)
         return 1
     print(f"reproduction check passed: all {len(pub)} published numbers within tolerance", file=out)
@@ -302,16 +343,21 @@ def run_info(results: str | Path) -> dict | None:
         info = read_json(marker, max_bytes=1 << 20)
     except ValueError:
         return None
-    ok = isinstance(info, dict) and isinstance(info.get("run_id"), str) and \
-        re.fullmatch(r"[0-9A-Za-z_-]{1,80}", info["run_id"]) is not None
+    ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("run_id"), str)
+        and re.fullmatch(r"[0-9A-Za-z_-]{1,80}", info["run_id"]) is not None
+    )
     return info if ok else None
 
 
 def _check_not_published(results: Path) -> None:
     for ref in [PUBLISHED_ROOT] if PUBLISHED_ROOT is not None else []:
         if ownership.inside(results, ref) or ownership.inside(ref, results):
-            raise ValueError(f"results: {results} is (or holds) the published reference {ref.resolve()} once links "
-                             "are resolved; runs write elsewhere (default: results/)")
+            raise ValueError(
+                f"results: {results} is (or holds) the published reference {ref.resolve()} once links "
+                "are resolved; runs write elsewhere (default: results/)"
+            )
 
 
 def _entries(folder: Path) -> list[str]:
@@ -338,16 +384,21 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
     marker = results / MARKER
     info = run_info(results)
     if info is None and os.path.lexists(marker):
-        raise ValueError(f"results: {marker} is not a run marker of run_all.sh; refusing to use {results} (choose "
-                         "another --root)")
+        raise ValueError(
+            f"results: {marker} is not a run marker of run_all.sh; refusing to use {results} (choose another --root)"
+        )
     if info is not None:
         if not resume:
-            raise ValueError(f"results: {results} already holds run {info.get('run_id')} ({info.get('status')}); "
-                             "pass --resume to continue it, --force to delete it and recompute, or --check-only to "
-                             "check it")
-        ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
-                                         {"results": results, **({"figures": figures} if figures else {})},
-                                         guard=bool(info.get("ledger")))
+            raise ValueError(
+                f"results: {results} already holds run {info.get('run_id')} ({info.get('status')}); "
+                "pass --resume to continue it, --force to delete it and recompute, or --check-only to "
+                "check it"
+            )
+        ledger = ownership.Ledger.create(
+            ownership.ledger_path(results, info["run_id"]),
+            {"results": results, **({"figures": figures} if figures else {})},
+            guard=bool(info.get("ledger")),
+        )
         info = {**info, "status": "running", "resumed": _now()}
         write_json(marker, info)
         ledger.record(marker)
@@ -355,14 +406,23 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
     busy = _entries(results)
     if busy:
         why = "--resume continues only a run of run_all.sh" if resume else "a new run needs an empty folder"
-        raise ValueError(f"results: {results} holds {ownership.describe(busy)} but no run of run_all.sh (no "
-                         f"{MARKER}); {why}: choose another --root, or move these away")
+        raise ValueError(
+            f"results: {results} holds {ownership.describe(busy)} but no run of run_all.sh (no "
+            f"{MARKER}); {why}: choose another --root, or move these away"
+        )
     if figures is not None and _entries(figures):
-        raise ValueError(f"figures: {figures} holds {ownership.describe(_entries(figures))}, which no run in "
-                         f"{results} wrote; a new run needs an empty figures folder: choose another --figures, or "
-                         "move these away")
-    info = {"run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:12], "profile": profile,
-            "started": _now(), "status": "running", "ledger": True}
+        raise ValueError(
+            f"figures: {figures} holds {ownership.describe(_entries(figures))}, which no run in "
+            f"{results} wrote; a new run needs an empty figures folder: choose another --figures, or "
+            "move these away"
+        )
+    info = {
+        "run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:12],
+        "profile": profile,
+        "started": _now(),
+        "status": "running",
+        "ledger": True,
+    }
     results.mkdir(parents=True, exist_ok=True)
     # The marker is written beside the folder and linked in: it appears complete, and only once (a shard started
     # at the same moment finds it and joins the run).
@@ -378,8 +438,10 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
         raise ValueError(f"results: another run started in {results} meanwhile; pass --resume to join it") from None
     finally:
         os.unlink(staged)
-    ledger = ownership.Ledger.create(ownership.ledger_path(results, info["run_id"]),
-                                     {"results": results, **({"figures": figures} if figures else {})})
+    ledger = ownership.Ledger.create(
+        ownership.ledger_path(results, info["run_id"]),
+        {"results": results, **({"figures": figures} if figures else {})},
+    )
     ledger.record(marker)
     return info
 
@@ -409,22 +471,28 @@ def clear_run(results: str | Path, figures: str | Path) -> None:
         return
     info = run_info(results)
     if info is None:
-        raise ValueError(f"results: {results} holds no run of run_all.sh (no valid {MARKER}); --force deletes only "
-                         "what a run wrote: move the folder's contents away yourself or choose another --root")
+        raise ValueError(
+            f"results: {results} holds no run of run_all.sh (no valid {MARKER}); --force deletes only "
+            "what a run wrote: move the folder's contents away yourself or choose another --root"
+        )
     ledger_file = ownership.ledger_path(results, info["run_id"])
     if not ledger_file.is_file() or ledger_file.is_symlink():
-        raise ValueError(f"results: run {info['run_id']} in {results} was made by a dynslice that did not list the "
-                         "files it wrote; --force cannot prove them its own: delete the folder yourself or choose "
-                         "another --root")
+        raise ValueError(
+            f"results: run {info['run_id']} in {results} was made by a dynslice that did not list the "
+            "files it wrote; --force cannot prove them its own: delete the folder yourself or choose "
+            "another --root"
+        )
     listing = ownership.Ledger.open(ledger_file).listing()
     keep = {MARKER, ledger_file.name}
     extra = ownership.foreign(results, listing.get("results", {}), ignore=keep)
     extra_figs = ownership.foreign(figures, listing.get("figures", {})) if figures.is_dir() else []
     if extra or extra_figs:
         where, names = (results, extra) if extra else (figures, extra_figs)
-        raise ValueError(f"{'results' if extra else 'figures'}: {where} holds files run {info['run_id']} did not "
-                         f"write or that changed since ({ownership.describe(names)}); --force deleted nothing: move "
-                         "them away first")
+        raise ValueError(
+            f"{'results' if extra else 'figures'}: {where} holds files run {info['run_id']} did not "
+            f"write or that changed since ({ownership.describe(names)}); --force deleted nothing: move "
+            "them away first"
+        )
     if figures.is_dir() and not ownership.inside(figures, results):
         ownership.remove_owned(figures, listing.get("figures", {}), keep_top=True)
     ownership.remove_owned(results, listing.get("results", {}), keep_top=True)
@@ -463,17 +531,21 @@ def publish(results: str | Path, figures: str | Path, dest: str | Path) -> Path:
         raise ValueError(f"results: {results} holds no finished run (see {MARKER}); finish it before publishing")
     for name, folder in (("results", results), ("figures", figures)):
         if ownership.inside(dest, folder) or ownership.inside(folder, dest):
-            raise ValueError(f"published: {dest} and the {name} folder {folder} contain one another (links "
-                             "resolved); publish to a folder of its own")
+            raise ValueError(
+                f"published: {dest} and the {name} folder {folder} contain one another (links "
+                "resolved); publish to a folder of its own"
+            )
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise ValueError(f"published: {dest} is a file or a link, not a folder; refusing to replace it")
     listing: dict[str, list[ownership.Entry]] | None = {}
     if _entries(dest):
         listing = _published_listing(dest)
         if listing is None:
-            raise ValueError(f"published: {dest} is not a reference dynslice published (it holds "
-                             f"{ownership.describe(_entries(dest))}); refusing to replace it: choose another "
-                             "--published")
+            raise ValueError(
+                f"published: {dest} is not a reference dynslice published (it holds "
+                f"{ownership.describe(_entries(dest))}); refusing to replace it: choose another "
+                "--published"
+            )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:100]}.new-", dir=dest.parent))
     try:
@@ -504,8 +576,9 @@ def _swap_in(tmp: Path, dest: Path, listing: dict[str, list[ownership.Entry]] | 
             os.rename(tmp, dest)  # onto nothing, or onto an empty folder
             return
         except OSError:
-            raise ValueError(f"published: {dest} appeared or filled up meanwhile; kept it, the new reference is at "
-                             f"{tmp}") from None
+            raise ValueError(
+                f"published: {dest} appeared or filled up meanwhile; kept it, the new reference is at {tmp}"
+            ) from None
     old = dest.parent / f".{dest.name[:100]}.old-{uuid.uuid4().hex}"
     dest.rename(old)
     if ownership.foreign(old, listing or {}, ignore=(ownership.MANIFEST,)):
@@ -515,8 +588,9 @@ def _swap_in(tmp: Path, dest: Path, listing: dict[str, list[ownership.Entry]] | 
     try:
         os.rename(tmp, dest)
     except OSError:
-        raise ValueError(f"published: {dest} appeared meanwhile; kept it, the old reference is at {old} and the "
-                         f"new one at {tmp}") from None
+        raise ValueError(
+            f"published: {dest} appeared meanwhile; kept it, the old reference is at {old} and the new one at {tmp}"
+        ) from None
     ownership.remove_owned(old, listing or {}, extra=(ownership.MANIFEST,))
 
 
@@ -549,8 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "check":
             for name in ("results", "published"):
                 if not is_results_folder(getattr(args, name)):
-                    raise ValueError(f"{name}: {getattr(args, name)} is not a results folder (no runs/, no "
-                                     f"{ABLATIONS})")
+                    raise ValueError(
+                        f"{name}: {getattr(args, name)} is not a results folder (no runs/, no {ABLATIONS})"
+                    )
             return check(args.results, args.published)
         if args.cmd == "start":
             info = start_run(args.results, args.profile, resume=args.resume, figures=args.figures)

@@ -35,9 +35,17 @@ class SBSearch:
     searched: tuple[float, ...]  # the (sub-)grid the search ran over
 
     def to_json(self) -> dict:
-        return {"sp": self.sp, "step": self.step, "grid_size": self.grid_size, "max_evals": self.max_evals,
-                "n_evals": self.n_evals, "best_sb": self.best_sb, "best_value": self.best_value,
-                "tried": [{"sb": sb, "value": v} for sb, v in self.tried], "searched": list(self.searched)}
+        return {
+            "sp": self.sp,
+            "step": self.step,
+            "grid_size": self.grid_size,
+            "max_evals": self.max_evals,
+            "n_evals": self.n_evals,
+            "best_sb": self.best_sb,
+            "best_value": self.best_value,
+            "tried": [{"sb": sb, "value": v} for sb, v in self.tried],
+            "searched": list(self.searched),
+        }
 
 
 def best_sb_key(value: float, sb: float) -> tuple[float, float]:
@@ -103,8 +111,9 @@ def _fibonacci_argmin(f: Callable[[int], float], m: int) -> int:
     return a + 1
 
 
-def find_best_sb(objective: Callable[[float], float], sp: float, *, step: float = 0.02,
-                 max_evals: int | None = None) -> SBSearch:
+def find_best_sb(
+    objective: Callable[[float], float], sp: float, *, step: float = 0.02, max_evals: int | None = None
+) -> SBSearch:
     """Minimise ``objective(sb)`` over ``sb_grid(sp, step)`` with at most ``max_evals`` evaluations.
 
     Args:
@@ -139,6 +148,14 @@ def find_best_sb(objective: Callable[[float], float], sp: float, *, step: float 
 
     _fibonacci_argmin(f, len(sub))
     best_i = min(cache, key=lambda i: best_sb_key(cache[i], grid[i]))
-    return SBSearch(tried=tuple(tried), best_sb=grid[best_i], best_value=cache[best_i], n_evals=len(cache),
-                    grid_size=n, sp=float(sp), step=float(step), max_evals=budget,
-                    searched=tuple(grid[i] for i in sub))
+    return SBSearch(
+        tried=tuple(tried),
+        best_sb=grid[best_i],
+        best_value=cache[best_i],
+        n_evals=len(cache),
+        grid_size=n,
+        sp=float(sp),
+        step=float(step),
+        max_evals=budget,
+        searched=tuple(grid[i] for i in sub),
+    )

@@ -41,16 +41,16 @@ def assign(configs: Sequence[RunConfig], n: int, cost: Callable[[RunConfig], flo
     return balance([float(cost(c)) for c in configs], [c.key() for c in configs], n)
 
 
-def shard_configs(configs: Sequence[RunConfig], k: int, n: int,
-                  cost: Callable[[RunConfig], float] | None = None) -> list[RunConfig]:
+def shard_configs(
+    configs: Sequence[RunConfig], k: int, n: int, cost: Callable[[RunConfig], float] | None = None
+) -> list[RunConfig]:
     """The configs of shard ``k`` of ``n``, in their original order."""
     if not 0 <= k < n:
         raise ValueError(f"shard: {k}/{n} is not K/N with 0 <= K < N")
     return [c for c, s in zip(configs, assign(configs, n, cost)) if s == k]
 
 
-def shard_loads(configs: Sequence[RunConfig], n: int,
-                cost: Callable[[RunConfig], float] | None = None) -> list[float]:
+def shard_loads(configs: Sequence[RunConfig], n: int, cost: Callable[[RunConfig], float] | None = None) -> list[float]:
     """The predicted cost of each of the ``n`` shards."""
     cost = cost or run_cost
     loads = [0.0] * n

@@ -171,17 +171,30 @@ class ShardWriter:
         if n == 1:
             return entries[0]
         total = sum(e["bytes"] for e in entries)
-        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=1))
+        (self.folder / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
         return {"file": INDEX, "bytes": total, "shards": entries}
 
 
 @torch.no_grad()
-def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tensor], widths: Sequence[int],
-                    out_dir: str | os.PathLike, *, dtype: str | torch.dtype = "fp32", base_model: str | None = None,
-                    final_width: int | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
-                    tokenizer=None, extra: dict | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    progress: bool = True, overwrite: bool = False) -> SliceInfo:
+def slice_streaming(
+    folder: str | os.PathLike,
+    calibration: dict[str, torch.Tensor],
+    widths: Sequence[int],
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    base_model: str | None = None,
+    final_width: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    tokenizer=None,
+    extra: dict | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> SliceInfo:
     """Rotate and slice the safetensors model in ``folder`` layer by layer, writing the sliced model to ``out_dir``.
 
     Arguments as in :func:`dynslice.core.slicing.slice_model` and :func:`dynslice.io.save_sliced`; ``dtype`` is the
@@ -212,8 +225,9 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
         writer = ShardWriter(tmp, shard_bytes)
         # Capture: the real embedding and rotary tables, pass-through layers, a weightless final norm.
         with timings("capture"):
-            adapter.embeddings = nn.Embedding.from_pretrained(src.get(names.embeddings, torch_dtype), freeze=True,
-                                                              padding_idx=adapter.embeddings.padding_idx)
+            adapter.embeddings = nn.Embedding.from_pretrained(
+                src.get(names.embeddings, torch_dtype), freeze=True, padding_idx=adapter.embeddings.padding_idx
+            )
             _rebuild_rotary(model)
             final_norm_w = src.get(names.final_norm, torch_dtype)
             adapter.final_norm = RMSN(d, adapter.rms_eps)
@@ -233,8 +247,20 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
             layer = adapter.layers[i]
             layer.load_state_dict(src.module_state(prefix, layer, torch_dtype), strict=True, assign=True)
             fold_layer_norms(layer, adapter)
-            new, x, q_in = slice_layer(adapter, layer, x, sig.layer_kwargs[i], masks, q_in, widths[i], outs[i],
-                                       i == n_layers - 1, device, home, timings)
+            new, x, q_in = slice_layer(
+                adapter,
+                layer,
+                x,
+                sig.layer_kwargs[i],
+                masks,
+                q_in,
+                widths[i],
+                outs[i],
+                i == n_layers - 1,
+                device,
+                home,
+                timings,
+            )
             writer.add_module(prefix, new)
             adapter.layers[i] = new.to("meta")
             sig.layer_kwargs[i] = []
@@ -256,10 +282,19 @@ def slice_streaming(folder: str | os.PathLike, calibration: dict[str, torch.Tens
         config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        finish_save(tmp, out_dir, base_model=base_model or str(folder), architecture=type(model).__name__,
-                    widths=widths, final_width=final_width, dtype=torch_dtype, weights=weights,
-                    num_parameters=writer.num_parameters, has_tokenizer=tokenizer is not None,
-                    extra={**(extra or {}), "streamed": True})
+        finish_save(
+            tmp,
+            out_dir,
+            base_model=base_model or str(folder),
+            architecture=type(model).__name__,
+            widths=widths,
+            final_width=final_width,
+            dtype=torch_dtype,
+            weights=weights,
+            num_parameters=writer.num_parameters,
+            has_tokenizer=tokenizer is not None,
+            extra={**(extra or {}), "streamed": True},
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

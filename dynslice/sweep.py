@@ -49,8 +49,17 @@ def infeasible_reason(bench, cfg: RunConfig) -> str | None:
     lr = bench.lr(cfg)
     dims = bench.dims()
     try:
-        allocate(lr_input(lr).redundancy, cfg.sp, cfg.sb, dims.hidden, round_interval=cfg.round_interval,
-                 budget=cfg.budget, dims=dims, count=cfg.count, rounding=cfg.rounding)
+        allocate(
+            lr_input(lr).redundancy,
+            cfg.sp,
+            cfg.sb,
+            dims.hidden,
+            round_interval=cfg.round_interval,
+            budget=cfg.budget,
+            dims=dims,
+            count=cfg.count,
+            rounding=cfg.rounding,
+        )
     except ValueError as e:
         return str(e)
     return None
@@ -73,8 +82,15 @@ def _group_by_bench(configs: Iterable[RunConfig]) -> dict[tuple[str, str, str], 
     return groups
 
 
-def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, force: bool = False,
-              log: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> SweepResult:
+def run_sweep(
+    configs: Sequence[RunConfig],
+    root: str | Path,
+    profile: str,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    shard: tuple[int, int] | None = None,
+) -> SweepResult:
     """Run every config not yet done, one :class:`~dynslice.pipeline.Workbench` per (model, dtype, device).
 
     Finished records (same config at the same path) are skipped without loading the model; ``force`` reruns them.
@@ -96,8 +112,10 @@ def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, f
     infeasible: list[tuple[str, str]] = []
     for (model, dtype, device), group in _group_by_bench(configs).items():
         noted = [c for c in group if not force and is_done(c, infeasible_path(c, root, profile))]
-        infeasible += [(str(result_path(c, root, profile)), read_json(infeasible_path(c, root, profile))["infeasible"])
-                       for c in noted]
+        infeasible += [
+            (str(result_path(c, root, profile)), read_json(infeasible_path(c, root, profile))["infeasible"])
+            for c in noted
+        ]
         todo = [c for c in group if c not in noted and (force or not is_done(c, result_path(c, root, profile)))]
         skipped += [str(result_path(c, root, profile)) for c in group if c not in todo and c not in noted]
         if not todo:
@@ -117,8 +135,10 @@ def run_sweep(configs: Sequence[RunConfig], root: str | Path, profile: str, *, f
             ppl = ", ".join(f"{ds} {v:.2f}" for ds, v in rec["ppl"].items())
             log(f"[{k}/{len(todo)}] {run_name(cfg)}: ppl {ppl} ({time.perf_counter() - t:.0f} s)")
     result = SweepResult(tuple(ran), tuple(skipped), tuple(infeasible), time.perf_counter() - t0)
-    log(f"sweep {profile}: ran {len(ran)}, skipped {len(skipped)} already finished, "
-        f"{len(infeasible)} infeasible ({result.time_s:.0f} s)")
+    log(
+        f"sweep {profile}: ran {len(ran)}, skipped {len(skipped)} already finished, "
+        f"{len(infeasible)} infeasible ({result.time_s:.0f} s)"
+    )
     return result
 
 
@@ -136,11 +156,17 @@ def phase_configs(profile: Profile, root: str | Path, phase: str) -> list[RunCon
     return zero_shot_configs(profile, records, root=root)
 
 
-def run_phase(profile: Profile, root: str | Path, phase: str = "all", shard: tuple[int, int] | None = None,
-              force: bool = False, log: Callable[[str], None] = print) -> list[SweepResult]:
+def run_phase(
+    profile: Profile,
+    root: str | Path,
+    phase: str = "all",
+    shard: tuple[int, int] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[SweepResult]:
     """Run one phase (or both, in order) of ``profile``, only shard ``shard`` of it when given."""
     results = []
-    for ph in (("sweep", "zero-shot") if phase == "all" else (phase,)):
+    for ph in ("sweep", "zero-shot") if phase == "all" else (phase,):
         configs = phase_configs(profile, root, ph)
         log(f"phase {ph}: {len(configs)} runs" + (f", shard {shard[0]}/{shard[1]}" if shard else ""))
         results.append(run_sweep(configs, root, profile.name, force=force, log=log, shard=shard))
@@ -160,13 +186,16 @@ def missing_text(missing: Sequence[RunConfig], total: int) -> str:
         return f"All {total} runs of the profile are finished."
     names = ", ".join(f"{c.model}:{run_name(c)}" for c in missing[:12])
     more = f" and {len(missing) - 12} more" if len(missing) > 12 else ""
-    return (f"{len(missing)} of {total} runs are not finished yet (other shards, or not run): the tables cover "
-            f"the rest. Missing: {names}{more}.")
+    return (
+        f"{len(missing)} of {total} runs are not finished yet (other shards, or not run): the tables cover "
+        f"the rest. Missing: {names}{more}."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- LR files
-def compute_lr_for_profile(profile: Profile, root: str | Path, *, force: bool = False,
-                           log: Callable[[str], None] = print) -> list[Path]:
+def compute_lr_for_profile(
+    profile: Profile, root: str | Path, *, force: bool = False, log: Callable[[str], None] = print
+) -> list[Path]:
     """LR scores of every model on every ``lr_datasets`` corpus, as JSON (skipping files already written).
 
     Uses the profile's LR sample size, sequence length, metric and seed (the values the runs use).
@@ -180,8 +209,14 @@ def compute_lr_for_profile(profile: Profile, root: str | Path, *, force: bool = 
         for corpus in profile.lr_datasets:
             cfg = profile.base_config(model, sp=profile.sp[0], sb=profile.sp[0], lr_dataset=corpus)
             path = lr_path(root, profile.name, model.spec, corpus)
-            want = {"dataset": corpus, "nsamples": cfg.lr_nsamples, "seqlen": cfg.lr_seqlen,
-                    "metric": cfg.lr_metric, "seed": cfg.seed, "model": model.spec}
+            want = {
+                "dataset": corpus,
+                "nsamples": cfg.lr_nsamples,
+                "seqlen": cfg.lr_seqlen,
+                "metric": cfg.lr_metric,
+                "seed": cfg.seed,
+                "model": model.spec,
+            }
             if not force and path.is_file() and all(read_json(path).get(k) == v for k, v in want.items()):
                 log(f"skipped LR {model.spec}/{corpus}: {path} is up to date")
                 paths.append(path)

@@ -18,8 +18,9 @@ configure_hf_cache()
 TINY_ARCHS = ("llama", "mistral", "qwen2")
 
 
-def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, seed: int = 0,
-                    hidden: int = 48, layers: int = 3):
+def make_tiny_model(
+    arch: str = "llama", *, tied: bool = True, vocab: int = 96, seed: int = 0, hidden: int = 48, layers: int = 3
+):
     """A randomly initialised, tiny causal LM of ``arch`` (llama, mistral, qwen2 or qwen3), built offline, in fp32.
 
     Norm weights are randomised too, so that folding them is actually exercised. The qwen3 model's heads are
@@ -36,11 +37,25 @@ def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, 
         Qwen3ForCausalLM,
     )
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
-                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                          "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 8,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
     extra = {"mistral": {"sliding_window": 4096}, "qwen3": {"head_dim": 16}}.get(arch, {})
     cfg = cfg_cls(**common, **extra)
     torch.manual_seed(seed)
@@ -56,8 +71,9 @@ def make_tiny_model(arch: str = "llama", *, tied: bool = True, vocab: int = 96, 
     return model
 
 
-def make_batch(vocab: int = 96, n: int = 6, seqlen: int = 24, seed: int = 1, pad_id: int = 0,
-               padded: bool = True) -> dict[str, torch.Tensor]:
+def make_batch(
+    vocab: int = 96, n: int = 6, seqlen: int = 24, seed: int = 1, pad_id: int = 0, padded: bool = True
+) -> dict[str, torch.Tensor]:
     """Random token ids with right padding on some rows (attention_mask marks real tokens)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (n, seqlen), generator=g)

@@ -29,8 +29,19 @@ LR = [0.0, 0.9, 0.8, 1.0, 0.85, 0.95, 0.7, 0.5]  # normalised, layer 0 least red
 @pytest.fixture(scope="module")
 def dims() -> ArchDims:
     """An 8-layer, D=128 Llama with a small vocabulary: every method is feasible at the params budget."""
-    return ArchDims(vocab=96, hidden=128, layers=8, intermediate=264, heads=8, kv_heads=2, head_dim=16,
-                    qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
+    return ArchDims(
+        vocab=96,
+        hidden=128,
+        layers=8,
+        intermediate=264,
+        heads=8,
+        kv_heads=2,
+        head_dim=16,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        tied=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +99,9 @@ def test_inverted_slices_the_least_redundant_most(dims, allocs):
     # one peaked layer cannot absorb the whole budget at SB 0: the lowest feasible SB on the 0.02 grid is used
     assert lr_alloc.sb == 0.0 and 0.0 < inv.sb < 0.3
     with pytest.raises(ValueError, match="sb"):
-        allocate(np.asarray(1.0 - np.asarray(LR)), 0.3, round(inv.sb - 0.02, 10), dims.hidden, budget="params",
-                 dims=dims)
+        allocate(
+            np.asarray(1.0 - np.asarray(LR)), 0.3, round(inv.sb - 0.02, 10), dims.hidden, budget="params", dims=dims
+        )
 
 
 def test_shuffled_vectors_are_seeded_permutations():
@@ -128,7 +140,7 @@ def test_disjoint_calibration_windows(smol_tokenizer):
     again = A.disjoint_calibration("wiki", smol_tokenizer, nsamples=8, seqlen=64, n_sets=3, seed=42)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(sets, again, strict=True))
     with pytest.raises(ValueError, match="seeds"):
-        A.disjoint_calibration("wiki", smol_tokenizer, nsamples=10 ** 6, seqlen=64, n_sets=3)
+        A.disjoint_calibration("wiki", smol_tokenizer, nsamples=10**6, seqlen=64, n_sets=3)
 
 
 def test_chunk_nll_gives_the_evaluate_perplexity():
@@ -168,8 +180,19 @@ def test_config_validation():
     assert A.load_config(A.settings_path(), "no-such-profile") is None
 
 
-TINY = {"model": "tiny-random", "cal_nsamples": 4, "cal_seqlen": 64, "ppl_seqlen": 64, "ppl_max_chunks": 4,
-        "batch_size": 4, "bootstrap": 200, "sp": (0.3,), "sb": 0.2, "seeds": 3, "permutations": 5}
+TINY = {
+    "model": "tiny-random",
+    "cal_nsamples": 4,
+    "cal_seqlen": 64,
+    "ppl_seqlen": 64,
+    "ppl_max_chunks": 4,
+    "batch_size": 4,
+    "bootstrap": 200,
+    "sp": (0.3,),
+    "sb": 0.2,
+    "seeds": 3,
+    "permutations": 5,
+}
 
 
 def test_full_tiny_run_writes_a_valid_record(tmp_path):
@@ -219,9 +242,25 @@ def test_notebook_06_is_parameterised_and_clean():
 @pytest.mark.slow
 def test_run_all_only_06_on_smoke(tmp_path):
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
-    proc = subprocess.run([str(PROJECT_ROOT / "run_all.sh"), "--profile", "smoke", "--only", "06", "--root",
-                           str(tmp_path / "r"), "--figures", str(tmp_path / "f")], cwd=PROJECT_ROOT, env=env,
-                          text=True, capture_output=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [
+            str(PROJECT_ROOT / "run_all.sh"),
+            "--profile",
+            "smoke",
+            "--only",
+            "06",
+            "--root",
+            str(tmp_path / "r"),
+            "--figures",
+            str(tmp_path / "f"),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = read_json(tmp_path / "r" / "smoke" / "ablations.json")
     assert rec["answer"] and rec["summary"]
@@ -275,8 +314,11 @@ def test_profiles_choose_their_notebooks(tmp_path):
 def test_answer_compares_single_seed_methods_with_seed_0():
     record = read_json(REDUCED)
     text = A.answer(record)
-    seed0 = {r["method"]: r["ppl"]["wiki"] for r in record["rows"]
-             if r["sp"] == 0.3 and r["budget"] == "params" and r.get("seed") == 0}
+    seed0 = {
+        r["method"]: r["ppl"]["wiki"]
+        for r in record["rows"]
+        if r["sp"] == 0.3 and r["budget"] == "params" and r.get("seed") == 0
+    }
     assert f"constant gives {seed0['constant']:.2f} and LR {seed0['lr']:.2f}" in text
     share = (seed0["constant"] - seed0["first_layer"]) / (seed0["constant"] - seed0["lr"])
     assert f"about {100 * share:.0f}% of LR's gain" in text
@@ -309,15 +351,38 @@ def test_run_all_runs_only_the_profiles_notebooks(tmp_path):
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
     prof = tmp_path / "smoke06.yaml"
     prof.write_text((PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text() + '\nnotebooks: ["06"]\n')
-    args = [str(PROJECT_ROOT / "run_all.sh"), "--profile", str(prof), "--root", str(tmp_path / "r"), "--figures",
-            str(tmp_path / "f")]
+    args = [
+        str(PROJECT_ROOT / "run_all.sh"),
+        "--profile",
+        str(prof),
+        "--root",
+        str(tmp_path / "r"),
+        "--figures",
+        str(tmp_path / "f"),
+    ]
     proc = subprocess.run(args, cwd=PROJECT_ROOT, env=env, text=True, capture_output=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== 06_ablations.ipynb" in proc.stdout and "01_layer_redundancy" not in proc.stdout
     assert (tmp_path / "r" / "smoke" / "ablations.json").is_file()
     assert not (tmp_path / "r" / "smoke" / "runs").exists()
     assert read_json(tmp_path / "r" / "smoke" / "RUN.json")["status"] == "finished"
-    bad = subprocess.run([str(PROJECT_ROOT / "run_all.sh"), "--profile", "cpu", "--only", "06", "--root",
-                          str(tmp_path / "r2"), "--figures", str(tmp_path / "f2")], cwd=PROJECT_ROOT, env=env,
-                         text=True, capture_output=True, timeout=300, check=False)
+    bad = subprocess.run(
+        [
+            str(PROJECT_ROOT / "run_all.sh"),
+            "--profile",
+            "cpu",
+            "--only",
+            "06",
+            "--root",
+            str(tmp_path / "r2"),
+            "--figures",
+            str(tmp_path / "f2"),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     assert bad.returncode == 2 and "--only 06: profile cpu runs no notebook" in bad.stderr

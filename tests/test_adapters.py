@@ -21,17 +21,36 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dynslice"
 #: Modules that reach a model only through its adapter.
 ENGINE_FILES = ("core/slicing.py", "core/lr.py", "core/shortgpt.py", "stream.py")
 #: Module attributes (and checkpoint key parts) of transformers' Llama-like models.
-TRANSFORMERS_NAMES = {"model", "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm", "self_attn",
-                      "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_norm",
-                      "k_norm"}
+TRANSFORMERS_NAMES = {
+    "model",
+    "embed_tokens",
+    "lm_head",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "self_attn",
+    "mlp",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "q_norm",
+    "k_norm",
+}
 
 
 def _transformers_names(source: str) -> list[str]:
     """``line: name`` for each attribute access or non-docstring string (split at dots) naming one of them."""
     tree = ast.parse(source)
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-                  and node.body and isinstance(node.body[0], ast.Expr)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr in TRANSFORMERS_NAMES:
@@ -39,14 +58,17 @@ def _transformers_names(source: str) -> list[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             # a key part, or the decoder body's prefix ("model.safetensors" is a file name, not a module path)
             if set(re.split(r"[.{}]", node.value)) & TRANSFORMERS_NAMES - {"model"} or re.search(
-                    r"\bmodel\.(layers|norm)\b", node.value):
+                r"\bmodel\.(layers|norm)\b", node.value
+            ):
                 found.append(f"{node.lineno}: {node.value!r}")
     return found
 
 
 def test_the_scan_sees_module_paths_and_checkpoint_keys():
-    bad = ('x = model.model.layers\ny = layer.self_attn\nz = "lm_head.weight"\nw = f"model.layers.{i}."\n'
-           'v = "model.norm.weight"\n')
+    bad = (
+        'x = model.model.layers\ny = layer.self_attn\nz = "lm_head.weight"\nw = f"model.layers.{i}."\n'
+        'v = "model.norm.weight"\n'
+    )
     assert len(_transformers_names(bad)) == 5
     ok = '"""Docstrings may say lm_head."""\nx = adapter.head\ny = "model: bad"\nz = "model.safetensors"\n'
     assert _transformers_names(ok) == []
@@ -123,15 +145,23 @@ def test_qwen3_layer_redundancy_matches_hidden_states():
     score = layer_redundancy(model, batch, last_layer="final_norm", progress=False)
     hs = model(**batch, output_hidden_states=True).hidden_states  # the last entry is after the final norm
     m = batch["attention_mask"].bool()
-    ref = [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)[m].double().mean().item()
-           for i in range(3)]
+    ref = [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)[m].double().mean().item() for i in range(3)]
     assert score.raw == pytest.approx(ref, abs=1e-5)
 
 
 def test_gemma_is_refused_with_its_own_reason():
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    model = GemmaForCausalLM(GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    model = GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
     with pytest.raises(ValueError, match=r"GemmaForCausalLM \(Gemma scales its RMSNorms by \(1 \+ w\).*sqrt"):
         get_adapter(model)

@@ -26,8 +26,19 @@ from dynslice.jsonio import write_json
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
-TINY = ArchDims(vocab=96, hidden=48, layers=4, intermediate=104, heads=6, kv_heads=2, head_dim=8,
-                qkv_bias=True, o_bias=False, mlp_bias=False, tied=True)
+TINY = ArchDims(
+    vocab=96,
+    hidden=48,
+    layers=4,
+    intermediate=104,
+    heads=6,
+    kv_heads=2,
+    head_dim=8,
+    qkv_bias=True,
+    o_bias=False,
+    mlp_bias=False,
+    tied=True,
+)
 
 scores = st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=2, max_size=12)
 sp_st = st.floats(0.0, 0.9)
@@ -178,8 +189,11 @@ def reference_widths(raw: list[float], sp: float, sb: float, hidden: int) -> lis
 
 
 @SETTINGS
-@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=40), sp_sb(),
-       st.sampled_from([48, 576, 2048, 4096]))
+@given(
+    st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=40),
+    sp_sb(),
+    st.sampled_from([48, 576, 2048, 4096]),
+)
 def test_reference_mode_is_exact(raw, spsb, hidden) -> None:
     sp, sb = spsb
     mx = max(raw)
@@ -210,13 +224,17 @@ def one_step(dims: ArchDims, widths: tuple[int, ...], ri: int) -> int:
     for i, w in enumerate(widths):
         other = w + ri if w + ri <= dims.hidden else w - ri
         if 1 <= other <= dims.hidden:
-            steps.append(abs(sliced_params(dims, widths[:i] + (other,) + widths[i + 1:]).total - base))
+            steps.append(abs(sliced_params(dims, widths[:i] + (other,) + widths[i + 1 :]).total - base))
     return max(steps)
 
 
 @SETTINGS
-@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=4, max_size=4), st.floats(0.05, 0.6),
-       st.floats(0.3, 1.0), st.sampled_from([1, 4, 8]))
+@given(
+    st.lists(st.floats(0, 1, allow_nan=False), min_size=4, max_size=4),
+    st.floats(0.05, 0.6),
+    st.floats(0.3, 1.0),
+    st.sampled_from([1, 4, 8]),
+)
 def test_params_budget_matched_within_one_step(lr, sp, sb_frac, ri) -> None:
     sb = sp * sb_frac
     assume(max(lr) > min(lr) and constant_width(48, sp, ri) >= 1)
@@ -263,31 +281,34 @@ def test_params_budget_infeasible_names_sb_and_range() -> None:
 # validation, JSON, determinism
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sp=1.0, sb=0.0), r"^sp: 1.0 is outside 0 <= sp < 1"),
-    (dict(sp=-0.1, sb=0.0), r"^sp: -0.1 is outside"),
-    (dict(sp=0.3, sb=0.4), r"^sb: 0.4 is outside 0 <= sb <= sp \(0.3\)"),
-    (dict(sp=0.3, sb=-0.01), r"^sb: -0.01 is outside"),
-    (dict(sp=float("nan"), sb=0.0), r"^sp: nan is not a finite number"),
-    (dict(lr=[0.1, float("nan"), 0.3, 0.2]), r"^lr: score of layer 1 is nan"),
-    (dict(lr=[0.1, float("inf"), 0.3, 0.2]), r"^lr: score of layer 1 is inf"),
-    (dict(lr=[]), r"^lr: expected a non-empty"),
-    (dict(num_layers=5), r"^lr: has 4 scores but the model has 5 layers"),
-    (dict(hidden=0), r"^hidden: 0 is outside 1 <= hidden <= 262144$"),
-    (dict(round_interval=0), r"^round_interval: 0 is outside 1 <= round_interval <= 48$"),
-    (dict(round_interval=64), r"^round_interval: 64 is outside 1 <= round_interval <= 48$"),
-    (dict(round_interval=2.0), r"^round_interval: 2.0 is not an integer; allowed: 1 <= round_interval <= 48$"),
-    (dict(budget="flops"), r"^budget: 'flops' is not one of"),
-    (dict(rounding="floor"), r"^rounding: 'floor' is not one of"),
-    (dict(count="all"), r"^count: 'all' is not one of"),
-    (dict(budget="params"), r"^dims: budget='params' needs"),
-    (dict(budget="params", dims=TINY, rounding="reference"), r"^rounding: 'reference' is only"),
-    (dict(dims=TINY, hidden=64), r"^hidden: 64 differs from dims.hidden"),
-    (dict(lr=[0.1, 0.2, 0.3], dims=TINY), r"^lr: has 3 scores but the model has 4 layers"),
-    (dict(final_width=49), r"^final_width: 49 is outside 1 <= final_width <= 48$"),
-    (dict(sp=0.9, sb=0.9, hidden=48, round_interval=8), r"^sp: 0.9 leaves"),
-    (dict(lr=[0.0, 0.0, 0.0, 1.0], sp=0.3, sb=0.0), r"^sb: 0.0 with sp=0.3 gives layer 3 a slice fraction FS=1.2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sp=1.0, sb=0.0), r"^sp: 1.0 is outside 0 <= sp < 1"),
+        (dict(sp=-0.1, sb=0.0), r"^sp: -0.1 is outside"),
+        (dict(sp=0.3, sb=0.4), r"^sb: 0.4 is outside 0 <= sb <= sp \(0.3\)"),
+        (dict(sp=0.3, sb=-0.01), r"^sb: -0.01 is outside"),
+        (dict(sp=float("nan"), sb=0.0), r"^sp: nan is not a finite number"),
+        (dict(lr=[0.1, float("nan"), 0.3, 0.2]), r"^lr: score of layer 1 is nan"),
+        (dict(lr=[0.1, float("inf"), 0.3, 0.2]), r"^lr: score of layer 1 is inf"),
+        (dict(lr=[]), r"^lr: expected a non-empty"),
+        (dict(num_layers=5), r"^lr: has 4 scores but the model has 5 layers"),
+        (dict(hidden=0), r"^hidden: 0 is outside 1 <= hidden <= 262144$"),
+        (dict(round_interval=0), r"^round_interval: 0 is outside 1 <= round_interval <= 48$"),
+        (dict(round_interval=64), r"^round_interval: 64 is outside 1 <= round_interval <= 48$"),
+        (dict(round_interval=2.0), r"^round_interval: 2.0 is not an integer; allowed: 1 <= round_interval <= 48$"),
+        (dict(budget="flops"), r"^budget: 'flops' is not one of"),
+        (dict(rounding="floor"), r"^rounding: 'floor' is not one of"),
+        (dict(count="all"), r"^count: 'all' is not one of"),
+        (dict(budget="params"), r"^dims: budget='params' needs"),
+        (dict(budget="params", dims=TINY, rounding="reference"), r"^rounding: 'reference' is only"),
+        (dict(dims=TINY, hidden=64), r"^hidden: 64 differs from dims.hidden"),
+        (dict(lr=[0.1, 0.2, 0.3], dims=TINY), r"^lr: has 3 scores but the model has 4 layers"),
+        (dict(final_width=49), r"^final_width: 49 is outside 1 <= final_width <= 48$"),
+        (dict(sp=0.9, sb=0.9, hidden=48, round_interval=8), r"^sp: 0.9 leaves"),
+        (dict(lr=[0.0, 0.0, 0.0, 1.0], sp=0.3, sb=0.0), r"^sb: 0.0 with sp=0.3 gives layer 3 a slice fraction FS=1.2"),
+    ],
+)
 def test_bad_arguments(kwargs, match) -> None:
     args = dict(lr=[0.1, 0.4, 0.3, 0.2], sp=0.3, sb=0.1, hidden=48)
     args.update(kwargs)
@@ -320,8 +341,10 @@ def test_json_round_trip_and_determinism(tmp_path) -> None:
 
 
 def test_load_lr(tmp_path) -> None:
-    good = write_json(tmp_path / "lr.json", {"model": "m", "dataset": "d", "metric": "cosine", "lr": [0.5, 0.25, 1.0],
-                                             "normalized": [0.33, 0.0, 1.0]})
+    good = write_json(
+        tmp_path / "lr.json",
+        {"model": "m", "dataset": "d", "metric": "cosine", "lr": [0.5, 0.25, 1.0], "normalized": [0.33, 0.0, 1.0]},
+    )
     np.testing.assert_allclose(load_lr(good), [1 / 3, 0.0, 1.0])
     bi = write_json(tmp_path / "bi.json", {"metric": "bi", "lr": [0.5, 0.25, 1.0]})  # a distance: negated
     np.testing.assert_allclose(load_lr(bi), [2 / 3, 1.0, 0.0])

@@ -33,8 +33,14 @@ PUBLISHED_CPU = PROJECT_ROOT / "results" / "published" / "cpu"
 
 def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
-    return subprocess.run([str(PROJECT_ROOT / "run_all.sh"), *args], cwd=PROJECT_ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [str(PROJECT_ROOT / "run_all.sh"), *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +75,13 @@ def test_sources_have_parameters_and_no_outputs():
 
 
 def _outputs(nb, kind: str) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if (o.get("output_type") == "stream" if kind == "stream" else kind in o.get("data", {}))]
+    return [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if (o.get("output_type") == "stream" if kind == "stream" else kind in o.get("data", {}))
+    ]
 
 
 @pytest.mark.slow
@@ -111,8 +122,9 @@ def test_every_notebook_executes(smoke):
         assert (results / "tables" / f"{name}.md").read_text().count("|") > 10
         assert (results / "tables" / f"{name}.tex").read_text().startswith(r"\begin{table}")
     # the source notebooks were not touched by the run
-    assert all(nbformat.read(PROJECT_ROOT / "notebooks" / f"{n}.ipynb", as_version=4).cells[2].outputs == []
-               for n in NOTEBOOKS)
+    assert all(
+        nbformat.read(PROJECT_ROOT / "notebooks" / f"{n}.ipynb", as_version=4).cells[2].outputs == [] for n in NOTEBOOKS
+    )
 
 
 @pytest.mark.slow
@@ -137,8 +149,14 @@ def test_headline_matches_records(smoke):
     const = next(r for r in recs if r["config"]["sp"] == 0.3 and r["config"]["sb"] == 0.3)
     for row in read_json(results / "headline.json"):
         budget = "width" if row["comparison"].startswith("equal mean width") else "params"
-        dyn = [r for r in recs if r["config"]["budget"] == budget and r["config"]["sb"] not in ("auto", 0.3)
-               and r["config"]["sp"] == 0.3 and not r["config"]["tasks"]]
+        dyn = [
+            r
+            for r in recs
+            if r["config"]["budget"] == budget
+            and r["config"]["sb"] not in ("auto", 0.3)
+            and r["config"]["sp"] == 0.3
+            and not r["config"]["tasks"]
+        ]
         best = min(dyn, key=lambda r: (r["ppl"]["wiki"], -r["config"]["sb"]))
         assert row["best_sb"] == best["config"]["sb"]
         assert row["ppl_wiki_change_pct"] == pytest.approx(100 * (best["ppl"]["wiki"] / const["ppl"]["wiki"] - 1))
@@ -195,10 +213,10 @@ def test_check_publish_and_check_only(smoke, tmp_path):
 @pytest.mark.slow
 def test_failing_notebook_is_named(tmp_path):
     profile = tmp_path / "broken.yaml"
-    profile.write_text("name: broken\nmodels: [{spec: /nonexistent/model/folder}]\ncal_datasets: [wiki]\n"
-                       "sp: [0.3]\n")
-    proc = run_all("--profile", str(profile), "--root", str(tmp_path / "r"), "--figures", str(tmp_path / "f"),
-                   "--only", "01")
+    profile.write_text("name: broken\nmodels: [{spec: /nonexistent/model/folder}]\ncal_datasets: [wiki]\nsp: [0.3]\n")
+    proc = run_all(
+        "--profile", str(profile), "--root", str(tmp_path / "r"), "--figures", str(tmp_path / "f"), "--only", "01"
+    )
     assert proc.returncode != 0
     assert "FAILED in 01_layer_redundancy.ipynb, cell [" in proc.stderr
     assert "compute_lr_for_profile" in proc.stderr  # the failing cell's source
@@ -219,8 +237,18 @@ def _check_published_copy(tmp_path: Path, flip) -> subprocess.CompletedProcess:
     for dest in (fresh, pub):
         shutil.copytree(PUBLISHED_CPU, dest, ignore=shutil.ignore_patterns("executed", "figures"))
     flip(pub)
-    return run_all("--profile", "cpu", "--check-only", "--root", str(fresh.parent), "--figures",
-                   str(tmp_path / "f"), "--published", str(pub), timeout=120)
+    return run_all(
+        "--profile",
+        "cpu",
+        "--check-only",
+        "--root",
+        str(fresh.parent),
+        "--figures",
+        str(tmp_path / "f"),
+        "--published",
+        str(pub),
+        timeout=120,
+    )
 
 
 def test_check_passes_on_the_published_cpu_results(tmp_path):
@@ -256,11 +284,26 @@ def test_check_fails_naming_a_flipped_headline(tmp_path):
 
 
 def test_check_only_and_root_errors(tmp_path):
-    proc = run_all("--profile", "cpu", "--check-only", "--root", str(tmp_path / "none"), "--figures",
-                   str(tmp_path / "f"), timeout=120)
+    proc = run_all(
+        "--profile",
+        "cpu",
+        "--check-only",
+        "--root",
+        str(tmp_path / "none"),
+        "--figures",
+        str(tmp_path / "f"),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "results:" in proc.stderr and "no runs/" in proc.stderr
-    proc = run_all("--profile", "smoke", "--root", str(PROJECT_ROOT / "results" / "published"), "--figures",
-                   str(tmp_path / "f"), timeout=120)
+    proc = run_all(
+        "--profile",
+        "smoke",
+        "--root",
+        str(PROJECT_ROOT / "results" / "published"),
+        "--figures",
+        str(tmp_path / "f"),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "inside the published reference" in proc.stderr
     proc = run_all("--force", "--resume")
     assert proc.returncode == 2 and "--force and --resume" in proc.stderr

@@ -69,8 +69,19 @@ def world(tmp_path_factory) -> Path:
     (w / "empty_dir").mkdir()
     (w / "binary.json").write_bytes(b"\x00\xff\xfe" * 10)
     # LR inputs
-    write_json(w / "lr.json", {"metric": "cosine", "lr": LR4, "normalized": [0, 1, 0.5, 0.75], "tokens": 32,
-                               "model": "tiny-random", "hidden": 64, "num_layers": 4, "dataset": "wiki"})
+    write_json(
+        w / "lr.json",
+        {
+            "metric": "cosine",
+            "lr": LR4,
+            "normalized": [0, 1, 0.5, 0.75],
+            "tokens": 32,
+            "model": "tiny-random",
+            "hidden": 64,
+            "num_layers": 4,
+            "dataset": "wiki",
+        },
+    )
     bad_lr = {
         "lr_dict": {"lr": {"0": 0.5}, "metric": "cosine", "hidden": 64},
         "lr_bare": LR4,
@@ -94,15 +105,22 @@ def world(tmp_path_factory) -> Path:
     # a previous dynslice record (replaced only with --overwrite)
     write_json(w / "record.json", {"metric": "cosine", "lr": LR4, "normalized": [0, 1, 0.5, 0.75]})
     # a saved sliced model and broken variants of it
-    model = slice_model(tiny_random_model(), make_batch(vocab=49152, n=2, seqlen=16), [48, 40, 40, 32],
-                        progress=False)
+    model = slice_model(tiny_random_model(), make_batch(vocab=49152, n=2, seqlen=16), [48, 40, 40, 32], progress=False)
     sliced = save_sliced(model, w / "sliced", "tiny-random")
     _copy_model(sliced, w / "sliced_notes")
     (w / "sliced_notes" / "README.md").write_text("my description\n")
-    edits = {"outside": {"weights_file": "../other/model.safetensors"}, "absolute": {"weights_file": "/etc/hosts"},
-             "fmt_str": {"format_version": "1"}, "fmt_new": {"format_version": 99}, "dtype99": {"dtype": "float99"},
-             "wnull": {"weights": None}, "wbool": {"widths": [48, True, 40, 32]}, "nowidths": {"widths": ...},
-             "sha": {"weights": {"file": WEIGHTS, "bytes": 1, "sha256": "xyz"}}, "fwfloat": {"final_width": 4.5}}
+    edits = {
+        "outside": {"weights_file": "../other/model.safetensors"},
+        "absolute": {"weights_file": "/etc/hosts"},
+        "fmt_str": {"format_version": "1"},
+        "fmt_new": {"format_version": 99},
+        "dtype99": {"dtype": "float99"},
+        "wnull": {"weights": None},
+        "wbool": {"widths": [48, True, 40, 32]},
+        "nowidths": {"widths": ...},
+        "sha": {"weights": {"file": WEIGHTS, "bytes": 1, "sha256": "xyz"}},
+        "fwfloat": {"final_width": 4.5},
+    }
     for name, edit in edits.items():
         _copy_model(sliced, w / f"m_{name}", **edit)
     trunc = _copy_model(sliced, w / "m_trunc")
@@ -119,7 +137,8 @@ def world(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(
-        w / "gpt2")
+        w / "gpt2"
+    )
     (w / "broken").mkdir()
     (w / "broken" / "config.json").write_text("{ this is not json")
     (w / "noconfig").mkdir()
@@ -158,22 +177,40 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("alloc-sp-nan", "allocate --lr {w}/lr.json --sp nan --sb 0.1 --out {w}/o.json", ("--sp", "finite")),
     ("alloc-sp-inf", "allocate --lr {w}/lr.json --sp inf --sb 0.1 --out {w}/o.json", ("--sp", "finite")),
     ("alloc-sb-text", "allocate --lr {w}/lr.json --sp 0.3 --sb abc --out {w}/o.json", ("--sb", "number")),
-    ("alloc-ri-text", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval x --out {w}/o.json",
-     ("--round-interval",)),
-    ("alloc-ri-0", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval 0 --out {w}/o.json",
-     ("round_interval",)),
-    ("alloc-ri-big", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval 65 --out {w}/o.json",
-     ("round_interval", "64")),
+    (
+        "alloc-ri-text",
+        "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval x --out {w}/o.json",
+        ("--round-interval",),
+    ),
+    (
+        "alloc-ri-0",
+        "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval 0 --out {w}/o.json",
+        ("round_interval",),
+    ),
+    (
+        "alloc-ri-big",
+        "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --round-interval 65 --out {w}/o.json",
+        ("round_interval", "64"),
+    ),
     ("alloc-sb-gt-sp", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.4 --out {w}/o.json", ("sb", "sp")),
     ("alloc-sp-big", "allocate --lr {w}/lr.json --sp 1.2 --sb 0.1 --out {w}/o.json", ("sp", "< 1")),
     ("alloc-sp-neg", "allocate --lr {w}/lr.json --sp -0.1 --sb 0.0 --out {w}/o.json", ("sp",)),
-    ("alloc-hidden-0", "allocate --lr {w}/lr_nohidden.json --hidden 0 --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("--hidden",)),
-    ("alloc-hidden-float", "allocate --lr {w}/lr_nohidden.json --hidden 64.7 --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("--hidden", "integer")),
+    (
+        "alloc-hidden-0",
+        "allocate --lr {w}/lr_nohidden.json --hidden 0 --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("--hidden",),
+    ),
+    (
+        "alloc-hidden-float",
+        "allocate --lr {w}/lr_nohidden.json --hidden 64.7 --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("--hidden", "integer"),
+    ),
     ("alloc-budget", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --budget flops --out {w}/o.json", ("--budget",)),
-    ("alloc-params-no-model", "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --budget params --out {w}/o.json",
-     ("model", "--budget params")),
+    (
+        "alloc-params-no-model",
+        "allocate --lr {w}/lr.json --sp 0.3 --sb 0.1 --budget params --out {w}/o.json",
+        ("model", "--budget params"),
+    ),
     ("slice-cal-n-0", "slice --model tiny-random --sp 0.3 --cal-nsamples 0 --out {w}/m", ("--cal-nsamples",)),
     ("slice-both", "slice --model tiny-random --sp 0.3 --widths [64,64,64,64] --out {w}/m", ("not allowed with",)),
     ("slice-neither", "slice --model tiny-random --out {w}/m", ("--widths", "--sp")),
@@ -214,37 +251,63 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("run-out-user", "run --model tiny-random --sp 0.3 --sb 0.1 --out {w}/notes.txt", ("not a dynslice record",)),
     ("run-out-empty", "run --model tiny-random --sp 0.3 --sb 0.1 --out ''", ("out", "empty")),
     ("run-out-under-file", "run --model tiny-random --sp 0.3 --sb 0.1 --out {w}/a_file/r.json", ("is a file",)),
-    ("run-save-user-dir", "run --model tiny-random --sp 0.3 --sb 0.1 --save-model {w}/thesis --out {w}/r.json",
-     ("save_model", "not a dynslice model")),
-    ("run-save-model-exists", "run --model tiny-random --sp 0.3 --sb 0.1 --save-model {w}/sliced --out {w}/r.json",
-     ("save_model", "--overwrite")),
+    (
+        "run-save-user-dir",
+        "run --model tiny-random --sp 0.3 --sb 0.1 --save-model {w}/thesis --out {w}/r.json",
+        ("save_model", "not a dynslice model"),
+    ),
+    (
+        "run-save-model-exists",
+        "run --model tiny-random --sp 0.3 --sb 0.1 --save-model {w}/sliced --out {w}/r.json",
+        ("save_model", "--overwrite"),
+    ),
     # --- model folders as outputs: the data-loss cases
-    ("slice-out-thesis", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/thesis",
-     ("out", "not a dynslice model")),
-    ("slice-out-thesis-overwrite", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/thesis",
-     ("out", "not a dynslice model")),
-    ("slice-out-subfolder", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/thesis/chapters",
-     ("not a dynslice model",)),
+    (
+        "slice-out-thesis",
+        f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/thesis",
+        ("out", "not a dynslice model"),
+    ),
+    (
+        "slice-out-thesis-overwrite",
+        f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/thesis",
+        ("out", "not a dynslice model"),
+    ),
+    (
+        "slice-out-subfolder",
+        f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/thesis/chapters",
+        ("not a dynslice model",),
+    ),
     ("slice-out-file", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/notes.txt", ("out", "is a file")),
-    ("slice-out-file-overwrite", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/notes.txt",
-     ("out", "is a file")),
+    (
+        "slice-out-file-overwrite",
+        f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/notes.txt",
+        ("out", "is a file"),
+    ),
     ("slice-out-model", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/sliced", ("--overwrite",)),
-    ("slice-out-model-foreign", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/sliced_notes",
-     ("did not write", "README.md")),
+    (
+        "slice-out-model-foreign",
+        f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/sliced_notes",
+        ("did not write", "README.md"),
+    ),
     ("slice-out-empty", f"slice --model tiny-random --sp 0.3 {CAL} --out ''", ("out", "empty")),
     ("slice-out-under-file", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/a_file/m", ("is a file",)),
-    ("slice-out-temp-name", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/{TMP_PREFIX}m-1",
-     ("temporary",)),
-    ("slice-out-half", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/half",
-     ("not a dynslice model",)),
+    ("slice-out-temp-name", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/{TMP_PREFIX}m-1", ("temporary",)),
+    (
+        "slice-out-half",
+        f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/half",
+        ("not a dynslice model",),
+    ),
     # --- names checked before any model is loaded
     ("eval-task", "eval --model tiny-random --tasks nosuchtask --out {w}/o.json", ("tasks", "nosuchtask")),
     ("run-task", "run --model tiny-random --sp 0.3 --sb 0.1 --tasks nosuchtask --out {w}/o.json", ("tasks",)),
     ("eval-ppl-name", "eval --model tiny-random --ppl nosuchdata --out {w}/o.json", ("ppl", "nosuchdata")),
     ("lr-dataset", "lr --model tiny-random --dataset nosuch --out {w}/o.json", ("dataset", "nosuch")),
     ("slice-cal-dataset", "slice --model tiny-random --sp 0.3 --cal-dataset nosuch --out {w}/m", ("cal_dataset",)),
-    ("run-lr-dataset", "run --model tiny-random --sp 0.3 --sb 0.1 --lr-dataset nosuch --out {w}/o.json",
-     ("lr_dataset",)),
+    (
+        "run-lr-dataset",
+        "run --model tiny-random --sp 0.3 --sb 0.1 --lr-dataset nosuch --out {w}/o.json",
+        ("lr_dataset",),
+    ),
     # --- model specs
     ("lr-model-missing", "lr --model {w}/no/such/folder --out {w}/o.json", ("model", "no/such/folder")),
     ("lr-model-missing-gguf", "lr --model {w}/none.gguf --out {w}/o.json", ("model", "none.gguf")),
@@ -254,16 +317,22 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("slice-gpt2", f"slice --model {{w}}/gpt2 --sp 0.3 {CAL} --out {{w}}/m", ("GPT-2",)),
     ("lr-broken-config", "lr --model {w}/broken --out {w}/o.json", ("model", "broken")),
     ("lr-noconfig", "lr --model {w}/noconfig --out {w}/o.json", ("model", "config.json")),
-    ("lr-offline-hub-name", "lr --model no-such-org/no-such-model-xyz --out {w}/o.json",
-     ("model", "no-such-model-xyz", "hub")),
+    (
+        "lr-offline-hub-name",
+        "lr --model no-such-org/no-such-model-xyz --out {w}/o.json",
+        ("model", "no-such-model-xyz", "hub"),
+    ),
     ("slice-sliced", f"slice --model {{w}}/sliced --sp 0.3 {CAL} --out {{w}}/m", ("model", "already sliced")),
     ("lr-sliced", "lr --model {w}/sliced --out {w}/o.json", ("already sliced",)),
     ("run-sliced", "run --model {w}/sliced --sp 0.3 --sb 0.1 --out {w}/o.json", ("already sliced",)),
     ("eval-half", "eval --model {w}/half --out {w}/o.json", ("incomplete model",)),
     ("eval-temp", f"eval --model {{w}}/{TMP_PREFIX}x-1 --out {{w}}/o.json", ("incomplete model",)),
     ("eval-old-half", "eval --model {w}/.sliced.k2j4x --out {w}/o.json", ("incomplete model",)),
-    ("slice-out-hf-model", f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/gpt2",
-     ("not a dynslice model",)),
+    (
+        "slice-out-hf-model",
+        f"slice --model tiny-random --sp 0.3 {CAL} --overwrite --out {{w}}/gpt2",
+        ("not a dynslice model",),
+    ),
     ("run-out-other-record", "run --model tiny-random --sp 0.3 --sb 0.1 --out {w}/record.json", ("--overwrite",)),
     ("eval-out-record", "eval --model tiny-random --out {w}/record.json", ("--overwrite",)),
     ("slice-half", f"slice --model {{w}}/half --sp 0.3 {CAL} --out {{w}}/m", ("incomplete model",)),
@@ -286,70 +355,129 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("lr-file-binary", "allocate --lr {w}/binary.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("binary.json",)),
     ("lr-file-garbage", "allocate --lr {w}/garbage.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("not valid JSON",)),
     ("lr-file-dict", "allocate --lr {w}/lr_dict.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("lr", "list")),
-    ("lr-file-bare-no-metric", "allocate --lr {w}/lr_bare.json --hidden 64 --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("states no metric", "--lr-metric")),
-    ("lr-file-bare-no-width", "allocate --lr {w}/lr_bare.json --lr-metric bi --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("hidden", "--model or --hidden")),
-    ("lr-file-no-width", "allocate --lr {w}/lr_nohidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("--model or --hidden",)),
-    ("lr-file-is-widths", "allocate --lr {w}/widths.json --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("holds widths", "--widths")),
+    (
+        "lr-file-bare-no-metric",
+        "allocate --lr {w}/lr_bare.json --hidden 64 --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("states no metric", "--lr-metric"),
+    ),
+    (
+        "lr-file-bare-no-width",
+        "allocate --lr {w}/lr_bare.json --lr-metric bi --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("hidden", "--model or --hidden"),
+    ),
+    (
+        "lr-file-no-width",
+        "allocate --lr {w}/lr_nohidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("--model or --hidden",),
+    ),
+    (
+        "lr-file-is-widths",
+        "allocate --lr {w}/widths.json --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("holds widths", "--widths"),
+    ),
     ("lr-file-bool", "allocate --lr {w}/lr_bool.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("lr[0]", "True")),
     ("lr-file-null", "allocate --lr {w}/lr_null.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("lr[1]", "not a number")),
     ("lr-file-nan", "allocate --lr {w}/lr_nan.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("NaN",)),
     ("lr-file-inf", "allocate --lr {w}/lr_inf.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("Infinity",)),
     ("lr-file-str", "allocate --lr {w}/lr_str.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("lr[1]", "'a'")),
-    ("lr-file-float-hidden", "allocate --lr {w}/lr_float_hidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("hidden", "64.7", "integer")),
-    ("lr-file-bool-hidden", "allocate --lr {w}/lr_bool_hidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("hidden", "integer")),
-    ("lr-file-metric", "allocate --lr {w}/lr_metric_bad.json --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("metric", "euclid")),
-    ("lr-file-metric-clash", "allocate --lr {w}/lr.json --lr-metric bi --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("states metric", "cosine", "bi")),
+    (
+        "lr-file-float-hidden",
+        "allocate --lr {w}/lr_float_hidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("hidden", "64.7", "integer"),
+    ),
+    (
+        "lr-file-bool-hidden",
+        "allocate --lr {w}/lr_bool_hidden.json --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("hidden", "integer"),
+    ),
+    ("lr-file-metric", "allocate --lr {w}/lr_metric_bad.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("metric", "euclid")),
+    (
+        "lr-file-metric-clash",
+        "allocate --lr {w}/lr.json --lr-metric bi --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("states metric", "cosine", "bi"),
+    ),
     ("lr-file-empty", "allocate --lr {w}/lr_empty.json --sp 0.3 --sb 0.1 --out {w}/o.json", ("non-empty",)),
-    ("lr-file-short", "allocate --lr {w}/lr_short.json --model tiny-random --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("3 scores", "4 layers")),
-    ("lr-file-width-clash", "allocate --lr {w}/lr.json --hidden 32 --sp 0.3 --sb 0.1 --out {w}/o.json",
-     ("hidden", "disagrees")),
+    (
+        "lr-file-short",
+        "allocate --lr {w}/lr_short.json --model tiny-random --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("3 scores", "4 layers"),
+    ),
+    (
+        "lr-file-width-clash",
+        "allocate --lr {w}/lr.json --hidden 32 --sp 0.3 --sb 0.1 --out {w}/o.json",
+        ("hidden", "disagrees"),
+    ),
     # --- slice inputs
-    ("slice-widths-sb", f"slice --model tiny-random --widths {{w}}/widths.json --sb 0.1 {CAL} --out {{w}}/m",
-     ("sb", "--widths")),
-    ("slice-widths-lr", f"slice --model tiny-random --widths {{w}}/widths.json --lr {{w}}/lr.json {CAL} "
-     "--out {w}/m", ("lr", "--widths")),
-    ("slice-widths-inf", f"slice --model tiny-random --widths [Infinity,64,64,64] {CAL} --out {{w}}/m",
-     ("widths[0]", "inf")),
-    ("slice-widths-float", f"slice --model tiny-random --widths [64,64.5,64,64] {CAL} --out {{w}}/m",
-     ("widths[1]", "64.5")),
-    ("slice-widths-bool", f"slice --model tiny-random --widths [true,64,64,64] {CAL} --out {{w}}/m",
-     ("widths[0]",)),
+    (
+        "slice-widths-sb",
+        f"slice --model tiny-random --widths {{w}}/widths.json --sb 0.1 {CAL} --out {{w}}/m",
+        ("sb", "--widths"),
+    ),
+    (
+        "slice-widths-lr",
+        f"slice --model tiny-random --widths {{w}}/widths.json --lr {{w}}/lr.json {CAL} --out {{w}}/m",
+        ("lr", "--widths"),
+    ),
+    (
+        "slice-widths-inf",
+        f"slice --model tiny-random --widths [Infinity,64,64,64] {CAL} --out {{w}}/m",
+        ("widths[0]", "inf"),
+    ),
+    (
+        "slice-widths-float",
+        f"slice --model tiny-random --widths [64,64.5,64,64] {CAL} --out {{w}}/m",
+        ("widths[1]", "64.5"),
+    ),
+    ("slice-widths-bool", f"slice --model tiny-random --widths [true,64,64,64] {CAL} --out {{w}}/m", ("widths[0]",)),
     ("slice-widths-zero", f"slice --model tiny-random --widths [64,64,0,64] {CAL} --out {{w}}/m", ("widths[2]",)),
     ("slice-widths-syntax", f"slice --model tiny-random --widths [1,2 {CAL} --out {{w}}/m", ("widths", "JSON")),
-    ("slice-widths-lr-file", f"slice --model tiny-random --widths {{w}}/lr.json {CAL} --out {{w}}/m",
-     ("holds LR scores", "--lr")),
-    ("slice-widths-missing", f"slice --model tiny-random --widths {{w}}/nope.json {CAL} --out {{w}}/m",
-     ("nope.json",)),
+    (
+        "slice-widths-lr-file",
+        f"slice --model tiny-random --widths {{w}}/lr.json {CAL} --out {{w}}/m",
+        ("holds LR scores", "--lr"),
+    ),
+    ("slice-widths-missing", f"slice --model tiny-random --widths {{w}}/nope.json {CAL} --out {{w}}/m", ("nope.json",)),
     ("slice-widths-big", f"slice --model tiny-random --widths [64,64,100,64] {CAL} --out {{w}}/m", ("widths[2]",)),
     ("slice-widths-length", f"slice --model tiny-random --widths [64,64,64] {CAL} --out {{w}}/m", ("widths",)),
-    ("slice-lr-widths-file", f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/widths.json {CAL} "
-     "--out {w}/m", ("holds widths",)),
-    ("slice-lr-bare", f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_bare.json {CAL} --out {{w}}/m",
-     ("states no metric",)),
-    ("slice-lr-dict", f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_dict.json {CAL} --out {{w}}/m",
-     ("lr", "list")),
-    ("slice-lr-short", f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_short.json {CAL} --out {{w}}/m",
-     ("3 scores", "4 layers")),
-    ("slice-lr-width", f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_h32.json {CAL} --out {{w}}/m",
-     ("lr", "32", "64")),
-    ("slice-sb-gt-sp", f"slice --model tiny-random --sp 0.3 --sb 0.5 --lr {{w}}/lr.json {CAL} --out {{w}}/m",
-     ("sb",)),
+    (
+        "slice-lr-widths-file",
+        f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/widths.json {CAL} --out {{w}}/m",
+        ("holds widths",),
+    ),
+    (
+        "slice-lr-bare",
+        f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_bare.json {CAL} --out {{w}}/m",
+        ("states no metric",),
+    ),
+    (
+        "slice-lr-dict",
+        f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_dict.json {CAL} --out {{w}}/m",
+        ("lr", "list"),
+    ),
+    (
+        "slice-lr-short",
+        f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_short.json {CAL} --out {{w}}/m",
+        ("3 scores", "4 layers"),
+    ),
+    (
+        "slice-lr-width",
+        f"slice --model tiny-random --sp 0.3 --sb 0.1 --lr {{w}}/lr_h32.json {CAL} --out {{w}}/m",
+        ("lr", "32", "64"),
+    ),
+    ("slice-sb-gt-sp", f"slice --model tiny-random --sp 0.3 --sb 0.5 --lr {{w}}/lr.json {CAL} --out {{w}}/m", ("sb",)),
     # --- sequence lengths beyond the model's context (2048 for tiny-random)
     ("lr-seqlen-ctx", "lr --model tiny-random --seqlen 3000 --out {w}/o.json", ("seqlen", "3000", "2048")),
-    ("slice-seqlen-ctx", "slice --model tiny-random --sp 0.3 --cal-nsamples 2 --cal-seqlen 3000 --out {w}/m",
-     ("cal_seqlen", "2048")),
+    (
+        "slice-seqlen-ctx",
+        "slice --model tiny-random --sp 0.3 --cal-nsamples 2 --cal-seqlen 3000 --out {w}/m",
+        ("cal_seqlen", "2048"),
+    ),
     ("eval-seqlen-ctx", "eval --model tiny-random --ppl-seqlen 4096 --out {w}/o.json", ("ppl_seqlen", "2048")),
-    ("run-seqlen-ctx", "run --model tiny-random --sp 0.3 --sb 0.1 --lr-seqlen 3000 --out {w}/o.json",
-     ("lr_seqlen", "2048")),
+    (
+        "run-seqlen-ctx",
+        "run --model tiny-random --sp 0.3 --sb 0.1 --lr-seqlen 3000 --out {w}/o.json",
+        ("lr_seqlen", "2048"),
+    ),
 ]
 
 
@@ -376,8 +504,9 @@ def test_the_case_table_is_large_and_unique():
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root may write into read-only folders")
-@pytest.mark.parametrize("argv", ["lr --model tiny-random --out {w}/ro/o.json",
-                                  f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/ro/m"])
+@pytest.mark.parametrize(
+    "argv", ["lr --model tiny-random --out {w}/ro/o.json", f"slice --model tiny-random --sp 0.3 {CAL} --out {{w}}/ro/m"]
+)
 def test_read_only_folder_is_refused_before_work(tmp_path, capsys, argv):
     (tmp_path / "ro").mkdir(mode=0o555)
     rc = main([p.replace("{w}", str(tmp_path)) for p in shlex.split(argv)])
@@ -388,16 +517,39 @@ def test_read_only_folder_is_refused_before_work(tmp_path, capsys, argv):
 def test_user_folder_survives_slice_byte_for_byte(world, capsys):
     """The data-loss case of the issue, told as the user meets it: the thesis is intact afterwards."""
     before = _snapshot(world / "thesis")
-    assert main(["slice", "--model", "tiny-random", "--sp", "0.3", *shlex.split(CAL), "--overwrite",
-                 "--out", str(world / "thesis")]) == 2
+    assert (
+        main(
+            [
+                "slice",
+                "--model",
+                "tiny-random",
+                "--sp",
+                "0.3",
+                *shlex.split(CAL),
+                "--overwrite",
+                "--out",
+                str(world / "thesis"),
+            ]
+        )
+        == 2
+    )
     assert _snapshot(world / "thesis") == before and len(before) == 5
 
 
 def test_own_outputs_are_accepted_and_overwrite_replaces_only_them(tmp_path, capsys):
     """`allocate` reads what `lr` writes (no hub); --overwrite replaces dynslice's own record and nothing else."""
     lr, out = tmp_path / "lr.json", tmp_path / "w.json"
-    write_json(lr, {"metric": "cosine", "lr": LR4, "normalized": [0, 1, 0.5, 0.75], "model": "tiny-random",
-                    "hidden": 64, "num_layers": 4})
+    write_json(
+        lr,
+        {
+            "metric": "cosine",
+            "lr": LR4,
+            "normalized": [0, 1, 0.5, 0.75],
+            "model": "tiny-random",
+            "hidden": 64,
+            "num_layers": 4,
+        },
+    )
     argv = ["allocate", "--lr", str(lr), "--sp", "0.3", "--sb", "0.1", "--out", str(out)]
     assert main(argv) == 0
     first = out.read_bytes()
@@ -408,10 +560,21 @@ def test_own_outputs_are_accepted_and_overwrite_replaces_only_them(tmp_path, cap
 
 
 def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dynslice", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "dynslice", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _has_loaded(pid: int, library: str) -> bool:
@@ -427,8 +590,24 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, when):
     """SIGINT while torch loads, or while the LR score runs: exit 130, one line, no traceback, no output."""
     import threading
 
-    proc = _spawn(["run", "--model", "tiny-random", "--sp", "0.3", "--sb", "0.1", "--lr-nsamples", "1024",
-                   "--lr-seqlen", "256", "--out", str(tmp_path / "r.json")], tmp_path)
+    proc = _spawn(
+        [
+            "run",
+            "--model",
+            "tiny-random",
+            "--sp",
+            "0.3",
+            "--sb",
+            "0.1",
+            "--lr-nsamples",
+            "1024",
+            "--lr-seqlen",
+            "256",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        tmp_path,
+    )
     chunks: list[str] = []
     started = threading.Event()
 
@@ -477,8 +656,7 @@ def test_killed_save_leaves_old_or_new_and_is_cleaned_up(tmp_path):
     for left in leftovers:
         with pytest.raises(ValueError, match="incomplete model"):
             resolve_spec(str(left))
-    model = slice_model(tiny_random_model(), make_batch(vocab=49152, n=2, seqlen=16), [48, 40, 40, 32],
-                        progress=False)
+    model = slice_model(tiny_random_model(), make_batch(vocab=49152, n=2, seqlen=16), [48, 40, 40, 32], progress=False)
     save_sliced(model, tmp_path / "m", "tiny-random", overwrite=True)
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
     assert torch.equal(load_model(str(out)).model.embed_tokens.weight, model.model.embed_tokens.weight)
@@ -490,9 +668,23 @@ def test_unreachable_hub_gives_one_line_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dynslice", "lr", "--model", "someorg/no-such-model", "--out",
-                           str(tmp_path / "lr.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynslice",
+            "lr",
+            "--model",
+            "someorg/no-such-model",
+            "--out",
+            str(tmp_path / "lr.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Retrying" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "the Hugging Face hub cannot be reached from here (no connection)" in proc.stderr

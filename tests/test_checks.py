@@ -26,15 +26,18 @@ def test_check_int_accepts_integers_in_range() -> None:
     assert check_int("seed", -5) == -5  # no bounds: any integer
 
 
-@pytest.mark.parametrize("value, low, high, match", [
-    (0, 1, None, r"^n: 0 is outside n >= 1$"),
-    (5, 1, 4, r"^n: 5 is outside 1 <= n <= 4$"),
-    (np.int64(9), 1, 4, r"^n: 9 is outside 1 <= n <= 4$"),
-    (2.0, 1, None, r"^n: 2.0 is not an integer; allowed: n >= 1$"),
-    (True, 0, None, r"^n: True is not an integer; allowed: n >= 0$"),
-    ("3", 1, None, r"^n: '3' is not an integer; allowed: n >= 1$"),
-    (None, 1, None, r"^n: None is not an integer"),
-])
+@pytest.mark.parametrize(
+    "value, low, high, match",
+    [
+        (0, 1, None, r"^n: 0 is outside n >= 1$"),
+        (5, 1, 4, r"^n: 5 is outside 1 <= n <= 4$"),
+        (np.int64(9), 1, 4, r"^n: 9 is outside 1 <= n <= 4$"),
+        (2.0, 1, None, r"^n: 2.0 is not an integer; allowed: n >= 1$"),
+        (True, 0, None, r"^n: True is not an integer; allowed: n >= 0$"),
+        ("3", 1, None, r"^n: '3' is not an integer; allowed: n >= 1$"),
+        (None, 1, None, r"^n: None is not an integer"),
+    ],
+)
 def test_check_int_rejects(value, low, high, match) -> None:
     with pytest.raises(ValueError, match=match):
         check_int("n", value, low, high)
@@ -42,7 +45,7 @@ def test_check_int_rejects(value, low, high, match) -> None:
 
 def test_check_int_allowed_text_replaces_the_range() -> None:
     with pytest.raises(ValueError, match=r"^seed: -1 is outside 0 <= seed < 2\*\*63$"):
-        check_int("seed", -1, 0, 2 ** 63 - 1, allowed="0 <= seed < 2**63")
+        check_int("seed", -1, 0, 2**63 - 1, allowed="0 <= seed < 2**63")
 
 
 def test_check_real_accepts_finite_numbers_in_range() -> None:
@@ -52,16 +55,19 @@ def test_check_real_accepts_finite_numbers_in_range() -> None:
     assert check_real("sb", 0.3, 0, 0.3) == 0.3  # closed ends include the bound
 
 
-@pytest.mark.parametrize("value, kwargs, match", [
-    (1.0, dict(low=0, high=1, high_open=True), r"^x: 1.0 is outside 0 <= x < 1$"),
-    (-0.1, dict(low=0, high=1), r"^x: -0.1 is outside 0 <= x <= 1$"),
-    (0, dict(low=0, low_open=True), r"^x: 0 is outside x > 0$"),
-    (math.nan, dict(low=0), r"^x: nan is not a finite number; allowed: x >= 0$"),
-    (math.inf, dict(), r"^x: inf is not a finite number"),
-    (False, dict(), r"^x: False is not a finite number"),
-    ("0.1", dict(), r"^x: '0.1' is not a finite number"),
-    (0.4, dict(low=0, high=0.3, allowed="0 <= x <= sp (0.3)"), r"^x: 0.4 is outside 0 <= x <= sp \(0.3\)$"),
-])
+@pytest.mark.parametrize(
+    "value, kwargs, match",
+    [
+        (1.0, dict(low=0, high=1, high_open=True), r"^x: 1.0 is outside 0 <= x < 1$"),
+        (-0.1, dict(low=0, high=1), r"^x: -0.1 is outside 0 <= x <= 1$"),
+        (0, dict(low=0, low_open=True), r"^x: 0 is outside x > 0$"),
+        (math.nan, dict(low=0), r"^x: nan is not a finite number; allowed: x >= 0$"),
+        (math.inf, dict(), r"^x: inf is not a finite number"),
+        (False, dict(), r"^x: False is not a finite number"),
+        ("0.1", dict(), r"^x: '0.1' is not a finite number"),
+        (0.4, dict(low=0, high=0.3, allowed="0 <= x <= sp (0.3)"), r"^x: 0.4 is outside 0 <= x <= sp \(0.3\)$"),
+    ],
+)
 def test_check_real_rejects(value, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         check_real("x", value, **kwargs)

@@ -25,8 +25,16 @@ from dynslice.config import (
 #: RunConfig fields a profile cannot set, and why.
 NOT_IN_PROFILE = {"save_dir": "it names one folder; a profile's many runs would overwrite each other there"}
 #: Non-default values of the fields whose kind gives no obvious one (a number range, a spec, a list of names).
-SPECIAL: dict[str, Any] = {"model": "tiny-random", "device": "cuda:1", "sp": 0.4, "sb": 0.1, "auto_sb_step": 0.05,
-                           "ppl_datasets": ("news", "wiki"), "tasks": ("dynslice_cloze",), "save_dir": "sliced"}
+SPECIAL: dict[str, Any] = {
+    "model": "tiny-random",
+    "device": "cuda:1",
+    "sp": 0.4,
+    "sb": 0.1,
+    "auto_sb_step": 0.05,
+    "ppl_datasets": ("news", "wiki"),
+    "tasks": ("dynslice_cloze",),
+    "save_dir": "sliced",
+}
 #: Other fields a value needs (the sliding LR sampler needs a stride).
 COMPANIONS: dict[str, dict[str, Any]] = {"lr_sampler": {"lr_stride": 128}}
 
@@ -106,23 +114,36 @@ def test_shared_flags_take_choices_and_defaults_from_the_definition():
     for command, p in sub.choices.items():
         for action in p._actions:
             field = action.dest if action.dest in OPTIONS else {"metric": "lr_metric"}.get(action.dest)
-            if field is None or action.choices is None or (command, field) in {("allocate", "lr_metric"),
-                                                                                ("slice", "lr_metric")}:
+            if (
+                field is None
+                or action.choices is None
+                or (command, field) in {("allocate", "lr_metric"), ("slice", "lr_metric")}
+            ):
                 continue
             assert tuple(action.choices) == OPTIONS[field].choices, (command, action.dest)
             seen += 1
     assert seen >= 12
     lr = sub.choices["lr"].parse_args(["--model", "m", "--out", "o"])
-    assert (lr.dtype, lr.seqlen, lr.nsamples, lr.metric) == (default_of("dtype"), default_of("lr_seqlen"),
-                                                             default_of("lr_nsamples"), default_of("lr_metric"))
+    assert (lr.dtype, lr.seqlen, lr.nsamples, lr.metric) == (
+        default_of("dtype"),
+        default_of("lr_seqlen"),
+        default_of("lr_nsamples"),
+        default_of("lr_metric"),
+    )
     assert sub.choices["eval"].parse_args(["--model", "m", "--out", "o", "--ppl-protocol", "documents"])
 
 
 # ----------------------------------------------------------------------------------------------------- profiles
 def profile_obj(name: str, value: Any) -> dict:
     """A small profile (as YAML data) that sets field ``name`` to ``value`` where the field's option says."""
-    obj: dict = {"name": "t", "models": [{"spec": "smollm2-135m"}], "cal_datasets": ["wiki"], "sp": [0.3],
-                 "sb_step": 0.1, "base": {}}
+    obj: dict = {
+        "name": "t",
+        "models": [{"spec": "smollm2-135m"}],
+        "cal_datasets": ["wiki"],
+        "sp": [0.3],
+        "sb_step": 0.1,
+        "base": {},
+    }
     where = OPTIONS[name].profile
     plain = list(value) if isinstance(value, tuple) else value
     if where == "base":
@@ -160,17 +181,20 @@ def test_auto_sb_is_reachable_from_a_profile():
     assert any(c.auto_sb for c in configs)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"base": {"lr_nsamples": "many"}}, "t.base.lr_nsamples: 'many' must be an integer >= 1"),
-    ({"base": {"lr_metric": "euclid"}}, "t.base.lr_metric: 'euclid' is not one of cosine, bi, angular"),
-    ({"base": {"ppl_datasets": ["wiki", "nope"]}}, "t.base.ppl_datasets: 'nope' is not one of wikitext2"),
-    ({"base": {"embedding_mean": "yes"}}, "t.base.embedding_mean: 'yes' must be true or false"),
-    ({"base": {"auto_sb_step": 0.1}}, "t.base.auto_sb_step: unknown key"),  # set through auto_sb.step
-    ({"models": [{"spec": "m", "dtype": "fp8"}]}, "t.models[0].dtype: 'fp8' is not one of fp32, bf16, fp16"),
-    ({"models": [{"spec": "m", "device": "tpu"}]}, "t.models[0].device: 'tpu' is not cpu or cuda"),
-    ({"auto_sb": {"max_evals": 0}}, "t.auto_sb.max_evals: 0 must be an integer >= 1"),
-    ({"zero_shot": {"limit": True}}, "t.zero_shot.limit: True must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"base": {"lr_nsamples": "many"}}, "t.base.lr_nsamples: 'many' must be an integer >= 1"),
+        ({"base": {"lr_metric": "euclid"}}, "t.base.lr_metric: 'euclid' is not one of cosine, bi, angular"),
+        ({"base": {"ppl_datasets": ["wiki", "nope"]}}, "t.base.ppl_datasets: 'nope' is not one of wikitext2"),
+        ({"base": {"embedding_mean": "yes"}}, "t.base.embedding_mean: 'yes' must be true or false"),
+        ({"base": {"auto_sb_step": 0.1}}, "t.base.auto_sb_step: unknown key"),  # set through auto_sb.step
+        ({"models": [{"spec": "m", "dtype": "fp8"}]}, "t.models[0].dtype: 'fp8' is not one of fp32, bf16, fp16"),
+        ({"models": [{"spec": "m", "device": "tpu"}]}, "t.models[0].device: 'tpu' is not cpu or cuda"),
+        ({"auto_sb": {"max_evals": 0}}, "t.auto_sb.max_evals: 0 must be an integer >= 1"),
+        ({"zero_shot": {"limit": True}}, "t.zero_shot.limit: True must be an integer >= 1"),
+    ],
+)
 def test_profile_values_are_checked_by_their_option(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         profiles.parse_profile(profile_obj("seed", 1) | change, "t")
@@ -203,12 +227,14 @@ def test_implementing_modules_agree_with_the_choices():
 
 
 def test_config_errors_name_the_field():
-    for kw, words in [({"lr_seqlen": 1}, "lr_seqlen: 1 must be an integer >= 2"),
-                      ({"dtype": "fp8"}, "dtype: 'fp8' is not one of fp32, bf16, fp16"),
-                      ({"sb": "often"}, "sb: 'often' is neither a number nor 'auto'"),
-                      ({"sp": 0.3, "sb": 0.4}, "sb: 0.4 is outside 0 <= sb <= sp"),
-                      ({"lr_sampler": "sliding"}, "lr_stride:"),
-                      ({"tasks": ("piqa", 3)}, "tasks: 3 is not a name"),
-                      ({"ppl_protocol": "paper"}, "ppl_nsamples:")]:
+    for kw, words in [
+        ({"lr_seqlen": 1}, "lr_seqlen: 1 must be an integer >= 2"),
+        ({"dtype": "fp8"}, "dtype: 'fp8' is not one of fp32, bf16, fp16"),
+        ({"sb": "often"}, "sb: 'often' is neither a number nor 'auto'"),
+        ({"sp": 0.3, "sb": 0.4}, "sb: 0.4 is outside 0 <= sb <= sp"),
+        ({"lr_sampler": "sliding"}, "lr_stride:"),
+        ({"tasks": ("piqa", 3)}, "tasks: 3 is not a name"),
+        ({"ppl_protocol": "paper"}, "ppl_nsamples:"),
+    ]:
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             RunConfig(**kw)

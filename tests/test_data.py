@@ -49,14 +49,17 @@ def test_wiki_is_clean_prose(splits):
 
 
 def test_clean_wiki_article_strips_markup():
-    markup = ("{{Infobox|name=X}}\n'''Foo''' ({{lang|fr|bar}}) is a [[baz|thing]] with a long enough sentence here.\n"
-              "{| class=\"wikitable\"\n| cell one || cell two\n|}\n== History ==\nShort line.\n"
-              "* a bulleted list item that is rather long indeed\n"
-              "It was built in the year 1900 by people &amp; friends of the town.\n"
-              "== References ==\nThis reference line is long enough to pass the filter easily.\n")
+    markup = (
+        "{{Infobox|name=X}}\n'''Foo''' ({{lang|fr|bar}}) is a [[baz|thing]] with a long enough sentence here.\n"
+        '{| class="wikitable"\n| cell one || cell two\n|}\n== History ==\nShort line.\n'
+        "* a bulleted list item that is rather long indeed\n"
+        "It was built in the year 1900 by people &amp; friends of the town.\n"
+        "== References ==\nThis reference line is long enough to pass the filter easily.\n"
+    )
     assert data.clean_wiki_article(markup) == (
         "Foo is a thing with a long enough sentence here.\n"
-        "It was built in the year 1900 by people & friends of the town.")
+        "It was built in the year 1900 by people & friends of the town."
+    )
 
 
 def test_news_articles_match_the_file(splits):
@@ -87,8 +90,9 @@ def test_assign_splits_rule():
     order = sorted(range(50), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
     total, filled, expected = sum(sizes), {"test": 0, "validation": 0}, {}
     for i in order:  # direct re-statement of the rule
-        target = "test" if filled["test"] < 0.1 * total else "validation" if filled["validation"] < 0.1 * total \
-            else "train"
+        target = (
+            "test" if filled["test"] < 0.1 * total else "validation" if filled["validation"] < 0.1 * total else "train"
+        )
         expected[i] = target
         if target != "train":
             filled[target] += sizes[i]
@@ -98,10 +102,12 @@ def test_assign_splits_rule():
 
 
 def test_splits_identical_in_another_process(splits):
-    code = ("import hashlib; from dynslice import data\n"
-            "for n in data.OFFLINE_DATASETS:\n"
-            "    for s in data.SPLITS:\n"
-            "        print(hashlib.sha256('\\x00'.join(data.load_texts(n, s)).encode()).hexdigest())\n")
+    code = (
+        "import hashlib; from dynslice import data\n"
+        "for n in data.OFFLINE_DATASETS:\n"
+        "    for s in data.SPLITS:\n"
+        "        print(hashlib.sha256('\\x00'.join(data.load_texts(n, s)).encode()).hexdigest())\n"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [_digest(splits[n][s]) for n in data.OFFLINE_DATASETS for s in data.SPLITS]
@@ -111,9 +117,16 @@ def test_splits_identical_in_another_process(splits):
 def test_hub_sources_record_text_fields():
     assert set(data.HUB_SOURCES) == set(data.ONLINE_DATASETS)
     assert {n: data.TEXT_FIELDS[n] for n in data.ONLINE_DATASETS} == {
-        "wikitext2": "text", "ptb": "sentence", "c4": "text", "alpaca": "text", "pg19": "text"}
-    assert dict(data.HUB_SOURCES["c4"].files) == {"train": "en/c4-train.00000-of-01024.json.gz",
-                                                   "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        "wikitext2": "text",
+        "ptb": "sentence",
+        "c4": "text",
+        "alpaca": "text",
+        "pg19": "text",
+    }
+    assert dict(data.HUB_SOURCES["c4"].files) == {
+        "train": "en/c4-train.00000-of-01024.json.gz",
+        "validation": "en/c4-validation.00000-of-00008.json.gz",
+    }
     assert data.HUB_SOURCES["pg19"].max_docs == data.PG19_MAX_BOOKS
 
 
@@ -144,8 +157,11 @@ def test_c4_subset_is_seeded_and_disjoint():
 def test_hub_dataset_offline_names_offline_datasets(monkeypatch, name):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(data.HubUnavailableError, match=rf"^dataset: '{name}' needs the Hugging Face hub.*"
-                                                        r"offline datasets: wiki, news"):
+    with pytest.raises(
+        data.HubUnavailableError,
+        match=rf"^dataset: '{name}' needs the Hugging Face hub.*"
+        r"offline datasets: wiki, news",
+    ):
         data.load_texts(name, "test")
     assert issubclass(data.HubUnavailableError, ValueError) and issubclass(data.HubUnavailableError, RuntimeError)
 
@@ -195,7 +211,7 @@ def test_calibration_batch_windows_and_determinism(smol_tokenizer):
     assert not torch.equal(other["input_ids"], ids)
     # The windows are drawn as documented: uniform starts from torch.Generator().manual_seed(seed).
     starts = torch.randint(0, stream.numel() - SEQLEN + 1, (6,), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(ids, torch.stack([stream[s:s + SEQLEN] for s in starts.tolist()]))
+    assert torch.equal(ids, torch.stack([stream[s : s + SEQLEN] for s in starts.tolist()]))
 
 
 def test_calibration_batch_varied_seqlen_pads_under_mask(smol_tokenizer):
@@ -227,7 +243,7 @@ def test_eval_chunks_is_the_stream_reshaped(smol_tokenizer):
     assert chunks.shape == (n, SEQLEN) and chunks.dtype == torch.long
     assert torch.equal(chunks, stream[: n * SEQLEN].view(n, SEQLEN))
     assert torch.equal(data.eval_chunks("news", smol_tokenizer, SEQLEN, max_chunks=3), chunks[:3])
-    assert torch.equal(data.eval_chunks("news", smol_tokenizer, SEQLEN, max_chunks=10 ** 6), chunks)
+    assert torch.equal(data.eval_chunks("news", smol_tokenizer, SEQLEN, max_chunks=10**6), chunks)
 
 
 def test_random_chunks(smol_tokenizer):
@@ -241,8 +257,11 @@ def test_random_chunks(smol_tokenizer):
 
 # ------------------------------------------------------------------------------------------------------ errors
 def test_bad_names_and_splits():
-    with pytest.raises(ValueError, match=r"^dataset: 'wikitext' is not a known dataset; choose one of "
-                                         r"wikitext2, ptb, c4, alpaca, pg19, wiki, news"):
+    with pytest.raises(
+        ValueError,
+        match=r"^dataset: 'wikitext' is not a known dataset; choose one of "
+        r"wikitext2, ptb, c4, alpaca, pg19, wiki, news",
+    ):
         data.load_texts("wikitext", "test")
     with pytest.raises(ValueError, match=r"^split: 'dev' is not one of train, validation, test"):
         data.load_texts("wiki", "dev")
@@ -256,10 +275,14 @@ def test_bad_sampler_arguments(smol_tokenizer):
         (lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, split="val"), r"^split: 'val'"),
         (lambda: data.eval_chunks("news", smol_tokenizer, SEQLEN, max_chunks=0), r"^max_chunks: 0 is outside"),
         (lambda: data.eval_chunks("nope", smol_tokenizer, SEQLEN), r"^dataset: 'nope'"),
-        (lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, seed=-1),
-         r"^seed: -1 is outside 0 <= seed < 2\*\*63$"),
-        (lambda: data.calibration_batch("news", smol_tokenizer, 2, SEQLEN, seed=1.5),
-         r"^seed: 1.5 is not an integer; allowed: 0 <= seed < 2\*\*63$"),
+        (
+            lambda: data.random_chunks("news", smol_tokenizer, 2, SEQLEN, seed=-1),
+            r"^seed: -1 is outside 0 <= seed < 2\*\*63$",
+        ),
+        (
+            lambda: data.calibration_batch("news", smol_tokenizer, 2, SEQLEN, seed=1.5),
+            r"^seed: 1.5 is not an integer; allowed: 0 <= seed < 2\*\*63$",
+        ),
     ]
     for call, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
@@ -268,15 +291,22 @@ def test_bad_sampler_arguments(smol_tokenizer):
 
 def test_too_short_stream_says_how_many_tokens(smol_tokenizer):
     have = data.token_stream("news", "test", smol_tokenizer).numel()
-    for call in (lambda: data.eval_chunks("news", smol_tokenizer, have + 1),
-                 lambda: data.random_chunks("news", smol_tokenizer, 1, have + 1, split="test"),
-                 lambda: data.calibration_batch("news", smol_tokenizer, 1, have + 1, split="test")):
-        with pytest.raises(ValueError, match=rf"^seqlen: {have + 1} is longer than the test split of 'news', "
-                                             rf"which has {have} tokens; one window needs {have + 1}"):
+    for call in (
+        lambda: data.eval_chunks("news", smol_tokenizer, have + 1),
+        lambda: data.random_chunks("news", smol_tokenizer, 1, have + 1, split="test"),
+        lambda: data.calibration_batch("news", smol_tokenizer, 1, have + 1, split="test"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"^seqlen: {have + 1} is longer than the test split of 'news', "
+            rf"which has {have} tokens; one window needs {have + 1}",
+        ):
             call()
     # Exactly the stream's length is enough: one window, the whole stream.
-    assert torch.equal(data.random_chunks("news", smol_tokenizer, 2, have, split="test")[1],
-                       data.token_stream("news", "test", smol_tokenizer))
+    assert torch.equal(
+        data.random_chunks("news", smol_tokenizer, 2, have, split="test")[1],
+        data.token_stream("news", "test", smol_tokenizer),
+    )
 
 
 def test_heldout_chunks_avoid_calibration_windows(smol_tokenizer):
@@ -291,12 +321,11 @@ def test_heldout_chunks_avoid_calibration_windows(smol_tokenizer):
     assert held.shape == (8, 128)
     covered = torch.zeros(stream.numel(), dtype=torch.bool)
     for s in starts.tolist():
-        covered[s:s + 256] = True
-    chunk_of = {tuple(stream[c * 128:(c + 1) * 128].tolist()): c for c in range(stream.numel() // 128)}
+        covered[s : s + 256] = True
+    chunk_of = {tuple(stream[c * 128 : (c + 1) * 128].tolist()): c for c in range(stream.numel() // 128)}
     for row in held:
         c = chunk_of[tuple(row.tolist())]
-        assert not covered[c * 128:(c + 1) * 128].any()
-    assert torch.equal(held, heldout_chunks("news", smol_tokenizer, 8, 128, seed=3, cal_nsamples=16,
-                                            cal_seqlen=256))
+        assert not covered[c * 128 : (c + 1) * 128].any()
+    assert torch.equal(held, heldout_chunks("news", smol_tokenizer, 8, 128, seed=3, cal_nsamples=16, cal_seqlen=256))
     with pytest.raises(ValueError, match="nsamples"):
         heldout_chunks("news", smol_tokenizer, 10_000, 128, seed=3, cal_nsamples=16, cal_seqlen=256)

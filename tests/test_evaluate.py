@@ -38,7 +38,7 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str) -> t
     whole = tokenizer.encode(context + continuation)
     n_ctx = len(tokenizer.encode(context))
     logits = model(input_ids=torch.tensor([whole])).logits[0].float()
-    logprobs = F.log_softmax(logits[n_ctx - 1:-1], dim=-1)
+    logprobs = F.log_softmax(logits[n_ctx - 1 : -1], dim=-1)
     target = torch.tensor(whole[n_ctx:])
     greedy = bool((logprobs.argmax(-1) == target).all())
     return float(logprobs.gather(1, target[:, None]).sum()), greedy
@@ -76,8 +76,10 @@ def test_padding_is_excluded_not_scored():
 def test_perplexity_is_batch_size_invariant():
     model = make_tiny_model("mistral")
     batch = make_batch(n=7, seqlen=16, padded=True)
-    values = [ev.perplexity(model, batch["input_ids"], batch_size=b, attention_mask=batch["attention_mask"])
-              for b in (1, 2, 4, 7, 32)]
+    values = [
+        ev.perplexity(model, batch["input_ids"], batch_size=b, attention_mask=batch["attention_mask"])
+        for b in (1, 2, 4, 7, 32)
+    ]
     assert values == pytest.approx([values[0]] * len(values), rel=1e-6)
 
 
@@ -87,37 +89,49 @@ def test_perplexity_bf16_uses_fp32_log_softmax_and_restores_mode():
     got = ev.perplexity(model, ids, batch_size=1)
     assert math.isfinite(got) and model.training
     with torch.no_grad():  # reference: the same bf16 logits, log-softmax in fp32, sums in fp64
-        total = sum(float(F.cross_entropy(model.eval()(input_ids=ids[r:r + 1]).logits[0, :-1].float(),
-                                          ids[r, 1:], reduction="sum").double()) for r in range(3))
+        total = sum(
+            float(
+                F.cross_entropy(
+                    model.eval()(input_ids=ids[r : r + 1]).logits[0, :-1].float(), ids[r, 1:], reduction="sum"
+                ).double()
+            )
+            for r in range(3)
+        )
     assert got == pytest.approx(math.exp(total / (3 * 15)), rel=1e-6)
     fp32 = ev.perplexity(make_tiny_model("llama"), ids)
     assert got == pytest.approx(fp32, rel=0.05)
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"chunks": torch.arange(10)}, "chunks"),
-    ({"chunks": torch.rand(2, 8)}, "chunks"),
-    ({"chunks": torch.zeros(2, 1, dtype=torch.long)}, "chunks"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"attention_mask": torch.ones(2, 7, dtype=torch.long)}, "attention_mask"),
-    ({"attention_mask": torch.full((2, 8), 2)}, "attention_mask"),
-    ({"attention_mask": torch.tensor([[1] + [0] * 7] * 2)}, "attention_mask"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"chunks": torch.arange(10)}, "chunks"),
+        ({"chunks": torch.rand(2, 8)}, "chunks"),
+        ({"chunks": torch.zeros(2, 1, dtype=torch.long)}, "chunks"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"attention_mask": torch.ones(2, 7, dtype=torch.long)}, "attention_mask"),
+        ({"attention_mask": torch.full((2, 8), 2)}, "attention_mask"),
+        ({"attention_mask": torch.tensor([[1] + [0] * 7] * 2)}, "attention_mask"),
+    ],
+)
 def test_perplexity_rejects_bad_arguments(kwargs, param):
     args = {"chunks": torch.randint(3, 96, (2, 8)), **kwargs}
     with pytest.raises(ValueError, match=f"^{param}:"):
         ev.perplexity(make_tiny_model("llama", layers=1), args.pop("chunks"), **args)
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"protocol": "wikitext"}, "protocol"),
-    ({"protocol": "slicegpt", "seqlen": 1}, "seqlen"),
-    ({"protocol": "slicegpt", "nsamples": 4}, "nsamples"),
-    ({"protocol": "slicegpt", "max_chunks": 0}, "max_chunks"),
-    ({"protocol": "paper"}, "nsamples"),
-    ({"protocol": "paper", "nsamples": 0}, "nsamples"),
-    ({"protocol": "paper", "nsamples": 4, "max_chunks": 2}, "max_chunks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"protocol": "wikitext"}, "protocol"),
+        ({"protocol": "slicegpt", "seqlen": 1}, "seqlen"),
+        ({"protocol": "slicegpt", "nsamples": 4}, "nsamples"),
+        ({"protocol": "slicegpt", "max_chunks": 0}, "max_chunks"),
+        ({"protocol": "paper"}, "nsamples"),
+        ({"protocol": "paper", "nsamples": 0}, "nsamples"),
+        ({"protocol": "paper", "nsamples": 4, "max_chunks": 2}, "max_chunks"),
+    ],
+)
 def test_dataset_perplexity_rejects_bad_arguments(kwargs, param):
     args = {"seqlen": 16, **kwargs}
     with pytest.raises(ValueError, match=f"^{param}:"):
@@ -140,7 +154,7 @@ def test_smollm2_wiki_perplexity_matches_hf_loss(smol):
     chunks = eval_chunks("wiki", tokenizer, 256, split="test", max_chunks=4)
     got = ev.perplexity(model, chunks, batch_size=2)
     with torch.no_grad():  # equal-length rows: the mean of the rows' mean losses is the overall mean
-        losses = [float(model(input_ids=chunks[r:r + 1], labels=chunks[r:r + 1]).loss) for r in range(4)]
+        losses = [float(model(input_ids=chunks[r : r + 1], labels=chunks[r : r + 1]).loss) for r in range(4)]
     assert got == pytest.approx(math.exp(sum(losses) / 4), rel=1e-4)
     assert 15 < got < 40  # dense SmolLM2-135M on Wikipedia prose at L = 256 is about 24.5
 
@@ -148,8 +162,12 @@ def test_smollm2_wiki_perplexity_matches_hf_loss(smol):
 # ----------------------------------------------------------------------------------------------- offline tasks
 def test_split_sentences_keeps_abbreviations_and_initials():
     text = "Dr. Smith met J. R. R. Tolkien in the U.S. Army in 1917. They talked! Did they write? Yes."
-    assert ot.split_sentences(text) == ["Dr. Smith met J. R. R. Tolkien in the U.S. Army in 1917.",
-                                        "They talked!", "Did they write?", "Yes."]
+    assert ot.split_sentences(text) == [
+        "Dr. Smith met J. R. R. Tolkien in the U.S. Army in 1917.",
+        "They talked!",
+        "Did they write?",
+        "Yes.",
+    ]
 
 
 def test_offline_items_are_well_formed(wiki_test_docs):
@@ -204,16 +222,19 @@ def test_build_offline_tasks_is_deterministic_and_idempotent(tmp_path, monkeypat
 
 
 # --------------------------------------------------------------------------------------------------- zero-shot
-@pytest.mark.parametrize("kwargs, param", [
-    ({"tasks": []}, "tasks"),
-    ({"tasks": "piqa"}, "tasks"),
-    ({"tasks": ["lambada"]}, "tasks"),
-    ({"tasks": ["piqa", "piqa"]}, "tasks"),
-    ({"limit": 0}, "limit"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"num_fewshot": -1}, "num_fewshot"),
-    ({"max_length": 1}, "max_length"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"tasks": []}, "tasks"),
+        ({"tasks": "piqa"}, "tasks"),
+        ({"tasks": ["lambada"]}, "tasks"),
+        ({"tasks": ["piqa", "piqa"]}, "tasks"),
+        ({"limit": 0}, "limit"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_fewshot": -1}, "num_fewshot"),
+        ({"max_length": 1}, "max_length"),
+    ],
+)
 def test_zero_shot_rejects_bad_arguments(kwargs, param):
     args = {"tasks": ["dynslice_cloze"], **kwargs}
     with pytest.raises(ValueError, match=f"^{param}:"):

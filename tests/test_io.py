@@ -141,19 +141,22 @@ def test_a_killed_save_is_cleaned_up_and_never_taken_for_a_model(tmp_path):
     assert (other / "model.safetensors").read_bytes() == b"only copy"
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"weights": {"file": "../other/model.safetensors"}}, "outside the model folder"),
-    ({"weights": {"file": "/etc/passwd"}}, "outside the model folder"),
-    ({"format_version": "1"}, "format_version"),
-    ({"format_version": 0}, "format_version"),
-    ({"format_version": 99}, "Upgrade dynslice"),
-    ({"dtype": "float99"}, "dtype"),
-    ({"weights": None}, "weights"),
-    ({"widths": [40, True, 32]}, "widths"),
-    ({"widths": "40"}, "widths"),
-    ({"final_width": 4.5}, "final_width"),
-    ({"files": ["../x"]}, "outside the model folder"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"weights": {"file": "../other/model.safetensors"}}, "outside the model folder"),
+        ({"weights": {"file": "/etc/passwd"}}, "outside the model folder"),
+        ({"format_version": "1"}, "format_version"),
+        ({"format_version": 0}, "format_version"),
+        ({"format_version": 99}, "Upgrade dynslice"),
+        ({"dtype": "float99"}, "dtype"),
+        ({"weights": None}, "weights"),
+        ({"widths": [40, True, 32]}, "widths"),
+        ({"widths": "40"}, "widths"),
+        ({"final_width": 4.5}, "final_width"),
+        ({"files": ["../x"]}, "outside the model folder"),
+    ],
+)
 def test_metadata_is_validated_against_the_schema(saved, edit, message):
     _, path, _ = saved
     meta = json.loads((path / SLICED_META).read_text())
@@ -167,11 +170,14 @@ def test_metadata_is_validated_against_the_schema(saved, edit, message):
         load_sliced(path)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("π ≈ 3.14\n", "π ≈ 3.14\n".encode()),
-    (b"\x00\x01raw", b"\x00\x01raw"),
-    (lambda p: p.write_bytes(b"by a writer"), b"by a writer"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("π ≈ 3.14\n", "π ≈ 3.14\n".encode()),
+        (b"\x00\x01raw", b"\x00\x01raw"),
+        (lambda p: p.write_bytes(b"by a writer"), b"by a writer"),
+    ],
+)
 def test_atomic_write_text_bytes_and_writer(tmp_path, content, expected):
     import os
     import stat

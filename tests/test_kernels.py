@@ -102,10 +102,12 @@ def test_exact_awkward_shapes(backend, d, dtype):
 @pytest.mark.parametrize("kind", ["all", "none", "some", "int01"])
 def test_masks(backend, kind):
     x = int_data((3, 21, 24), torch.bfloat16, seed=2)
-    mask = {"all": torch.ones(3, 21, dtype=torch.bool, device=DEVICE),
-            "none": torch.zeros(3, 21, dtype=torch.bool, device=DEVICE),
-            "some": some_mask((3, 21)),
-            "int01": some_mask((3, 21)).to(torch.int64)}[kind]
+    mask = {
+        "all": torch.ones(3, 21, dtype=torch.bool, device=DEVICE),
+        "none": torch.zeros(3, 21, dtype=torch.bool, device=DEVICE),
+        "some": some_mask((3, 21)),
+        "int01": some_mask((3, 21)).to(torch.int64),
+    }[kind]
     h = masked_gram(x, mask, backend=backend, config=SMALL)
     ref = reference(x, mask)
     assert torch.equal(h, ref)
@@ -164,12 +166,13 @@ def test_out_non_contiguous(backend, layout):
     d = 33
     x = int_data((40, d), torch.float32, seed=10)
     big = torch.full((d, d + 7), 5.0, dtype=torch.float64, device=DEVICE)
-    out = big[:, 3:3 + d] if layout == "row_strided" else torch.full((d, d), 5.0, dtype=torch.float64,
-                                                                      device=DEVICE).T
+    out = (
+        big[:, 3 : 3 + d] if layout == "row_strided" else torch.full((d, d), 5.0, dtype=torch.float64, device=DEVICE).T
+    )
     masked_gram(x, out=out, backend=backend, config=SMALL)
     assert torch.equal(out, 5.0 + reference(x, None))
     if layout == "row_strided":  # the columns around the view are untouched
-        assert (big[:, :3] == 5.0).all() and (big[:, 3 + d:] == 5.0).all()
+        assert (big[:, :3] == 5.0).all() and (big[:, 3 + d :] == 5.0).all()
 
 
 def test_accumulates_across_calls(backend):
@@ -215,8 +218,11 @@ def test_splits_and_chunks_agree(interp):
     x = int_data((3, 50, 30), torch.float32, seed=18)
     mask = some_mask((3, 50), seed=19)
     ref = reference(x, mask)
-    for cfg in (GramConfig(block_m=16, block_n=16, block_t=16, chunk_tokens=16, splits=4),
-                GramConfig(block_m=64, block_n=16, block_t=32, chunk_tokens=64, splits=2), SMALL):
+    for cfg in (
+        GramConfig(block_m=16, block_n=16, block_t=16, chunk_tokens=16, splits=4),
+        GramConfig(block_m=64, block_n=16, block_t=32, chunk_tokens=64, splits=2),
+        SMALL,
+    ):
         assert torch.equal(masked_gram(x, mask, backend="triton", config=cfg), ref)
 
 
@@ -237,11 +243,13 @@ def test_interpreter_after_triton_import():
     """Triton imported before TRITON_INTERPRET is set (as another test module might) still interprets."""
     if not triton_available():
         pytest.skip("triton is not installed")
-    code = ("import os, torch, triton\n"
-            "from dynslice.core.kernels import masked_gram\n"
-            "os.environ['TRITON_INTERPRET'] = '1'\n"
-            "x = torch.randint(-3, 4, (40, 20)).float()\n"
-            "assert torch.equal(masked_gram(x, backend='triton'), x.double().T @ x.double())\n")
+    code = (
+        "import os, torch, triton\n"
+        "from dynslice.core.kernels import masked_gram\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x = torch.randint(-3, 4, (40, 20)).float()\n"
+        "assert torch.equal(masked_gram(x, backend='triton'), x.double().T @ x.double())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
@@ -267,13 +275,24 @@ def test_compiles_for_sm90(dtype, monkeypatch):
     sig = {name: "i32" for name in fn.arg_names}
     sig.update(x_ptr=ptr, keep_ptr="*u8", out_ptr="*fp64", pairs_ptr="*i32")
     for flat, accumulate in ((True, False), (False, True)):
-        const = dict(HAS_MASK=True, FLAT=flat, ACCUMULATE=accumulate, IEEE=dtype == torch.float32, WIDEN=False,
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
-                     CHUNK_BLOCKS=cfg.chunk_tokens // cfg.block_t)
+        const = dict(
+            HAS_MASK=True,
+            FLAT=flat,
+            ACCUMULATE=accumulate,
+            IEEE=dtype == torch.float32,
+            WIDEN=False,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_T=cfg.block_t,
+            CHUNK_BLOCKS=cfg.chunk_tokens // cfg.block_t,
+        )
         sig.update({k: "constexpr" for k in const})
         try:
-            k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            k = triton.compile(
+                ASTSource(fn, sig, const),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            )
         except RuntimeError as e:  # no CUDA toolchain bundled with this triton build
             if "ptxas" in str(e).lower():
                 pytest.skip(f"no ptxas: {e}")
@@ -346,9 +365,14 @@ def test_bad_input(monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ValueError, match="^backend: 'triton' on CPU"):
             masked_gram(x, backend="triton")
-    for kwargs, prefix in ((dict(block_m=24), "block_m:"), (dict(block_t=8), "block_t:"),
-                           (dict(chunk_tokens=40), "chunk_tokens:"), (dict(splits=-1), "splits:"),
-                           (dict(num_warps=3), "num_warps:"), (dict(num_stages=0), "num_stages:")):
+    for kwargs, prefix in (
+        (dict(block_m=24), "block_m:"),
+        (dict(block_t=8), "block_t:"),
+        (dict(chunk_tokens=40), "chunk_tokens:"),
+        (dict(splits=-1), "splits:"),
+        (dict(num_warps=3), "num_warps:"),
+        (dict(num_stages=0), "num_stages:"),
+    ):
         with pytest.raises(ValueError, match=f"^{prefix}"):
             GramConfig(**kwargs)
 
@@ -369,8 +393,10 @@ def test_fp32_chunked_gram_matches_float64(d, dtype):
 
     g = torch.Generator().manual_seed(d)
     mask = torch.rand(3, 40, generator=g) > 0.3
-    for data, bound in ((torch.randint(-4, 5, (3, 40, d), generator=g).double(), 0.0),
-                        (torch.randn(3, 40, d, generator=g, dtype=torch.float64), 1e-6)):
+    for data, bound in (
+        (torch.randint(-4, 5, (3, 40, d), generator=g).double(), 0.0),
+        (torch.randn(3, 40, d, generator=g, dtype=torch.float64), 1e-6),
+    ):
         x = data.to(dtype)
         x[~mask] = float("nan")
         kept = x[mask].double()

@@ -67,12 +67,16 @@ def test_the_core_imports_only_torch_and_the_standard_library():
 
 def test_the_experiment_side_depends_on_the_core_never_the_reverse():
     graph = _internal_graph()
-    upward = {m: sorted(d for d in deps if not d.startswith("dynslice.core") and d != "dynslice")
-              for m, deps in graph.items() if m.startswith("dynslice.core")}
+    upward = {
+        m: sorted(d for d in deps if not d.startswith("dynslice.core") and d != "dynslice")
+        for m, deps in graph.items()
+        if m.startswith("dynslice.core")
+    }
     assert not any(upward.values()), upward
     # The experiment side does use the core (otherwise this test would say nothing).
-    assert any(d.startswith("dynslice.core") for m, deps in graph.items() if not m.startswith("dynslice.core")
-               for d in deps)
+    assert any(
+        d.startswith("dynslice.core") for m, deps in graph.items() if not m.startswith("dynslice.core") for d in deps
+    )
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -85,7 +89,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -104,9 +108,12 @@ def test_no_import_cycles():
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
-    ({"a": {"b"}, "b": set(), "c": {"a", "b"}}, None),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+        ({"a": {"b"}, "b": set(), "c": {"a", "b"}}, None),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert _cycle(graph) == expected

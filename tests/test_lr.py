@@ -21,14 +21,17 @@ def _direct(model, batch):
     hs = list(out.hidden_states[:-1])  # inputs of every layer (the last entry is after the final norm)
     last_in = hs[-1]
     handle = inner.layers[-1].register_forward_hook(
-        lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+        lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
     model(input_ids=ids, attention_mask=mask)
     handle.remove()
     hs.append(captured[0])
     assert torch.equal(hs[0], h)
     m = mask.bool()
-    cos = [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)[m].double().mean().item()
-           for i in range(len(hs) - 1)]
+    cos = [
+        torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)[m].double().mean().item()
+        for i in range(len(hs) - 1)
+    ]
     assert torch.equal(hs[-2], last_in)
     return cos
 
@@ -77,7 +80,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         layer_redundancy(model, batch, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="masked out"):
-        layer_redundancy(model, {"input_ids": batch["input_ids"],
-                                 "attention_mask": torch.zeros_like(batch["input_ids"])}, progress=False)
-
-
+        layer_redundancy(
+            model,
+            {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["input_ids"])},
+            progress=False,
+        )

@@ -33,8 +33,26 @@ def test_plan_cli_from_bare_config(tmp_path, capsys):
     outs = {}
     for stream in ("on", "off"):
         out = tmp_path / f"plan_{stream}.json"
-        assert main(["plan", "--model", str(folder), "--cal-nsamples", "128", "--cal-seqlen", "2048", "--dtype",
-                     "bf16", "--stream", stream, "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "plan",
+                    "--model",
+                    str(folder),
+                    "--cal-nsamples",
+                    "128",
+                    "--cal-seqlen",
+                    "2048",
+                    "--dtype",
+                    "bf16",
+                    "--stream",
+                    stream,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs[stream] = json.loads(out.read_text())
     assert "predicted peak host RAM" in capsys.readouterr().out
     st, ram = outs["on"], outs["off"]
@@ -55,8 +73,15 @@ def test_plan_cli_from_bare_config(tmp_path, capsys):
     assert small_gpu.mode == "stream" and 0 < small_gpu.peak_gpu_bytes < 16 * GIB
 
 
-@pytest.mark.parametrize("argv,name", [(["--cal-nsamples", "0"], "nsamples"), (["--sp", "1.5"], "sp"),
-                                       (["--device", "tpu"], "device"), (["--host-gib", "-1"], "host-gib")])
+@pytest.mark.parametrize(
+    "argv,name",
+    [
+        (["--cal-nsamples", "0"], "nsamples"),
+        (["--sp", "1.5"], "sp"),
+        (["--device", "tpu"], "device"),
+        (["--host-gib", "-1"], "host-gib"),
+    ],
+)
 def test_plan_bad_input_exit_2(tmp_path, capsys, argv, name):
     folder = _config_dir(tmp_path, mm.MISTRAL_7B)
     assert main(["plan", "--model", str(folder), *argv]) == 2

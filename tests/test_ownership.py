@@ -38,16 +38,22 @@ LR4 = {"metric": "cosine", "lr": [0.5, 0.9, 0.7, 0.8], "normalized": [0, 1, 0.5,
 # ------------------------------------------------------------------------------------------------------ helpers
 def user_files(root: Path) -> dict[str, str]:
     """Every regular file under ``root`` that is not dynslice's own (hash by relative path)."""
-    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in ownership.walk_files(root)
-            if (root / rel).is_file() and not (root / rel).is_symlink()}
+    return {
+        rel: hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        for rel in ownership.walk_files(root)
+        if (root / rel).is_file() and not (root / rel).is_symlink()
+    }
 
 
 def seed_user(w: Path) -> None:
     """A user's files, including names dynslice might take for its own."""
     files = {
-        "thesis/thesis.tex": "\\documentclass{article}\n", "thesis/chapters/intro.tex": "Intro.\n",
-        ".thesis.old/keep.txt": "a sibling named like a backup\n", ".thesis.new/keep.txt": "and like a temp\n",
-        "notes.txt": "my notes\n", f"{outputs.OLD_PREFIX}m-final-12345/model.safetensors": "another model's backup",
+        "thesis/thesis.tex": "\\documentclass{article}\n",
+        "thesis/chapters/intro.tex": "Intro.\n",
+        ".thesis.old/keep.txt": "a sibling named like a backup\n",
+        ".thesis.new/keep.txt": "and like a temp\n",
+        "notes.txt": "my notes\n",
+        f"{outputs.OLD_PREFIX}m-final-12345/model.safetensors": "another model's backup",
         f"{outputs.TMP_PREFIX}m-1/weights.bin": "an older temp name",
     }
     for rel, text in files.items():
@@ -62,8 +68,10 @@ def make_run(results: Path, figs: Path, *, finished: bool = True, monkeypatch=No
     old = os.environ.get(ownership.LEDGER_ENV)
     os.environ[ownership.LEDGER_ENV] = str(ledger)
     try:
-        write_json(results / "runs" / "m" / "dense-0123456789ab.json",
-                   {"config": {"sp": 0}, "versions": {}, "ppl": {"wiki": 10.0}, "params": {"total": 1}})
+        write_json(
+            results / "runs" / "m" / "dense-0123456789ab.json",
+            {"config": {"sp": 0}, "versions": {}, "ppl": {"wiki": 10.0}, "params": {"total": 1}},
+        )
         write_json(results / "lr" / "m" / "wiki.json", LR4)
         outputs.atomic_write(results / "tables" / "sweep.md", "| a |\n")
         outputs.atomic_write(figs / "headline.pdf", b"%PDF-1.4 fake")
@@ -158,31 +166,57 @@ def _setup_resume_user(w: Path) -> None:
 # (id, setup, repro argv with {w}, stderr words); the run's own files may go, every file seed_user wrote stays.
 REPRO_CASES: list[tuple[str, Callable[[Path], None], str, tuple[str, ...]]] = [
     ("force-folder-of-user-files", _setup_user_results, "clear {w}/r/p {w}/f/p", ("results", "no run of run_all.sh")),
-    ("force-run-plus-user-table", _setup_run_plus_user, "clear {w}/r/p {w}/f/p",
-     ("did not write", "tables/results.md", "deleted nothing")),
-    ("force-run-plus-user-figure", _setup_run_plus_user_figure, "clear {w}/r/p {w}/f/p",
-     ("figures", "figure1.pdf")),
+    (
+        "force-run-plus-user-table",
+        _setup_run_plus_user,
+        "clear {w}/r/p {w}/f/p",
+        ("did not write", "tables/results.md", "deleted nothing"),
+    ),
+    ("force-run-plus-user-figure", _setup_run_plus_user_figure, "clear {w}/r/p {w}/f/p", ("figures", "figure1.pdf")),
     ("force-run-file-edited", _setup_run_changed, "clear {w}/r/p {w}/f/p", ("tables/sweep.md", "changed")),
-    ("force-legacy-run-without-ledger", _setup_legacy_run, "clear {w}/r/p {w}/f/p",
-     ("did not list the files", "delete the folder yourself")),
+    (
+        "force-legacy-run-without-ledger",
+        _setup_legacy_run,
+        "clear {w}/r/p {w}/f/p",
+        ("did not list the files", "delete the folder yourself"),
+    ),
     ("force-stray-marker", _setup_marker_stray, "clear {w}/r/p {w}/f/p", ("no run of run_all.sh",)),
-    ("resume-folder-without-run", _setup_resume_user, "start {w}/r/p p --resume --figures {w}/f/p",
-     ("--resume continues only a run", "tables")),
+    (
+        "resume-folder-without-run",
+        _setup_resume_user,
+        "start {w}/r/p p --resume --figures {w}/f/p",
+        ("--resume continues only a run", "tables"),
+    ),
     ("start-folder-without-run", _setup_resume_user, "start {w}/r/p p --figures {w}/f/p", ("empty folder",)),
     ("start-stray-marker", _setup_marker_stray, "start {w}/r/p p --resume", ("not a run marker",)),
-    ("start-figures-of-user", _setup_user_results, "start {w}/r/other p --figures {w}/f/p",
-     ("figures", "figure1.pdf")),
-    ("publish-into-thesis", _setup_finished, "publish {w}/r/p {w}/f/p {w}/thesis",
-     ("published", "not a reference dynslice published", "thesis.tex")),
-    ("publish-into-parent-of-root", _setup_finished, "publish {w}/r/p {w}/f/p {w}/r",
-     ("published", "contain one another")),
+    ("start-figures-of-user", _setup_user_results, "start {w}/r/other p --figures {w}/f/p", ("figures", "figure1.pdf")),
+    (
+        "publish-into-thesis",
+        _setup_finished,
+        "publish {w}/r/p {w}/f/p {w}/thesis",
+        ("published", "not a reference dynslice published", "thesis.tex"),
+    ),
+    (
+        "publish-into-parent-of-root",
+        _setup_finished,
+        "publish {w}/r/p {w}/f/p {w}/r",
+        ("published", "contain one another"),
+    ),
     ("publish-into-the-run", _setup_finished, "publish {w}/r/p {w}/f/p {w}/r/p/runs", ("contain one another",)),
     ("publish-into-figures-parent", _setup_finished, "publish {w}/r/p {w}/f/p {w}/f", ("figures",)),
     ("publish-into-file", _setup_finished, "publish {w}/r/p {w}/f/p {w}/notes.txt", ("a file or a link",)),
-    ("publish-over-edited-reference", _setup_published_with_user_file, "publish {w}/r/p {w}/f/p {w}/pub",
-     ("not a reference dynslice published",)),
-    ("publish-unfinished", lambda w: make_run(*_r(w), finished=False), "publish {w}/r/p {w}/f/p {w}/pub",
-     ("no finished run",)),
+    (
+        "publish-over-edited-reference",
+        _setup_published_with_user_file,
+        "publish {w}/r/p {w}/f/p {w}/pub",
+        ("not a reference dynslice published",),
+    ),
+    (
+        "publish-unfinished",
+        lambda w: make_run(*_r(w), finished=False),
+        "publish {w}/r/p {w}/f/p {w}/pub",
+        ("no finished run",),
+    ),
 ]
 
 
@@ -280,8 +314,9 @@ def test_a_run_never_replaces_a_user_file_in_its_folders(tmp_path, monkeypatch):
 def run_all(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
     env.pop(ownership.LEDGER_ENV, None)
-    return subprocess.run([str(REPO / "run_all.sh"), *args], cwd=cwd, env=env, text=True, capture_output=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(REPO / "run_all.sh"), *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=300
+    )
 
 
 def _profile(w: Path, name: str, body: str = "") -> str:
@@ -291,42 +326,98 @@ def _profile(w: Path, name: str, body: str = "") -> str:
 
 
 RUN_ALL_CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
-    ("publish-thesis", lambda w: (make_run(w / "r" / "cpu", w / "f" / "cpu"),
-                                  ["--publish", "--published", f"{w}/thesis", "--root", f"{w}/r", "--figures",
-                                   f"{w}/f"])[1], ("published", "not a reference")),
-    ("publish-parent-of-root", lambda w: (make_run(w / "r" / "cpu", w / "f" / "cpu"),
-                                          ["--publish", "--published", f"{w}/r", "--root", f"{w}/r", "--figures",
-                                           f"{w}/f"])[1], ("contain one another",)),
-    ("force-user-folder", lambda w: (_setup_user_results(w), ["--profile", _profile(w, "p"), "--root", f"{w}/r",
-                                                              "--figures", f"{w}/f", "--force"])[1],
-     ("no run of run_all.sh",)),
-    ("resume-user-folder", lambda w: (_setup_resume_user(w), ["--profile", _profile(w, "p"), "--root", f"{w}/r",
-                                                              "--figures", f"{w}/f", "--resume"])[1],
-     ("--resume continues only a run",)),
-    ("root-link-to-published", lambda w: ((w / "ln").symlink_to(REPO / "results" / "published"),
-                                          ["--profile", "smoke", "--root", f"{w}/ln", "--figures", f"{w}/f"])[1],
-     ("inside the published reference",)),
-    ("profile-name-dotdot", lambda w: ["--profile", _profile(w, "'..'"), "--root", f"{w}/r", "--force"],
-     ("profile.name", "'..'")),
-    ("profile-name-empty", lambda w: ["--profile", _profile(w, "''"), "--root", f"{w}/r", "--force"],
-     ("profile.name", "''")),
-    ("profile-name-escape", lambda w: ["--profile", _profile(w, "../results/published/cpu"), "--force"],
-     ("profile.name",)),
-    ("profile-name-absolute", lambda w: ["--profile", _profile(w, "/tmp/abs"), "--root", f"{w}/r"],
-     ("profile.name",)),
+    (
+        "publish-thesis",
+        lambda w: (
+            make_run(w / "r" / "cpu", w / "f" / "cpu"),
+            ["--publish", "--published", f"{w}/thesis", "--root", f"{w}/r", "--figures", f"{w}/f"],
+        )[1],
+        ("published", "not a reference"),
+    ),
+    (
+        "publish-parent-of-root",
+        lambda w: (
+            make_run(w / "r" / "cpu", w / "f" / "cpu"),
+            ["--publish", "--published", f"{w}/r", "--root", f"{w}/r", "--figures", f"{w}/f"],
+        )[1],
+        ("contain one another",),
+    ),
+    (
+        "force-user-folder",
+        lambda w: (
+            _setup_user_results(w),
+            ["--profile", _profile(w, "p"), "--root", f"{w}/r", "--figures", f"{w}/f", "--force"],
+        )[1],
+        ("no run of run_all.sh",),
+    ),
+    (
+        "resume-user-folder",
+        lambda w: (
+            _setup_resume_user(w),
+            ["--profile", _profile(w, "p"), "--root", f"{w}/r", "--figures", f"{w}/f", "--resume"],
+        )[1],
+        ("--resume continues only a run",),
+    ),
+    (
+        "root-link-to-published",
+        lambda w: (
+            (w / "ln").symlink_to(REPO / "results" / "published"),
+            ["--profile", "smoke", "--root", f"{w}/ln", "--figures", f"{w}/f"],
+        )[1],
+        ("inside the published reference",),
+    ),
+    (
+        "profile-name-dotdot",
+        lambda w: ["--profile", _profile(w, "'..'"), "--root", f"{w}/r", "--force"],
+        ("profile.name", "'..'"),
+    ),
+    (
+        "profile-name-empty",
+        lambda w: ["--profile", _profile(w, "''"), "--root", f"{w}/r", "--force"],
+        ("profile.name", "''"),
+    ),
+    (
+        "profile-name-escape",
+        lambda w: ["--profile", _profile(w, "../results/published/cpu"), "--force"],
+        ("profile.name",),
+    ),
+    ("profile-name-absolute", lambda w: ["--profile", _profile(w, "/tmp/abs"), "--root", f"{w}/r"], ("profile.name",)),
     ("profile-name-integer", lambda w: ["--profile", _profile(w, "5"), "--root", f"{w}/r"], ("profile.name", "5")),
-    ("profile-yaml-syntax", lambda w: ["--profile", _profile(w, "x", "name: [x\n"), "--root", f"{w}/r"],
-     ("profile", "not a valid profile YAML")),
-    ("profile-yaml-python-tag", lambda w: ["--profile", _profile(w, "y", "name: !!python/object/apply:os.system "
-                                                                         "['touch HACKED']\n"), "--root", f"{w}/r"],
-     ("profile", "not a valid profile YAML")),
-    ("profile-alias-bomb", lambda w: ["--profile", _profile(w, "z", "a: &a ['lol', 'lol']\nb: &b [*a, *a]\n"
-                                                                   "description: *b\nname: z\n"),
-                                      "--root", f"{w}/r"], ("alias",)),
-    ("profile-sb-step-tiny", lambda w: ["--profile", _profile(w, "s", "name: s\nmodels: [tiny-random]\n"
-                                                                      "cal_datasets: [wiki]\nsp: [0.3]\n"
-                                                                      "sb_step: 1.0e-7\n"), "--root", f"{w}/r"],
-     ("sb_step", "0.001")),
+    (
+        "profile-yaml-syntax",
+        lambda w: ["--profile", _profile(w, "x", "name: [x\n"), "--root", f"{w}/r"],
+        ("profile", "not a valid profile YAML"),
+    ),
+    (
+        "profile-yaml-python-tag",
+        lambda w: [
+            "--profile",
+            _profile(w, "y", "name: !!python/object/apply:os.system ['touch HACKED']\n"),
+            "--root",
+            f"{w}/r",
+        ],
+        ("profile", "not a valid profile YAML"),
+    ),
+    (
+        "profile-alias-bomb",
+        lambda w: [
+            "--profile",
+            _profile(w, "z", "a: &a ['lol', 'lol']\nb: &b [*a, *a]\ndescription: *b\nname: z\n"),
+            "--root",
+            f"{w}/r",
+        ],
+        ("alias",),
+    ),
+    (
+        "profile-sb-step-tiny",
+        lambda w: [
+            "--profile",
+            _profile(w, "s", "name: s\nmodels: [tiny-random]\ncal_datasets: [wiki]\nsp: [0.3]\nsb_step: 1.0e-7\n"),
+            "--root",
+            f"{w}/r",
+        ],
+        ("sb_step", "0.001"),
+    ),
 ]
 
 
@@ -380,14 +471,21 @@ MODEL_CASES: list[tuple[str, Callable[[Path, Path], Path], tuple[str, ...]]] = [
     ("overwrite-stray-list", lambda w, s: _hf_folder(w, "[]"), ("not a dynslice model",)),
     ("overwrite-stray-garbage", lambda w, s: _hf_folder(w, "{nope"), ("not a dynslice model",)),
     ("overwrite-old-format-with-user-vocab", _old_format, ("older dynslice", "delete it yourself")),
-    ("overwrite-model-with-user-file", lambda w, s: (shutil.copytree(s, w / "mu"),
-                                                     (w / "mu" / "notes.md").write_text("mine"), w / "mu")[2],
-     ("did not write", "notes.md")),
-    ("overwrite-model-with-edited-config", lambda w, s: (shutil.copytree(s, w / "me"),
-                                                         (w / "me" / "config.json").write_text("{}"), w / "me")[2],
-     ("config.json",)),
-    ("out-link-to-folder", lambda w, s: ((w / "ln").symlink_to(w / "thesis"), w / "ln")[1],
-     ("symbolic link", "thesis")),
+    (
+        "overwrite-model-with-user-file",
+        lambda w, s: (shutil.copytree(s, w / "mu"), (w / "mu" / "notes.md").write_text("mine"), w / "mu")[2],
+        ("did not write", "notes.md"),
+    ),
+    (
+        "overwrite-model-with-edited-config",
+        lambda w, s: (shutil.copytree(s, w / "me"), (w / "me" / "config.json").write_text("{}"), w / "me")[2],
+        ("config.json",),
+    ),
+    (
+        "out-link-to-folder",
+        lambda w, s: ((w / "ln").symlink_to(w / "thesis"), w / "ln")[1],
+        ("symbolic link", "thesis"),
+    ),
 ]
 
 
@@ -433,9 +531,19 @@ def test_a_file_written_into_the_output_meanwhile_is_kept(tmp_path, sliced, exis
     (tmp / "config.json").write_text("{}")
     (out / "thesis.tex").write_text("written during the run\n")
     with pytest.raises(ValueError, match="kept it, and the new model is at"):
-        finish_save(tmp, out, base_model="tiny", architecture="X", widths=[1], final_width=1, dtype=torch.float32,
-                    weights={"file": "model.safetensors", "bytes": 1, "sha256": "0" * 64}, num_parameters=1,
-                    has_tokenizer=False, extra={})
+        finish_save(
+            tmp,
+            out,
+            base_model="tiny",
+            architecture="X",
+            widths=[1],
+            final_width=1,
+            dtype=torch.float32,
+            weights={"file": "model.safetensors", "bytes": 1, "sha256": "0" * 64},
+            num_parameters=1,
+            has_tokenizer=False,
+            extra={},
+        )
     assert (out / "thesis.tex").read_text() == "written during the run\n"
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("m.new-")]
     assert len(kept) == 1 and (kept[0] / SLICED_META).is_file()
@@ -474,8 +582,12 @@ def test_two_concurrent_allocate_commands_do_not_replace_each_other(tmp_path):
     write_json(lr, LR4)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, "-m", "dynslice", "allocate", "--lr", str(lr), "--sp", "0.3", "--sb", "0.1", "--out"]
-    procs = [subprocess.Popen([*argv, str(tmp_path / "o.json")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [*argv, str(tmp_path / "o.json")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], results  # the second refuses: at its check, or at publish
     assert all("Traceback" not in err for _, err in results)
@@ -503,8 +615,11 @@ CLI_CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("lr-100k-layers", f"{A} --lr {{w}}/lrmany.json --out {{w}}/o.json", ("100000 scores", "4096")),
     ("lr-million-layers-file-size", f"{A} --lr {{w}}/lrbig.json --out {{w}}/o.json", ("bytes", "at most")),
     ("lr-hidden-1e21", f"{A} --lr {{w}}/lrhidden.json --out {{w}}/o.json", ("hidden", "262144")),
-    ("hidden-flag-1e21", f"{A} --lr {{w}}/lr.json --hidden 1000000000000000000000 --out {{w}}/o.json",
-     ("--hidden", "262144")),
+    (
+        "hidden-flag-1e21",
+        f"{A} --lr {{w}}/lr.json --hidden 1000000000000000000000 --out {{w}}/o.json",
+        ("--hidden", "262144"),
+    ),
     ("lr-dev-zero", f"{A} --lr /dev/zero --out {{w}}/o.json", ("/dev/zero", "not a regular file")),
     ("lr-fifo", f"{A} --lr {{w}}/fifo --out {{w}}/o.json", ("fifo", "not a regular file")),
     ("widths-dev-zero", "slice --model tiny-random --widths /dev/zero --out {w}/m", ("not a regular file",)),
@@ -516,11 +631,17 @@ CLI_CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("out-link-to-folder-model", "slice --model tiny-random --sp 0.3 --out {w}/ln", ("symbolic link", "dir")),
     ("lr-nsamples-1e9", "lr --model tiny-random --nsamples 1000000000 --out {w}/o.json", ("--nsamples", "<=")),
     ("lr-seqlen-1e9", "lr --model tiny-random --seqlen 1000000000 --out {w}/o.json", ("--seqlen", "<=")),
-    ("slice-cal-nsamples-1e9", "slice --model tiny-random --sp 0.3 --cal-nsamples 1000000000 --out {w}/m",
-     ("--cal-nsamples",)),
+    (
+        "slice-cal-nsamples-1e9",
+        "slice --model tiny-random --sp 0.3 --cal-nsamples 1000000000 --out {w}/m",
+        ("--cal-nsamples",),
+    ),
     ("eval-limit-huge", "eval --model tiny-random --limit 100000000000 --out {w}/o.json", ("--limit", "<=")),
-    ("run-auto-step-tiny", "run --model tiny-random --sp 0.3 --sb auto --auto-sb-step 0.0000001 --out {w}/o.json",
-     ("auto_sb_step", "0.001")),
+    (
+        "run-auto-step-tiny",
+        "run --model tiny-random --sp 0.3 --sb auto --auto-sb-step 0.0000001 --out {w}/o.json",
+        ("auto_sb_step", "0.001"),
+    ),
     ("submit-slurm-without-slurm", "submit --profile smoke --shards 2 --cluster slurm", ("cluster", "sbatch")),
 ]
 
@@ -548,10 +669,18 @@ def test_a_bad_cache_folder_is_named(tmp_path, capsys, monkeypatch):
 
 # --------------------------------------------------------------------------------------- the property test
 USER_TREE = {
-    "thesis/thesis.tex": b"tex", "thesis/fig/plot.pdf": b"%PDF plot", "r/p/tables/results.md": b"mine",
-    "r/p/runs/mine.json": b'{"config": {}, "versions": {}}', "f/p/figure1.pdf": b"%PDF mine",
-    "pub/notes.txt": b"notes", ".pub.old/x": b"x", ".pub.new/y": b"y", "m/dynslice.json": b"{}",
-    "m/config.json": b"{}", f"{outputs.OLD_PREFIX}m-final-9/a": b"backup", "o.json": b'{"mine": true}',
+    "thesis/thesis.tex": b"tex",
+    "thesis/fig/plot.pdf": b"%PDF plot",
+    "r/p/tables/results.md": b"mine",
+    "r/p/runs/mine.json": b'{"config": {}, "versions": {}}',
+    "f/p/figure1.pdf": b"%PDF mine",
+    "pub/notes.txt": b"notes",
+    ".pub.old/x": b"x",
+    ".pub.new/y": b"y",
+    "m/dynslice.json": b"{}",
+    "m/config.json": b"{}",
+    f"{outputs.OLD_PREFIX}m-final-9/a": b"backup",
+    "o.json": b'{"mine": true}',
 }
 FOLDERS = ["r/p", "r/q", "r", "f/p", "f/q", "pub", "thesis", "m", "m2", "", "r/q/runs"]
 
@@ -588,13 +717,27 @@ def _do(w: Path, step: tuple) -> None:
         tmp = outputs.temp_folder(target)
         (tmp / "model.safetensors").write_bytes(b"w")
         (tmp / "config.json").write_text("{}")
-        finish_save(tmp, target, base_model="x", architecture="X", widths=[1], final_width=1, dtype=torch.float32,
-                    weights={"file": "model.safetensors", "bytes": 1, "sha256": "0" * 64}, num_parameters=1,
-                    has_tokenizer=False, extra={})
+        finish_save(
+            tmp,
+            target,
+            base_model="x",
+            architecture="X",
+            widths=[1],
+            final_width=1,
+            dtype=torch.float32,
+            weights={"file": "model.safetensors", "bytes": 1, "sha256": "0" * 64},
+            num_parameters=1,
+            has_tokenizer=False,
+            extra={},
+        )
 
 
-STEPS = st.tuples(st.sampled_from(["start", "clear", "finish", "publish", "runwrite", "json", "model"]),
-                  st.integers(0, len(FOLDERS) - 1), st.integers(0, len(FOLDERS) - 1), st.booleans())
+STEPS = st.tuples(
+    st.sampled_from(["start", "clear", "finish", "publish", "runwrite", "json", "model"]),
+    st.integers(0, len(FOLDERS) - 1),
+    st.integers(0, len(FOLDERS) - 1),
+    st.booleans(),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -622,9 +765,23 @@ def test_ctrl_c_during_papermill_exits_130_with_one_line(tmp_path):
 
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
     env.pop(ownership.LEDGER_ENV, None)
-    proc = subprocess.Popen([str(REPO / "run_all.sh"), "--profile", "smoke", "--root", str(tmp_path / "r"),
-                             "--figures", str(tmp_path / "f")], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(REPO / "run_all.sh"),
+            "--profile",
+            "smoke",
+            "--root",
+            str(tmp_path / "r"),
+            "--figures",
+            str(tmp_path / "f"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     for line in proc.stdout:
         if line.startswith("== 01_") or time.time() > deadline:

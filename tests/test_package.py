@@ -22,8 +22,13 @@ SOURCES = ("dynslice", "pyproject.toml", "README.md", "LICENSE")
 
 def _source_files() -> list[str]:
     """The files of :data:`SOURCES` that git tracks or would track (no caches, no build outputs)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES], cwd=PROJECT_ROOT,
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES],
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [line for line in out.splitlines() if line and (PROJECT_ROOT / line).is_file()]
 
 
@@ -41,9 +46,24 @@ def venv(tmp_path_factory) -> Path:
     v = tmp / "venv"
     # --without-pip: the machine's pip and setuptools (reached through --system-site-packages) do the build
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(v)], check=True)
-    res = subprocess.run([str(v / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                          "--no-build-isolation", str(src)], cwd=tmp, env=env, capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run(
+        [
+            str(v / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     shutil.rmtree(src)  # nothing may be read from the copy either
     return v
@@ -52,23 +72,45 @@ def venv(tmp_path_factory) -> Path:
 def _clean_env(cwd: Path) -> dict[str, str]:
     """The environment of a user's shell: no PYTHONPATH, offline hub, caches where the tests keep them."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DYNSLICE_SHARD", "VIRTUAL_ENV")}
-    return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            "DYNSLICE_CACHE": str(cache_dir()), "HF_HOME": str(cache_dir() / "huggingface")}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "DYNSLICE_CACHE": str(cache_dir()),
+        "HF_HOME": str(cache_dir() / "huggingface"),
+    }
 
 
 def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / "dynslice"), *args], cwd=cwd, env=_clean_env(cwd), capture_output=True,
-                          text=True, timeout=900, check=False)
+    return subprocess.run(
+        [str(venv / "bin" / "dynslice"), *args],
+        cwd=cwd,
+        env=_clean_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 def test_installed_package_is_the_one_imported_and_carries_its_data(venv, tmp_path):
-    code = ("import dynslice, dynslice.paths as p; from importlib import resources as r; "
-            "print(dynslice.__file__); print(p.PROJECT_ROOT); "
-            "print(sorted(f.name for f in r.files('dynslice.profiles').iterdir() if f.name.endswith('.yaml'))); "
-            "print(r.files('dynslice.profiles').joinpath('ablations', '06_ablations.yaml').is_file()); "
-            "print(r.files('dynslice').joinpath('schema', 'run_record.schema.json').is_file())")
-    res = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=_clean_env(tmp_path),
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import dynslice, dynslice.paths as p; from importlib import resources as r; "
+        "print(dynslice.__file__); print(p.PROJECT_ROOT); "
+        "print(sorted(f.name for f in r.files('dynslice.profiles').iterdir() if f.name.endswith('.yaml'))); "
+        "print(r.files('dynslice.profiles').joinpath('ablations', '06_ablations.yaml').is_file()); "
+        "print(r.files('dynslice').joinpath('schema', 'run_record.schema.json').is_file())"
+    )
+    res = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        cwd=tmp_path,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     where, root, names, ablations, schema = res.stdout.splitlines()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where
     assert root == "None"  # an installed package knows it has no checkout
@@ -80,8 +122,9 @@ def test_installed_package_plans_a_profile_and_reads_a_users_yaml(venv, tmp_path
     res = _run(venv, tmp_path, "plan", "--profile", "paper", "--shards", "4")
     assert res.returncode == 0, res.stderr
     assert "slicing_cpu.json" in res.stdout  # the measured CPU throughput, read from the package
-    (tmp_path / "mine.yaml").write_text((PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text()
-                                        .replace("name: smoke", "name: mine"))
+    (tmp_path / "mine.yaml").write_text(
+        (PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text().replace("name: smoke", "name: mine")
+    )
     res = _run(venv, tmp_path, "plan", "--profile", "mine.yaml")
     assert res.returncode == 0 and "profile mine:" in res.stdout, res.stderr
 
@@ -107,5 +150,6 @@ def test_installed_package_runs_the_smoke_profile(venv, tmp_path):
 def test_the_measured_copy_matches_the_benchmark():
     """The package's copy of the CPU benchmark is the benchmark's latest result (copy it after a rerun)."""
     shipped = PROJECT_ROOT / "dynslice" / "measured" / "slicing_cpu.json"
-    assert json.loads(shipped.read_text()) == json.loads((PROJECT_ROOT / "bench" / "results" /
-                                                          "slicing_cpu.json").read_text())
+    assert json.loads(shipped.read_text()) == json.loads(
+        (PROJECT_ROOT / "bench" / "results" / "slicing_cpu.json").read_text()
+    )

@@ -26,9 +26,18 @@ def llama_with_biases(tied: bool = False):
     """A tiny Llama with attention_bias (q, k, v and o) and mlp_bias, which make_tiny_model does not cover."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
-                      tie_word_embeddings=tied, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=80,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=tied,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).float().eval()
 
@@ -52,8 +61,19 @@ def test_dense_count_with_all_llama_biases(tied: bool) -> None:
 
 def test_from_config_reads_dims() -> None:
     dims = ArchDims.from_config(make_tiny_model("qwen2", tied=False).config)
-    assert dims == ArchDims(vocab=96, hidden=48, layers=3, intermediate=104, heads=6, kv_heads=2, head_dim=8,
-                            qkv_bias=True, o_bias=False, mlp_bias=False, tied=False)
+    assert dims == ArchDims(
+        vocab=96,
+        hidden=48,
+        layers=3,
+        intermediate=104,
+        heads=6,
+        kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        o_bias=False,
+        mlp_bias=False,
+        tied=False,
+    )
 
 
 def expected_sliced(dims: ArchDims, widths: list[int], final: int) -> tuple[int, int]:
@@ -102,13 +122,16 @@ def test_continuous_polynomial_agrees_at_integers() -> None:
     assert sliced_params_continuous(dims, widths, 31, count="weights") == pc.weights
 
 
-@pytest.mark.parametrize("bad, match", [
-    ([48, 48], r"^widths: expected one width per decoder layer \(3\), got 2"),
-    ([48, 0, 48], r"^widths\[1\]: 0 is outside 1 <= width <= 48 \(the hidden size\)$"),
-    ([48, 49, 48], r"widths\[1\]: 49 is outside"),
-    ([48, 40.0, 48], r"widths\[1\]: 40.0 is not an integer"),
-    ([48, True, 48], r"widths\[1\]: True is not an integer"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([48, 48], r"^widths: expected one width per decoder layer \(3\), got 2"),
+        ([48, 0, 48], r"^widths\[1\]: 0 is outside 1 <= width <= 48 \(the hidden size\)$"),
+        ([48, 49, 48], r"widths\[1\]: 49 is outside"),
+        ([48, 40.0, 48], r"widths\[1\]: 40.0 is not an integer"),
+        ([48, True, 48], r"widths\[1\]: True is not an integer"),
+    ],
+)
 def test_width_validation(bad, match) -> None:
     dims = ArchDims.from_config(make_tiny_model("llama").config)
     with pytest.raises(ValueError, match=match):
@@ -118,8 +141,7 @@ def test_width_validation(bad, match) -> None:
 
 
 def test_validate_widths_takes_sequences_arrays_and_tensors() -> None:
-    for widths in ([48, 40, 8], (48, 40, 8), np.array([48, 40, 8]), torch.tensor([48, 40, 8]),
-                   [np.int64(48), 40, 8]):
+    for widths in ([48, 40, 8], (48, 40, 8), np.array([48, 40, 8]), torch.tensor([48, 40, 8]), [np.int64(48), 40, 8]):
         out = validate_widths(widths, 3, 48)
         assert out == (48, 40, 8) and all(type(w) is int for w in out)
     for bad in ("488", {48: 1, 40: 1, 8: 1}, 48, torch.tensor(48)):
@@ -136,8 +158,19 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="count:"):
         sliced_params_continuous(dims, [8, 8, 8], count="both")
     with pytest.raises(ValueError, match=r"^hidden: 0 is outside hidden >= 1$"):
-        ArchDims(vocab=1, hidden=0, layers=1, intermediate=1, heads=1, kv_heads=1, head_dim=1,
-                 qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
+        ArchDims(
+            vocab=1,
+            hidden=0,
+            layers=1,
+            intermediate=1,
+            heads=1,
+            kv_heads=1,
+            head_dim=1,
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            tied=True,
+        )
 
     class GPT2Like:
         model_type = "gpt2"

@@ -57,8 +57,9 @@ def test_join_documents_hand_built():
     assert data.join_documents(docs, _words, nsamples=5, seqlen=4, seed=0) == []
     assert data.join_documents(docs, _words, nsamples=1, seqlen=2, seed=2) == [["a", "|"]]
     # One whole document longer than seqlen: cut, never joined.
-    assert data.join_documents(["x y z w v"], _words, nsamples=3, seqlen=3, seed=7, prefix=["<s>"]) == \
-        [["<s>", "x", "y"]]
+    assert data.join_documents(["x y z w v"], _words, nsamples=3, seqlen=3, seed=7, prefix=["<s>"]) == [
+        ["<s>", "x", "y"]
+    ]
 
 
 def test_join_documents_uses_each_document_once_and_matches_global_seeding():
@@ -99,8 +100,7 @@ def test_sliding_window_batch_hand_built(monkeypatch):
     # Doc 1 = [BOS a b c d e] (6 ids): windows at 0, 2, 4; doc 2 = [BOS f g] (3 ids): windows at 0 and 2 (the
     # tail window holds one token). Each document gets its own BOS; short windows are right-padded under mask 0.
     assert batch["input_ids"].tolist() == [[1, a, b, c], [b, c, d, e], [d, e, 0, 0], [1, f, g, 0], [g, 0, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0],
-                                                [1, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
     three = data.sliding_window_batch("wiki", tok, length=4, stride=2, split="validation", nsamples=3)
     assert three["input_ids"].tolist() == [[1, a, b, c], [d, e, 0, 0], [g, 0, 0, 0]]  # windows 0, 2, 4 of 5
 
@@ -142,8 +142,7 @@ def test_sample_reduction_is_mean_of_per_sample_means():
     ids = make_batch(padded=False, n=3)["input_ids"]
     logits = model(input_ids=ids).logits
     means = [F.cross_entropy(logits[r, :-1], ids[r, 1:]).item() for r in range(3)]
-    assert perplexity(model, ids, batch_size=2, reduction="sample") == pytest.approx(math.exp(sum(means) / 3),
-                                                                                     rel=1e-5)
+    assert perplexity(model, ids, batch_size=2, reduction="sample") == pytest.approx(math.exp(sum(means) / 3), rel=1e-5)
     with pytest.raises(ValueError, match="reduction"):
         perplexity(model, ids, reduction="median")
 
@@ -177,9 +176,35 @@ def test_deviations_table_covers_every_setting():
 
 def test_cli_run_reference_protocol(tmp_path):
     out = tmp_path / "ref.json"
-    argv = ["run", "--model", "tiny-random", "--protocol", "reference", "--dtype", "fp32", "--sp", "0.3", "--sb",
-            "0.1", "--lr-nsamples", "3", "--lr-seqlen", "64", "--cal-nsamples", "4", "--cal-seqlen", "32",
-            "--ppl", "wiki", "--ppl-seqlen", "32", "--ppl-nsamples", "2", "--out", str(out)]
+    argv = [
+        "run",
+        "--model",
+        "tiny-random",
+        "--protocol",
+        "reference",
+        "--dtype",
+        "fp32",
+        "--sp",
+        "0.3",
+        "--sb",
+        "0.1",
+        "--lr-nsamples",
+        "3",
+        "--lr-seqlen",
+        "64",
+        "--cal-nsamples",
+        "4",
+        "--cal-seqlen",
+        "32",
+        "--ppl",
+        "wiki",
+        "--ppl-seqlen",
+        "32",
+        "--ppl-nsamples",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     rec = json.loads(out.read_text())
     assert rec["config"]["protocol"] == "reference" and rec["protocol"]["name"] == "reference"
@@ -199,8 +224,30 @@ def test_cli_run_reference_protocol(tmp_path):
 def test_cli_slice_sp_reference_rounding(tmp_path):
     """`slice --sp --rounding reference --round-interval 1`: each width is round((1 - FS_i) * D), interval 1."""
     out = tmp_path / "m"
-    assert main(["slice", "--model", "tiny-random", "--sp", "0.3", "--sb", "0.3", "--rounding", "reference",
-                 "--round-interval", "1", "--cal-nsamples", "2", "--cal-seqlen", "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "slice",
+                "--model",
+                "tiny-random",
+                "--sp",
+                "0.3",
+                "--sb",
+                "0.3",
+                "--rounding",
+                "reference",
+                "--round-interval",
+                "1",
+                "--cal-nsamples",
+                "2",
+                "--cal-seqlen",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "dynslice.json").read_text())
     alloc = meta["extra"]["allocation"]
     assert alloc["rounding"] == "reference" and alloc["widths"] == [round(0.7 * 64)] * 4 == [45] * 4

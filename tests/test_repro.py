@@ -27,10 +27,21 @@ RUNS = ("sp0.30-sb0.30-width-calwiki-zs", "sp0.30-sb0.10-width-calwiki", "sp0.30
 
 def _plants(root: Path, plants: tuple[str, ...], threads: int) -> None:
     env = {k: v for k, v in os.environ.items() if k not in PINNED_ENV}
-    env.update(PINNED_ENV, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plants.py"), "smoke", str(root), "--runs", *RUNS,
-                           "--plants", *plants], env=env, capture_output=True, text=True, timeout=900)
+    env.update(
+        PINNED_ENV,
+        OMP_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TQDM_DISABLE="1",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plants.py"), "smoke", str(root), "--runs", *RUNS, "--plants", *plants],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -132,12 +143,18 @@ def test_the_measured_noise_record_derives_every_tolerance():
 
 
 def test_arithmetic_key_ignores_threads_only_when_pinned():
-    base = {"pinned": True, "isa": "AVX2", "threads": 2, "blas": "mkl", "cpu": {"vendor": "AuthenticAMD",
-                                                                              "family": "25", "model": "17"}}
+    base = {
+        "pinned": True,
+        "isa": "AVX2",
+        "threads": 2,
+        "blas": "mkl",
+        "cpu": {"vendor": "AuthenticAMD", "family": "25", "model": "17"},
+    }
     versions = {"torch": "2.13.0", "transformers": "5.25.0"}
     assert arithmetic_key(base, versions) == arithmetic_key({**base, "threads": 1}, versions)
-    assert arithmetic_key(base, versions) != arithmetic_key({**base, "cpu": {**base["cpu"], "vendor": "GenuineIntel"}},
-                                                            versions)
+    assert arithmetic_key(base, versions) != arithmetic_key(
+        {**base, "cpu": {**base["cpu"], "vendor": "GenuineIntel"}}, versions
+    )
     assert arithmetic_key(base, versions) != arithmetic_key(base, {**versions, "torch": "2.14.0"})
     assert arithmetic_key({**base, "pinned": False}, versions) is None
     assert arithmetic_key(None) is None

@@ -111,8 +111,9 @@ def test_monotone_finds_the_end(sp, step, direction) -> None:
 def test_never_over_budget_and_each_point_once(grid_spec, budget, data) -> None:
     sp, step = grid_spec
     grid = sb_grid(sp, step)
-    values = data.draw(st.lists(st.floats(-100, 100) | st.just(float("nan")), min_size=len(grid),
-                                max_size=len(grid)))  # not unimodal, with NaNs
+    values = data.draw(
+        st.lists(st.floats(-100, 100) | st.just(float("nan")), min_size=len(grid), max_size=len(grid))
+    )  # not unimodal, with NaNs
     obj = Counting(grid, values)
     res = find_best_sb(obj, sp, step=step, max_evals=budget)
     assert len(obj.calls) == len(set(obj.calls)) == res.n_evals <= min(budget, len(grid))

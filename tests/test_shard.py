@@ -99,8 +99,10 @@ def test_plan_bad_input(capsys):
 def tables_of(results) -> dict[str, pd.DataFrame]:
     frame = report.records_frame(report.load_records(results / "runs"))
     tables = report.write_tables(frame, results, "wiki")
-    return {k: t.drop(columns=[c for c in t.columns if c.endswith("time_s")]).reset_index(drop=True)
-            for k, t in tables.items()}
+    return {
+        k: t.drop(columns=[c for c in t.columns if c.endswith("time_s")]).reset_index(drop=True)
+        for k, t in tables.items()
+    }
 
 
 def assert_same_tables(a, b):
@@ -124,10 +126,10 @@ def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
     lines = []
     assert launch("smoke", tmp_path, processes=2, log=lines.append) == 0
     logs = sorted(p.name for p in (tmp_path / "smoke" / "logs").glob("*.log"))
-    assert logs == ["sweep-shard0of2.log", "sweep-shard1of2.log", "zero-shot-shard0of2.log",
-                    "zero-shot-shard1of2.log"]
+    assert logs == ["sweep-shard0of2.log", "sweep-shard1of2.log", "zero-shot-shard0of2.log", "zero-shot-shard1of2.log"]
     profile = profiles.load_profile("smoke")
     assert sweep.profile_missing(profile, tmp_path)[0] == []
+
     def names(root):
         return sorted(p.name for p in (root / "smoke" / "runs").rglob("*.json"))
 
@@ -149,7 +151,8 @@ def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
     missing, total = sweep.profile_missing(profile, tmp_path)
     assert [profiles.run_name(c) for c in missing] == ["sp0.30-sb0.10-width-calwiki"]
     assert "1 of" in sweep.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in sweep.missing_text(
-        missing, total)
+        missing, total
+    )
     records = report.load_records(tmp_path / "smoke" / "runs")
 
     def budgets(configs):
@@ -176,14 +179,17 @@ def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
     assert sweep.profile_missing(profiles.load_profile("smoke"), tmp_path)[0] == []
     assert_same_tables(tables_of(tmp_path / "smoke"), tables_of(unsharded / "smoke"))
     # resumable: a rerun of the same array does nothing new
-    again = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True,
-                   log=lambda s: None)
+    again = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True, log=lambda s: None)
     assert sum(j.result()["ran"] for j in again) == 0
 
 
 def test_cli_launch_bad_input(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "dynslice", "launch", "--profile", "smoke", "--root", str(tmp_path),
-                          "--processes", "0"], check=False, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "dynslice", "launch", "--profile", "smoke", "--root", str(tmp_path), "--processes", "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "processes" in res.stderr
 
 

@@ -46,8 +46,11 @@ def test_deleted_model_equals_dense_with_layers_skipped(arch):
     assert short.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in short.model.layers] == [0, 1, 2]
     dims = ArchDims.from_config(dense.config)
-    assert count_parameters(short) == params_after_deletion(dims, 2) == dense_params(dims) - 2 * (
-        count_parameters(dense.model.layers[0]))
+    assert (
+        count_parameters(short)
+        == params_after_deletion(dims, 2)
+        == dense_params(dims) - 2 * (count_parameters(dense.model.layers[0]))
+    )
 
     def identity(_module, args, kwargs, output):
         h = args[0] if args else kwargs["hidden_states"]

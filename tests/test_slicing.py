@@ -158,7 +158,7 @@ def test_sliced_model_kv_cache_and_generate():
     cache = out.past_key_values
     steps = [out.logits]
     for t in range(8, 12):
-        out = sliced(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = sliced(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
@@ -174,18 +174,23 @@ def test_padded_batch_inference_matches_unpadded():
     alone = sliced(input_ids=ids).logits
     padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], 1).long()
-    both = sliced(input_ids=torch.cat([padded, torch.randint(3, 96, (1, 15))]),
-                  attention_mask=torch.cat([mask, torch.ones(1, 15, dtype=torch.long)])).logits
+    both = sliced(
+        input_ids=torch.cat([padded, torch.randint(3, 96, (1, 15))]),
+        attention_mask=torch.cat([mask, torch.ones(1, 15, dtype=torch.long)]),
+    ).logits
     assert torch.allclose(both[0, :10], alone[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("widths, msg", [
-    ([48, 48], "expected one width per decoder layer"),
-    ([48, 0, 48], r"widths\[1\]: 0 is outside"),
-    ([48, 49, 48], r"widths\[1\]: 49 is outside"),
-    ([48, 40.5, 48], r"widths\[1\]: 40.5 is not an integer"),
-    ("48", "expected a sequence"),
-])
+@pytest.mark.parametrize(
+    "widths, msg",
+    [
+        ([48, 48], "expected one width per decoder layer"),
+        ([48, 0, 48], r"widths\[1\]: 0 is outside"),
+        ([48, 49, 48], r"widths\[1\]: 49 is outside"),
+        ([48, 40.5, 48], r"widths\[1\]: 40.5 is not an integer"),
+        ("48", "expected a sequence"),
+    ],
+)
 def test_bad_widths(widths, msg):
     with pytest.raises(ValueError, match=msg):
         validate_widths(widths, 3, 48)
@@ -200,8 +205,12 @@ def test_bad_calibration():
     with pytest.raises(ValueError, match="calibration"):
         slice_model(model, {"ids": batch["input_ids"]}, [48] * 3, progress=False)
     with pytest.raises(ValueError, match="every token is masked"):
-        slice_model(model, {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["input_ids"])},
-                    [48] * 3, progress=False)
+        slice_model(
+            model,
+            {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["input_ids"])},
+            [48] * 3,
+            progress=False,
+        )
 
 
 def test_unsupported_architecture_names_supported_ones():
@@ -223,13 +232,15 @@ def test_hflm_accepts_sliced_model(smol_tokenizer):
     ids = torch.randint(3, 1000, (4, 16))
     sliced = slice_model(model, {"input_ids": ids}, [32, 24], progress=False)
     lm = HFLM(pretrained=sliced, tokenizer=smol_tokenizer, batch_size=2, max_length=64)
-    reqs = [Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 0),
-            Instance("loglikelihood", {}, ("The cat sat on the", " moon"), 1)]
+    reqs = [
+        Instance("loglikelihood", {}, ("The cat sat on the", " mat"), 0),
+        Instance("loglikelihood", {}, ("The cat sat on the", " moon"), 1),
+    ]
     out = lm.loglikelihood(reqs)
     assert len(out) == 2 and all(torch.isfinite(torch.tensor(o[0])) for o in out)
     # the same number by hand
     ctx = smol_tokenizer("The cat sat on the", add_special_tokens=False).input_ids
-    cont = smol_tokenizer("The cat sat on the mat", add_special_tokens=False).input_ids[len(ctx):]
+    cont = smol_tokenizer("The cat sat on the mat", add_special_tokens=False).input_ids[len(ctx) :]
     full = torch.tensor([ctx + cont])
     logp = torch.log_softmax(sliced(input_ids=full).logits[0, :-1].float(), -1)
     by_hand = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
@@ -249,8 +260,9 @@ def test_both_signal_coordinate_paths_match_naive_slicegpt(tiny_arch, n_seqs):
     p = get_adapter(model).parts(get_adapter(model).layers[0])
     basis = torch.eye(48, dtype=torch.float64)
     for width in (48, 32):
-        chosen = [_coords_for(basis, lin, batch["input_ids"].numel(), width) is not None
-                  for lin in (p.attn_out, p.mlp_out)]
+        chosen = [
+            _coords_for(basis, lin, batch["input_ids"].numel(), width) is not None for lin in (p.attn_out, p.mlp_out)
+        ]
         assert chosen == [n_seqs == 24] * 2, (width, chosen)
 
     ref = model(**batch).logits

@@ -55,8 +55,23 @@ def test_cli_slice_then_reload_has_identical_logits(tmp_path, smol):
     from dynslice.models import load_model
 
     out = tmp_path / "sliced"
-    rc = main(["slice", "--model", "smollm2-135m", "--sp", "0.1", "--cal-dataset", "wiki", "--cal-nsamples", "2",
-               "--cal-seqlen", "64", "--out", str(out)])
+    rc = main(
+        [
+            "slice",
+            "--model",
+            "smollm2-135m",
+            "--sp",
+            "0.1",
+            "--cal-dataset",
+            "wiki",
+            "--cal-nsamples",
+            "2",
+            "--cal-seqlen",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     meta = json.loads((out / "dynslice.json").read_text())
     assert meta["widths"] == [512] * 30 and meta["base_model"] == "smollm2-135m"
@@ -68,7 +83,20 @@ def test_cli_slice_then_reload_has_identical_logits(tmp_path, smol):
     x = data.eval_chunks("wiki", tok, 32, max_chunks=2)
     assert torch.equal(reloaded(input_ids=x).logits, again(input_ids=x).logits)
     # the saved folder is a spec for eval too
-    rc = main(["eval", "--model", str(out), "--ppl", "wiki", "--ppl-seqlen", "64", "--ppl-max-chunks", "2",
-               "--out", str(tmp_path / "eval.json")])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--ppl",
+            "wiki",
+            "--ppl-seqlen",
+            "64",
+            "--ppl-max-chunks",
+            "2",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     rec = json.loads((tmp_path / "eval.json").read_text())
     assert rc == 0 and math.isfinite(rec["ppl"]["wiki"]) and rec["params"]["total"] == meta["num_parameters"]

@@ -27,8 +27,10 @@ def _save_dense(model, folder, max_shard_size="5GB"):
     return folder
 
 
-@pytest.mark.parametrize("arch,tied,final_width", [("llama", True, None), ("llama", False, 40),
-                                                   ("mistral", False, None), ("qwen2", True, 32)])
+@pytest.mark.parametrize(
+    "arch,tied,final_width",
+    [("llama", True, None), ("llama", False, 40), ("mistral", False, None), ("qwen2", True, 32)],
+)
 def test_streaming_equals_in_ram(tmp_path, arch, tied, final_width):
     """The streamed folder loads to the same logits as the in-RAM sliced model (1e-5 relative, fp32)."""
     model = make_tiny_model(arch, tied=tied)

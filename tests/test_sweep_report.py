@@ -15,9 +15,15 @@ from dynslice.jsonio import read_json, write_json
 from dynslice.paths import PROJECT_ROOT
 
 SMOKE = {
-    "name": "t", "models": [{"spec": "tiny-random"}], "base": {"lr_nsamples": 4, "ppl_datasets": ["wiki", "news"]},
-    "cal_datasets": ["wiki"], "sp": [0.2, 0.3], "sb_step": 0.1, "budgets": ["width", "params"],
-    "auto_sb": {"step": 0.1, "max_evals": 2}, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4},
+    "name": "t",
+    "models": [{"spec": "tiny-random"}],
+    "base": {"lr_nsamples": 4, "ppl_datasets": ["wiki", "news"]},
+    "cal_datasets": ["wiki"],
+    "sp": [0.2, 0.3],
+    "sb_step": 0.1,
+    "budgets": ["width", "params"],
+    "auto_sb": {"step": 0.1, "max_evals": 2},
+    "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4},
 }
 
 
@@ -44,11 +50,13 @@ def test_sweep_configs_enumerates_the_grid():
     assert sorted(c.sp for c in const) == [0.2, 0.3] and all(c.tasks for c in const)
     # SP 0.2 -> SB 0.1, 0.0; SP 0.3 -> 0.2, 0.1, 0.0; each under two budgets, without tasks
     assert sorted((c.sp, c.sb, c.budget) for c in dyn) == sorted(
-        (sp, sb, b) for sp, sbs in ((0.2, [0.1, 0.0]), (0.3, [0.2, 0.1, 0.0])) for sb in sbs
-        for b in ("width", "params"))
+        (sp, sb, b)
+        for sp, sbs in ((0.2, [0.1, 0.0]), (0.3, [0.2, 0.1, 0.0]))
+        for sb in sbs
+        for b in ("width", "params")
+    )
     assert not any(c.tasks for c in dyn)
-    assert sorted((c.sp, c.budget) for c in auto) == [(0.2, "params"), (0.2, "width"), (0.3, "params"),
-                                                      (0.3, "width")]
+    assert sorted((c.sp, c.budget) for c in auto) == [(0.2, "params"), (0.2, "width"), (0.3, "params"), (0.3, "width")]
     assert all(c.auto_sb_step == 0.1 and c.auto_sb_max_evals == 2 for c in auto)
     assert all(c.lr_nsamples == 4 and c.ppl_datasets == ("wiki", "news") for c in configs)
     assert [c.key() for c in profiles.sweep_configs(profiles.parse_profile(SMOKE, "t"))] == [c.key() for c in configs]
@@ -67,18 +75,21 @@ def test_dynamic_sbs_excludes_constant():
     assert len(profiles.dynamic_sbs(0.2, 0.02)) == 10
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"bogus": 1}, "t.bogus: unknown key"),
-    ({"base": {"lr_nsample": 4}}, "t.base.lr_nsample: unknown key"),
-    ({"base": {"sp": 0.3}}, "t.base.sp: unknown key"),  # swept fields are not set through base
-    ({"base": {"lr_seqlen": 1}}, "lr_seqlen"),
-    ({"sp": [0.3, 1.2]}, "t.sp: 1.2 is outside"),
-    ({"budgets": ["width", "flops"]}, "t.budgets: 'flops'"),
-    ({"cal_datasets": ["wikipedia"]}, "t.cal_datasets: 'wikipedia'"),
-    ({"auto_sb": {"steps": 0.1}}, "t.auto_sb.steps: unknown key"),
-    ({"sb_step": 0}, "t.sb_step: 0 is outside"),
-    ({"models": [{"spec": "tiny-random", "gpu": 1}]}, "t.models[0].gpu: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, "t.bogus: unknown key"),
+        ({"base": {"lr_nsample": 4}}, "t.base.lr_nsample: unknown key"),
+        ({"base": {"sp": 0.3}}, "t.base.sp: unknown key"),  # swept fields are not set through base
+        ({"base": {"lr_seqlen": 1}}, "lr_seqlen"),
+        ({"sp": [0.3, 1.2]}, "t.sp: 1.2 is outside"),
+        ({"budgets": ["width", "flops"]}, "t.budgets: 'flops'"),
+        ({"cal_datasets": ["wikipedia"]}, "t.cal_datasets: 'wikipedia'"),
+        ({"auto_sb": {"steps": 0.1}}, "t.auto_sb.steps: unknown key"),
+        ({"sb_step": 0}, "t.sb_step: 0 is outside"),
+        ({"models": [{"spec": "tiny-random", "gpu": 1}]}, "t.models[0].gpu: unknown key"),
+    ],
+)
 def test_bad_profiles_name_the_key(change, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         profiles.parse_profile({**SMOKE, **change}, "t")
@@ -138,8 +149,19 @@ class _LRBench:
         return {"normalized": self.scores}
 
     def dims(self):
-        return ArchDims(vocab=100, hidden=64, layers=len(self.scores), intermediate=128, heads=4, kv_heads=2,
-                        head_dim=16, qkv_bias=False, o_bias=False, mlp_bias=False, tied=True)
+        return ArchDims(
+            vocab=100,
+            hidden=64,
+            layers=len(self.scores),
+            intermediate=128,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            tied=True,
+        )
 
 
 def test_infeasible_reason():
@@ -151,15 +173,32 @@ def test_infeasible_reason():
 
 
 # ------------------------------------------------------------------------------------------ synthetic records
-def make_record(sp, sb, ppl, params, *, budget="width", tasks=None, cal="wiki", model="m", auto=None,
-                time_s=10.0):
-    cfg = RunConfig(model=model, sp=sp, sb="auto" if auto else sb, budget=budget, cal_dataset=cal,
-                    ppl_datasets=tuple(ppl), tasks=tuple(t for t in (tasks or {}) if t != "average"))
-    rec = {"config": cfg.to_json(), "sp": sp, "sb": sb, "budget": budget,
-           "params": {"dense": 1000, "total": params, "weights": params, "shortcuts": 0,
-                      "fraction_removed": 1 - params / 1000},
-           "ppl": dict(ppl), "tasks": tasks or {},
-           "timings_s": {"load": 99.0, "slice": time_s, "eval": 100.0 if tasks else 2.0}}
+def make_record(sp, sb, ppl, params, *, budget="width", tasks=None, cal="wiki", model="m", auto=None, time_s=10.0):
+    cfg = RunConfig(
+        model=model,
+        sp=sp,
+        sb="auto" if auto else sb,
+        budget=budget,
+        cal_dataset=cal,
+        ppl_datasets=tuple(ppl),
+        tasks=tuple(t for t in (tasks or {}) if t != "average"),
+    )
+    rec = {
+        "config": cfg.to_json(),
+        "sp": sp,
+        "sb": sb,
+        "budget": budget,
+        "params": {
+            "dense": 1000,
+            "total": params,
+            "weights": params,
+            "shortcuts": 0,
+            "fraction_removed": 1 - params / 1000,
+        },
+        "ppl": dict(ppl),
+        "tasks": tasks or {},
+        "timings_s": {"load": 99.0, "slice": time_s, "eval": 100.0 if tasks else 2.0},
+    }
     if sp:
         rec["allocation"] = {"mean_effective_fraction": sp}
     if auto:
@@ -221,11 +260,11 @@ def test_sweep_and_report_choose_the_same_best(records):
 
 
 def test_zero_shot_configs(records):
-    p = profiles.parse_profile({**SMOKE, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4,
-                                                    "budgets": ["width"]}}, "t")
+    p = profiles.parse_profile(
+        {**SMOKE, "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 4, "budgets": ["width"]}}, "t"
+    )
     out = profiles.zero_shot_configs(p, records)
-    assert [(c.sp, c.sb, c.budget, c.tasks, c.task_limit) for c in out] == [(0.3, 0.1, "width",
-                                                                              ("dynslice_cloze",), 4)]
+    assert [(c.sp, c.sb, c.budget, c.tasks, c.task_limit) for c in out] == [(0.3, 0.1, "width", ("dynslice_cloze",), 4)]
 
 
 def test_zero_shot_table(records):
@@ -255,8 +294,12 @@ def test_pct_change():
 def test_markdown_and_latex(tmp_path):
     frame = pd.DataFrame({"name": ["a_b", "c|d"], "n": [1234567, 2], "x": [1.23456, math.nan]})
     md = report.to_markdown(frame, digits={"x": 3})
-    assert md.splitlines() == ["| name | n | x |", "|:---|---:|---:|", "| a_b | 1,234,567 | 1.235 |",
-                               r"| c\|d | 2 | – |"]
+    assert md.splitlines() == [
+        "| name | n | x |",
+        "|:---|---:|---:|",
+        "| a_b | 1,234,567 | 1.235 |",
+        r"| c\|d | 2 | – |",
+    ]
     tex = report.to_latex(frame, digits=1, caption="50% of x_y", label="tab:t")
     assert r"\begin{tabular}{lrr}" in tex and r"a\_b & 1,234,567 & 1.2 \\" in tex
     assert r"\caption{50\% of x\_y}" in tex and r"c|d & 2 & -- \\" in tex
@@ -294,8 +337,9 @@ def test_write_tables_reproduces_the_published_tables(tmp_path, published_frame)
         assert read_json(tmp_path / f"{name}.json") == read_json(PUBLISHED_CPU / f"{name}.json"), name
     for name in ("sweep", "headline", "auto_sb", "zero_shot"):
         for ext in ("md", "tex"):
-            assert (tmp_path / "tables" / f"{name}.{ext}").read_text() == \
-                (PUBLISHED_CPU / "tables" / f"{name}.{ext}").read_text(), (name, ext)
+            assert (tmp_path / "tables" / f"{name}.{ext}").read_text() == (
+                PUBLISHED_CPU / "tables" / f"{name}.{ext}"
+            ).read_text(), (name, ext)
 
 
 def test_write_tables_on_a_subset(tmp_path, published_frame):

@@ -91,8 +91,12 @@ class LlamaLikeAdapter:
     """
 
     #: Key names in a transformers checkpoint of this family.
-    WEIGHT_NAMES = WeightNames(embeddings="model.embed_tokens.weight", final_norm="model.norm.weight",
-                               head="lm_head.weight", layer_prefix="model.layers.{}.")
+    WEIGHT_NAMES = WeightNames(
+        embeddings="model.embed_tokens.weight",
+        final_norm="model.norm.weight",
+        head="lm_head.weight",
+        layer_prefix="model.layers.{}.",
+    )
     #: Attributes of a dense decoder layer that model code may read; a sliced layer gets copies.
     LAYER_ATTRS = ("attention_type", "layer_idx", "layer_type")
 
@@ -170,12 +174,19 @@ class LlamaLikeAdapter:
         layer.input_layernorm = make_norm()
         layer.post_attention_layernorm = make_norm()
 
-    def sliced_layer(self, layer: nn.Module, d_in: int, d_out: int, dtype: torch.dtype | None = None,
-                     device: torch.device | None = None) -> SlicedDecoderLayer:
+    def sliced_layer(
+        self,
+        layer: nn.Module,
+        d_in: int,
+        d_out: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> SlicedDecoderLayer:
         """A :class:`SlicedDecoderLayer` around ``layer``'s own attention and MLP, with empty shortcuts."""
         parts = self.parts(layer)
-        new = SlicedDecoderLayer(parts.attn_block, parts.mlp_block, d_in, d_out, self.hidden_size, self.rms_eps,
-                                 dtype=dtype, device=device)
+        new = SlicedDecoderLayer(
+            parts.attn_block, parts.mlp_block, d_in, d_out, self.hidden_size, self.rms_eps, dtype=dtype, device=device
+        )
         for attr in self.LAYER_ATTRS:
             if hasattr(layer, attr):
                 setattr(new, attr, getattr(layer, attr))

@@ -65,8 +65,9 @@ def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
         raise ValueError(f"lr: score of layer {int(bad[0])} is {arr[bad[0]]}; all scores must be finite")
     big = np.flatnonzero(np.abs(arr) > MAX_SCORE)
     if big.size:
-        raise ValueError(f"lr: score of layer {int(big[0])} is {arr[big[0]]:g}; allowed -{MAX_SCORE:g} <= lr <= "
-                         f"{MAX_SCORE:g}")
+        raise ValueError(
+            f"lr: score of layer {int(big[0])} is {arr[big[0]]:g}; allowed -{MAX_SCORE:g} <= lr <= {MAX_SCORE:g}"
+        )
     if num_layers is not None and arr.size != num_layers:
         raise ValueError(f"lr: has {arr.size} scores but the model has {num_layers} layers")
     return arr
@@ -100,8 +101,11 @@ def _is_flat(n: np.ndarray) -> bool:
 
 
 def _warn_flat() -> None:
-    warnings.warn("lr: all scores are equal, so there is no redundancy profile; using constant slicing "
-                  "(every FS_i = sp)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "lr: all scores are equal, so there is no redundancy profile; using constant slicing (every FS_i = sp)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
@@ -123,8 +127,10 @@ def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
     fs = n * (sp - sb) / np.mean(n) + sb
     worst = int(np.argmax(fs))
     if fs[worst] >= 1:
-        raise ValueError(f"sb: {sb} with sp={sp} gives layer {worst} a slice fraction FS={fs[worst]:.4f} >= 1 "
-                         f"(allowed 0 <= FS_i < 1); raise sb towards sp")
+        raise ValueError(
+            f"sb: {sb} with sp={sp} gives layer {worst} a slice fraction FS={fs[worst]:.4f} >= 1 "
+            f"(allowed 0 <= FS_i < 1); raise sb towards sp"
+        )
     return fs
 
 
@@ -244,25 +250,44 @@ class Allocation:
 
     def to_json(self) -> dict:
         return {
-            "widths": list(self.widths), "final_width": self.final_width, "hidden": self.hidden,
-            "sp": self.sp, "sb": self.sb, "budget": self.budget, "count": self.count,
-            "round_interval": self.round_interval, "rounding": self.rounding, "scale": self.scale,
-            "fractions": list(self.fractions), "effective_fractions": list(self.effective_fractions),
-            "mean_effective_fraction": float(np.mean(self.effective_fractions)), "total_width": self.total_width,
+            "widths": list(self.widths),
+            "final_width": self.final_width,
+            "hidden": self.hidden,
+            "sp": self.sp,
+            "sb": self.sb,
+            "budget": self.budget,
+            "count": self.count,
+            "round_interval": self.round_interval,
+            "rounding": self.rounding,
+            "scale": self.scale,
+            "fractions": list(self.fractions),
+            "effective_fractions": list(self.effective_fractions),
+            "mean_effective_fraction": float(np.mean(self.effective_fractions)),
+            "total_width": self.total_width,
             "constant_width": constant_width(self.hidden, self.sp, self.round_interval),
-            "params": None if self.params is None else self.params.to_json(), "target_params": self.target_params,
+            "params": None if self.params is None else self.params.to_json(),
+            "target_params": self.target_params,
         }
 
     @classmethod
     def from_json(cls, obj: dict) -> Allocation:
         """Inverse of :meth:`to_json` (derived fields are ignored)."""
         params = obj.get("params")
-        return cls(widths=tuple(int(w) for w in obj["widths"]), fractions=tuple(float(f) for f in obj["fractions"]),
-                   sp=float(obj["sp"]), sb=float(obj["sb"]), hidden=int(obj["hidden"]), budget=obj["budget"],
-                   round_interval=int(obj["round_interval"]), rounding=obj["rounding"], scale=float(obj["scale"]),
-                   final_width=int(obj["final_width"]), count=obj.get("count"),
-                   params=None if params is None else ParamCount(int(params["weights"]), int(params["shortcuts"])),
-                   target_params=obj.get("target_params"))
+        return cls(
+            widths=tuple(int(w) for w in obj["widths"]),
+            fractions=tuple(float(f) for f in obj["fractions"]),
+            sp=float(obj["sp"]),
+            sb=float(obj["sb"]),
+            hidden=int(obj["hidden"]),
+            budget=obj["budget"],
+            round_interval=int(obj["round_interval"]),
+            rounding=obj["rounding"],
+            scale=float(obj["scale"]),
+            final_width=int(obj["final_width"]),
+            count=obj.get("count"),
+            params=None if params is None else ParamCount(int(params["weights"]), int(params["shortcuts"])),
+            target_params=obj.get("target_params"),
+        )
 
 
 def allocation_to_json(allocation: Allocation) -> dict:
@@ -329,13 +354,15 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
     if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
         raise ValueError(f"lr: {source} field metric = {stated!r} is not one of {', '.join(ORIENTATION)}")
     if stated is None and metric is None:
-        raise ValueError(f"lr: {source} states no metric; add \"metric\" ({', '.join(ORIENTATION)}) to the file "
-                         "or pass --lr-metric")
+        raise ValueError(
+            f'lr: {source} states no metric; add "metric" ({", ".join(ORIENTATION)}) to the file or pass --lr-metric'
+        )
     if stated is not None and metric is not None and stated != metric:
         raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
     hidden = obj.get("hidden")
-    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, Integral)
-                               or not 1 <= hidden <= MAX_HIDDEN):
+    if hidden is not None and (
+        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= hidden <= MAX_HIDDEN
+    ):
         raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer in 1..{MAX_HIDDEN}")
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
@@ -348,9 +375,20 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
 # allocate
 
 
-def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_interval: int = 8,
-             budget: str = "width", dims: ArchDims | None = None, count: str = "total", rounding: str = "total",
-             num_layers: int | None = None, final_width: int | None = None) -> Allocation:
+def allocate(
+    lr: Sequence[float],
+    sp: float,
+    sb: float,
+    hidden: int,
+    *,
+    round_interval: int = 8,
+    budget: str = "width",
+    dims: ArchDims | None = None,
+    count: str = "total",
+    rounding: str = "total",
+    num_layers: int | None = None,
+    final_width: int | None = None,
+) -> Allocation:
     """Per-layer input widths for LR scores ``lr`` at mean slice fraction ``sp`` and slicing base ``sb``.
 
     Args:
@@ -392,10 +430,12 @@ def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_in
     n_layers = scores.size
     const = constant_width(hidden, sp, round_interval)
     if const < 1:
-        raise ValueError(f"sp: {sp} leaves int((1-sp)*{hidden}) < round_interval ({round_interval}) dims; "
-                         f"lower sp or round_interval")
-    common = dict(sp=sp, sb=sb, hidden=hidden, budget=budget, round_interval=round_interval, rounding=rounding,
-                  final_width=final)
+        raise ValueError(
+            f"sp: {sp} leaves int((1-sp)*{hidden}) < round_interval ({round_interval}) dims; lower sp or round_interval"
+        )
+    common = dict(
+        sp=sp, sb=sb, hidden=hidden, budget=budget, round_interval=round_interval, rounding=rounding, final_width=final
+    )
 
     if budget == "params":
         if dims is None:
@@ -411,16 +451,19 @@ def allocate(lr: Sequence[float], sp: float, sb: float, hidden: int, *, round_in
         widths = _round_reference(1.0 - fs, hidden, round_interval)
         thin = np.flatnonzero(widths < 1)
         if thin.size:
-            raise ValueError(f"sb: {sb} gives layer {int(thin[0])} a width of {int(widths[thin[0]])} after rounding "
-                             f"(allowed 1 <= width <= {hidden}); raise sb towards sp")
+            raise ValueError(
+                f"sb: {sb} gives layer {int(thin[0])} a width of {int(widths[thin[0]])} after rounding "
+                f"(allowed 1 <= width <= {hidden}); raise sb towards sp"
+            )
     else:
         units = (1.0 - fs) * hidden / round_interval
         widths = _round_to_total(units, n_layers * const // round_interval, hidden // round_interval)
         widths = widths * round_interval
     widths_t = tuple(int(w) for w in widths)
     params = None if dims is None else sliced_params(dims, widths_t, final)
-    return Allocation(widths=widths_t, fractions=tuple(float(f) for f in fs), scale=float(scale),
-                      count=None, params=params, **common)
+    return Allocation(
+        widths=widths_t, fractions=tuple(float(f) for f in fs), scale=float(scale), count=None, params=params, **common
+    )
 
 
 def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str, common: dict) -> Allocation:
@@ -438,8 +481,15 @@ def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str,
         if _is_flat(n):
             _warn_flat()
         widths = (const,) * n_layers
-        return Allocation(widths=widths, fractions=(sp,) * n_layers, scale=0.0, count=count,
-                          params=sliced_params(dims, widths, final), target_params=target, **common)
+        return Allocation(
+            widths=widths,
+            fractions=(sp,) * n_layers,
+            scale=0.0,
+            count=count,
+            params=sliced_params(dims, widths, final),
+            target_params=target,
+            **common,
+        )
 
     def cont(s: float) -> float:
         return sliced_params_continuous(dims, (1.0 - (sb + s * n)) * hidden, final, count)
@@ -447,9 +497,11 @@ def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str,
     s_hi = (1.0 - sb) / float(n.max())  # FS_i < 1 for every layer iff s < s_hi
     p_lo, p_hi = cont(s_hi), cont(0.0)
     if not p_lo < target <= p_hi:
-        raise ValueError(f"sb: {sb} cannot reach the {count} parameter budget {target} of constant sp={sp}: "
-                         f"FS_i = sb + s*n_i with all FS_i in [0, 1) gives counts in ({p_lo:.0f}, {p_hi:.0f}]; "
-                         f"raise sb towards sp")
+        raise ValueError(
+            f"sb: {sb} cannot reach the {count} parameter budget {target} of constant sp={sp}: "
+            f"FS_i = sb + s*n_i with all FS_i in [0, 1) gives counts in ({p_lo:.0f}, {p_hi:.0f}]; "
+            f"raise sb towards sp"
+        )
     lo, hi = 0.0, s_hi  # cont is decreasing in s: cont(lo) >= target > cont(hi)
     for _ in range(_BISECT_ITERS):
         mid = 0.5 * (lo + hi)
@@ -464,5 +516,12 @@ def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str,
     units = (1.0 - fs) * hidden / ri
     k = _round_to_params(units, hidden // ri, ri, lambda w: pick(sliced_params(dims, w.tolist(), final)), target)
     widths = tuple(int(w) for w in k * ri)
-    return Allocation(widths=widths, fractions=tuple(float(f) for f in fs), scale=float(s), count=count,
-                      params=sliced_params(dims, widths, final), target_params=target, **common)
+    return Allocation(
+        widths=widths,
+        fractions=tuple(float(f) for f in fs),
+        scale=float(s),
+        count=count,
+        params=sliced_params(dims, widths, final),
+        target_params=target,
+        **common,
+    )

@@ -22,8 +22,9 @@ MAX_SEQLEN = 1 << 20
 MAX_SCORE = 1e12
 
 
-def range_text(name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-               high_open: bool = False) -> str:
+def range_text(
+    name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> str:
     """``"low <= name < high"``-style text of an interval (either bound may be missing)."""
     lo_op, hi_op = ("<" if low_open else "<="), ("<" if high_open else "<=")
     if low is not None and high is not None:
@@ -35,8 +36,9 @@ def range_text(name: str, low: float | None = None, high: float | None = None, *
     return f"any {name}"
 
 
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, *,
-              allowed: str | None = None) -> int:
+def check_int(
+    name: str, value: Any, low: int | None = None, high: int | None = None, *, allowed: str | None = None
+) -> int:
     """``value`` as an ``int`` when it is an integer (not a bool) with ``low <= value <= high``."""
     allowed = allowed or range_text(name, low, high)
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -46,8 +48,16 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     return int(value)
 
 
-def check_real(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-               low_open: bool = False, high_open: bool = False, allowed: str | None = None) -> float:
+def check_real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str | None = None,
+) -> float:
     """``value`` as a ``float`` when it is a finite real number (not a bool) in the interval from ``low`` to
     ``high`` (each end closed unless ``low_open``/``high_open``)."""
     allowed = allowed or range_text(name, low, high, low_open=low_open, high_open=high_open)

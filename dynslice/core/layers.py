@@ -38,8 +38,17 @@ class SlicedDecoderLayer(nn.Module):
     d_in → d_out), stored as bias-free linears so they count, save and load like any other weight.
     """
 
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, d_in: int, d_out: int, mean_dim: int,
-                 eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        self_attn: nn.Module,
+        mlp: nn.Module,
+        d_in: int,
+        d_out: int,
+        mean_dim: int,
+        eps: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp

@@ -42,8 +42,7 @@ class LRScore:
     tokens: int
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "lr": list(self.raw), "normalized": list(self.normalized),
-                "tokens": self.tokens}
+        return {"metric": self.metric, "lr": list(self.raw), "normalized": list(self.normalized), "tokens": self.tokens}
 
 
 def _token_metric(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch.Tensor:
@@ -56,8 +55,15 @@ def _token_metric(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch
 
 
 @torch.no_grad()
-def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric: str = "cosine",
-                     batch_size: int = 8, progress: bool = True, last_layer: str = "raw") -> LRScore:
+def layer_redundancy(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    metric: str = "cosine",
+    batch_size: int = 8,
+    progress: bool = True,
+    last_layer: str = "raw",
+) -> LRScore:
     """LR score of every decoder layer of a dense model over the non-pad tokens of ``batch``.
 
     Args:
@@ -78,8 +84,10 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     if ids.dim() != 2 or mask.shape != ids.shape:
-        raise ValueError(f"batch: input_ids must be (n × seqlen) with a matching attention_mask, got "
-                         f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"batch: input_ids must be (n × seqlen) with a matching attention_mask, got "
+            f"{tuple(ids.shape)} and {tuple(mask.shape)}"
+        )
     adapter = get_adapter(model)
     device = adapter.embeddings.weight.device
     n_layers = adapter.num_layers
@@ -90,6 +98,7 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     def pre_hook(idx):
         def hook(_module, args, kwargs):
             state[idx] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def post_hook(idx):
@@ -99,6 +108,7 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
                 h_out = final_norm(h_out)
             per_token = _token_metric(state.pop(idx), h_out, metric)
             sums[idx] += (per_token.double() * state["mask"]).sum().cpu()
+
         return hook
 
     handles = []
@@ -110,8 +120,8 @@ def layer_redundancy(model: nn.Module, batch: dict[str, torch.Tensor], *, metric
     model.eval()
     try:
         for start in tqdm(range(0, ids.shape[0], batch_size), desc=f"LR ({metric})", disable=not progress):
-            b_ids = ids[start:start + batch_size].to(device)
-            b_mask = mask[start:start + batch_size].to(device)
+            b_ids = ids[start : start + batch_size].to(device)
+            b_mask = mask[start : start + batch_size].to(device)
             state["mask"] = b_mask.double()
             adapter.run_decoder(b_ids, b_mask)
             count += int(b_mask.sum())

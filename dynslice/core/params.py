@@ -66,10 +66,20 @@ class ArchDims:
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:  # mistral: no biases at all
             qkv_bias = o_bias = mlp_bias = False
-        return cls(vocab=int(config.vocab_size), hidden=hidden, layers=int(config.num_hidden_layers),
-                   intermediate=int(config.intermediate_size), heads=heads, kv_heads=int(kv_heads),
-                   head_dim=int(head_dim), qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)), qk_norm=model_type == "qwen3")
+        return cls(
+            vocab=int(config.vocab_size),
+            hidden=hidden,
+            layers=int(config.num_hidden_layers),
+            intermediate=int(config.intermediate_size),
+            heads=heads,
+            kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
+        )
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -144,8 +154,9 @@ def sliced_params(dims: ArchDims, widths: Sequence[int], final_width: int | None
     return ParamCount(weights=int(weights), shortcuts=int(shortcuts))
 
 
-def sliced_params_continuous(dims: ArchDims, widths: Sequence[float], final_width: float | None = None,
-                             count: str = "total") -> float:
+def sliced_params_continuous(
+    dims: ArchDims, widths: Sequence[float], final_width: float | None = None, count: str = "total"
+) -> float:
     """The same polynomial as :func:`sliced_params` at real-valued widths (used to solve parameter budgets).
 
     ``count`` is ``"total"`` (weights plus shortcuts) or ``"weights"``.

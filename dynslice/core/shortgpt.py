@@ -32,8 +32,7 @@ def deletion_order(bi: Sequence[float]) -> list[int]:
 
 def params_after_deletion(dims: ArchDims, n_deleted: int) -> int:
     """Dense parameter count with ``n_deleted`` decoder layers removed (all layers have the same shape)."""
-    check_int("n_deleted", n_deleted, 0, dims.layers - 1,
-              allowed=f"0 <= n_deleted < {dims.layers} (the layer count)")
+    check_int("n_deleted", n_deleted, 0, dims.layers - 1, allowed=f"0 <= n_deleted < {dims.layers} (the layer count)")
     return dense_params(dataclasses.replace(dims, layers=dims.layers - n_deleted))
 
 
@@ -48,8 +47,10 @@ def layers_to_delete(bi: Sequence[float], dims: ArchDims, target_params: int) ->
     for k in range(dims.layers):
         if params_after_deletion(dims, k) <= target_params:
             return sorted(order[:k])
-    raise ValueError(f"target_params: {target_params} is below a one-layer model "
-                     f"({params_after_deletion(dims, dims.layers - 1)}); no deletion reaches it")
+    raise ValueError(
+        f"target_params: {target_params} is below a one-layer model "
+        f"({params_after_deletion(dims, dims.layers - 1)}); no deletion reaches it"
+    )
 
 
 def delete_layers(model: nn.Module, indices: Sequence[int]) -> nn.Module:

@@ -57,8 +57,9 @@ class SliceInfo:
         return {"widths": list(self.widths), "final_width": self.final_width, "timings_s": dict(self.timings_s)}
 
 
-def check_slice_args(widths: Sequence[int], final_width: int | None, batch_size: int, n_layers: int,
-                     d: int) -> tuple[tuple[int, ...], int]:
+def check_slice_args(
+    widths: Sequence[int], final_width: int | None, batch_size: int, n_layers: int, d: int
+) -> tuple[tuple[int, ...], int]:
     """Validated ``(widths, final_width)``; ``final_width`` defaults to ``d``."""
     widths = validate_widths(widths, n_layers, d)
     final_width = d if final_width is None else check_width("final_width", final_width, d)
@@ -97,9 +98,17 @@ class Timings:
 
 
 @torch.no_grad()
-def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: Sequence[int], *,
-                final_width: int | None = None, batch_size: int = 8, device: str | torch.device | None = None,
-                progress: bool = True, embedding_mean: bool = False) -> nn.Module:
+def slice_model(
+    model: nn.Module,
+    calibration: dict[str, torch.Tensor],
+    widths: Sequence[int],
+    *,
+    final_width: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    embedding_mean: bool = False,
+) -> nn.Module:
     """Rotate and slice ``model`` in place so that decoder layer ``i`` reads a residual stream ``widths[i]`` wide.
 
     Args:
@@ -139,8 +148,20 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
     # The decoder layers, in order: layer i reads position i (basis q) and writes position i + 1.
     outs = list(widths[1:]) + [final_width]
     for i in tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress):
-        new, x, q = slice_layer(adapter, adapter.layers[i], x, sig.layer_kwargs[i], sig.masks, q, widths[i],
-                                outs[i], i == n_layers - 1, device, home, timings)
+        new, x, q = slice_layer(
+            adapter,
+            adapter.layers[i],
+            x,
+            sig.layer_kwargs[i],
+            sig.masks,
+            q,
+            widths[i],
+            outs[i],
+            i == n_layers - 1,
+            device,
+            home,
+            timings,
+        )
         adapter.layers[i] = new.to(home)
 
     # The head reads the last position; it is rotated only when that position is sliced.
@@ -152,8 +173,9 @@ def slice_model(model: nn.Module, calibration: dict[str, torch.Tensor], widths: 
 
 
 @torch.no_grad()
-def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device,
-                     timings: Timings) -> tuple[list[torch.Tensor], torch.Tensor]:
+def slice_embeddings(
+    adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device, timings: Timings
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
 
     Returns the rotated first-layer input signals (``sig.x`` is emptied) and the full (D × D) basis of position 0,
@@ -164,17 +186,32 @@ def slice_embeddings(adapter: LlamaLikeAdapter, sig: _Signals, width: int, devic
     q = basis[:, :width]
     with timings("rotate"):
         emb = adapter.embeddings
-        adapter.embeddings = nn.Embedding(emb.num_embeddings, width, padding_idx=emb.padding_idx,
-                                          _weight=rotate_embedding(emb.weight, q, device), _freeze=True)
+        adapter.embeddings = nn.Embedding(
+            emb.num_embeddings,
+            width,
+            padding_idx=emb.padding_idx,
+            _weight=rotate_embedding(emb.weight, q, device),
+            _freeze=True,
+        )
         x = [_project(s, q, device) for s in _drain(sig.x)]
     return x, basis
 
 
 @torch.no_grad()
-def slice_layer(adapter: LlamaLikeAdapter, layer: nn.Module, x: list[torch.Tensor], kwargs: list[dict],
-                masks: list[torch.Tensor], basis_in: torch.Tensor, d_in: int, d_out: int, last: bool,
-                device: torch.device, home: torch.device,
-                timings: Timings) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
+def slice_layer(
+    adapter: LlamaLikeAdapter,
+    layer: nn.Module,
+    x: list[torch.Tensor],
+    kwargs: list[dict],
+    masks: list[torch.Tensor],
+    basis_in: torch.Tensor,
+    d_in: int,
+    d_out: int,
+    last: bool,
+    device: torch.device,
+    home: torch.device,
+    timings: Timings,
+) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
     """Rotate and slice one norm-fused decoder layer (moved to ``device``).
 
     ``x``: the layer's rotated input signals (emptied as they are consumed); ``basis_in``: the full (D × D) basis
@@ -291,7 +328,7 @@ def _add_residual(y: torch.Tensor, xb: torch.Tensor, q_in: torch.Tensor, coords:
     input position's own full basis it is the first ``d_in`` coordinates: ``y[..., :d_in] += xb``.
     """
     if coords is not None:
-        y[..., :xb.shape[-1]].add_(xb)
+        y[..., : xb.shape[-1]].add_(xb)
         return y
     flat = y.reshape(-1, y.shape[-1])
     flat.addmm_(xb.reshape(-1, xb.shape[-1]), q_in.T.to(y.dtype))
@@ -468,8 +505,8 @@ def rotate_embedding(weight: torch.Tensor, q: torch.Tensor, device: torch.device
     cdt = _compute_dtype(weight.dtype)
     qc = q.to(device=device, dtype=cdt)
     for start in range(0, weight.shape[0], EMBEDDING_CHUNK_ROWS):
-        block = weight[start:start + EMBEDDING_CHUNK_ROWS].to(device=device, dtype=cdt)
-        out[start:start + block.shape[0]] = (block @ qc).to(device=weight.device, dtype=weight.dtype)
+        block = weight[start : start + EMBEDDING_CHUNK_ROWS].to(device=device, dtype=cdt)
+        out[start : start + block.shape[0]] = (block @ qc).to(device=weight.device, dtype=weight.dtype)
     return out
 
 
@@ -570,8 +607,13 @@ class _Signals:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, calibration: dict[str, torch.Tensor], batch_size: int,
-                   device: torch.device, adapter: LlamaLikeAdapter | None = None) -> _Signals:
+def capture_inputs(
+    model: nn.Module,
+    calibration: dict[str, torch.Tensor],
+    batch_size: int,
+    device: torch.device,
+    adapter: LlamaLikeAdapter | None = None,
+) -> _Signals:
     """Embed the calibration batches and record the arguments every decoder layer receives.
 
     The decoder layers are swapped for pass-through recorders, so this costs the embedding lookup and the mask and
@@ -589,7 +631,7 @@ def capture_inputs(model: nn.Module, calibration: dict[str, torch.Tensor], batch
         for i in range(len(layers)):
             adapter.layers[i] = _Recorder(i, xs, per_layer[i], memo)
         for start in range(0, ids.shape[0], batch_size):
-            b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+            b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
             memo.clear()
             adapter.run_decoder(b_ids.to(base_device), b_mask.to(base_device))
             masks.append(b_mask.bool())

@@ -43,8 +43,9 @@ BASE_KEYS = frozenset(name for name, opt in OPTIONS.items() if opt.profile == "b
 #: Where a profile sets each of the other fields (``models[].spec``, ``sp``, ``auto_sb.step``, ...).
 FIELD_KEYS = {name: opt.profile for name, opt in OPTIONS.items() if opt.profile not in (None, "base")}
 #: Keys of a profile that are not RunConfig fields: names, the sweep's lists and grids, the notebooks.
-PROFILE_ONLY_KEYS = frozenset({"name", "description", "models", "base", "lr_datasets", "auto_sb", "zero_shot",
-                               "notebooks", "numerics"})
+PROFILE_ONLY_KEYS = frozenset(
+    {"name", "description", "models", "base", "lr_datasets", "auto_sb", "zero_shot", "notebooks", "numerics"}
+)
 
 
 def _fields_in(section: str) -> dict[str, str]:
@@ -107,8 +108,14 @@ class Profile:
     def base_config(self, model: ModelEntry, **changes: Any) -> RunConfig:
         """A RunConfig with the profile's shared fields for ``model``, then ``changes``."""
         kw = dict(self.base)
-        kw.update(model=model.spec, dtype=model.dtype, device=model.device, auto_sb_step=self.auto_sb_step,
-                  auto_sb_max_evals=self.auto_sb_max_evals, auto_sb_nsamples=self.auto_sb_nsamples)
+        kw.update(
+            model=model.spec,
+            dtype=model.dtype,
+            device=model.device,
+            auto_sb_step=self.auto_sb_step,
+            auto_sb_max_evals=self.auto_sb_max_evals,
+            auto_sb_nsamples=self.auto_sb_nsamples,
+        )
         kw.update(changes)
         return RunConfig(**kw)
 
@@ -194,8 +201,11 @@ def _notebook_list(where: str, value: Any) -> tuple[str, ...]:
     out = []
     for v in value:
         nn = f"{v:02d}" if isinstance(v, int) and not isinstance(v, bool) else v
-        if not isinstance(nn, str) or not re.fullmatch(r"\d\d", nn) or (
-                PROJECT_ROOT is not None and not any((PROJECT_ROOT / "notebooks").glob(f"{nn}_*.ipynb"))):
+        if (
+            not isinstance(nn, str)
+            or not re.fullmatch(r"\d\d", nn)
+            or (PROJECT_ROOT is not None and not any((PROJECT_ROOT / "notebooks").glob(f"{nn}_*.ipynb")))
+        ):
             raise ValueError(f"{where}: {v!r} is not the number of a notebook notebooks/NN_*.ipynb")
         out.append(nn)
     return tuple(sorted(set(out)))
@@ -228,8 +238,10 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         if key not in top:
             raise ValueError(f"{name}.{key}: required key is missing")
     models = _models(name, top["models"])
-    base = {k: _check_field(f"{name}.base.{k}", k, v)
-            for k, v in _check_keys(f"{name}.base", top.get("base") or {}, BASE_KEYS).items()}
+    base = {
+        k: _check_field(f"{name}.base.{k}", k, v)
+        for k, v in _check_keys(f"{name}.base", top.get("base") or {}, BASE_KEYS).items()
+    }
     auto = top.get("auto_sb", False)
     auto_on = auto is not False and auto is not None
     auto = _check_keys(f"{name}.auto_sb", auto if isinstance(auto, Mapping) else {}, AUTO_KEYS) if auto_on else {}
@@ -245,31 +257,50 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         raise ValueError(f"{name}.numerics: {mode!r} is not one of {', '.join(NUMERICS_MODES)}")
     sb_step = top.get("sb_step", 0.02)
     if isinstance(sb_step, bool) or not isinstance(sb_step, int | float) or not MIN_STEP <= sb_step < 1:
-        raise ValueError(f"{name}.sb_step: {sb_step!r} is outside {MIN_STEP} <= sb_step < 1 (at most "
-                         f"{round(1 / MIN_STEP)} SB values per SP)")
+        raise ValueError(
+            f"{name}.sb_step: {sb_step!r} is outside {MIN_STEP} <= sb_step < 1 (at most "
+            f"{round(1 / MIN_STEP)} SB values per SP)"
+        )
     datasets = OPTIONS["cal_dataset"].choices
     profile = Profile(
-        name=name, models=models, base=tuple(sorted(base.items())),
+        name=name,
+        models=models,
+        base=tuple(sorted(base.items())),
         cal_datasets=_str_list(f"{name}.cal_datasets", top["cal_datasets"], datasets),
-        lr_datasets=_str_list(f"{name}.lr_datasets",
-                              top.get("lr_datasets", [base.get("lr_dataset", default_of("lr_dataset"))]),
-                              OPTIONS["lr_dataset"].choices),
-        sp=_fraction_list(f"{name}.sp", top["sp"]), sb_step=float(sb_step), budgets=budgets, auto_sb=auto_on,
+        lr_datasets=_str_list(
+            f"{name}.lr_datasets",
+            top.get("lr_datasets", [base.get("lr_dataset", default_of("lr_dataset"))]),
+            OPTIONS["lr_dataset"].choices,
+        ),
+        sp=_fraction_list(f"{name}.sp", top["sp"]),
+        sb_step=float(sb_step),
+        budgets=budgets,
+        auto_sb=auto_on,
         auto_sb_step=float(auto.get("step", default_of("auto_sb_step"))),
         auto_sb_max_evals=auto.get("max_evals", default_of("auto_sb_max_evals")),
         auto_sb_nsamples=auto.get("nsamples", default_of("auto_sb_nsamples")),
         auto_sb_budgets=_str_list(f"{name}.auto_sb.budgets", auto.get("budgets", list(budgets)), budgets_allowed),
         tasks=_str_list(f"{name}.zero_shot.tasks", zs.get("tasks", []), empty_ok=True),
         task_limit=zs.get("limit"),
-        zero_shot_budgets=_str_list(f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), budgets_allowed,
-                                    empty_ok=True),
-        description=desc, notebooks=_notebook_list(f"{name}.notebooks", top.get("notebooks", [])), numerics=mode)
+        zero_shot_budgets=_str_list(
+            f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), budgets_allowed, empty_ok=True
+        ),
+        description=desc,
+        notebooks=_notebook_list(f"{name}.notebooks", top.get("notebooks", [])),
+        numerics=mode,
+    )
     # Build one config of each kind so that the rules between fields are checked now, with RunConfig's messages.
     for model in profile.models:
         for cal in profile.cal_datasets:
             try:
-                profile.base_config(model, sp=profile.sp[0], sb=AUTO if profile.auto_sb else profile.sp[0],
-                                    cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit)
+                profile.base_config(
+                    model,
+                    sp=profile.sp[0],
+                    sb=AUTO if profile.auto_sb else profile.sp[0],
+                    cal_dataset=cal,
+                    tasks=profile.tasks,
+                    task_limit=profile.task_limit,
+                )
             except ValueError as e:
                 raise ValueError(f"{name}.{e}") from e
     return profile
@@ -294,8 +325,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise ValueError(f"uses a YAML alias (*{event.anchor}) at line {event.start_mark.line + 1}; profiles "
-                             "allow no anchors or aliases (write the values out)")
+            raise ValueError(
+                f"uses a YAML alias (*{event.anchor}) at line {event.start_mark.line + 1}; profiles "
+                "allow no anchors or aliases (write the values out)"
+            )
         return super().compose_node(parent, index)
 
 
@@ -318,11 +351,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
         if path.exists() and not path.is_file():
             raise ValueError(f"profile: {str(name_or_path)!r} is not a regular file")
         if not path.is_file():
-            raise ValueError(f"profile: {str(name_or_path)!r} is not a file (a shipped profile is named without "
-                             f".yaml: {', '.join(shipped_profiles())})")
+            raise ValueError(
+                f"profile: {str(name_or_path)!r} is not a file (a shipped profile is named without "
+                f".yaml: {', '.join(shipped_profiles())})"
+            )
         if path.stat().st_size > MAX_PROFILE_BYTES:
-            raise ValueError(f"profile: {path} is {path.stat().st_size} bytes; at most {MAX_PROFILE_BYTES} bytes "
-                             "are allowed")
+            raise ValueError(
+                f"profile: {path} is {path.stat().st_size} bytes; at most {MAX_PROFILE_BYTES} bytes are allowed"
+            )
         try:
             text, stem = path.read_text(encoding="utf-8"), path.stem
         except UnicodeDecodeError:
@@ -330,8 +366,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     else:
         file = _shipped().joinpath(f"{name_or_path}.yaml")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name_or_path)) or not file.is_file():
-            raise ValueError(f"profile: {str(name_or_path)!r} is neither a YAML file nor one of "
-                             f"{', '.join(shipped_profiles())}")
+            raise ValueError(
+                f"profile: {str(name_or_path)!r} is neither a YAML file nor one of {', '.join(shipped_profiles())}"
+            )
         text, stem = file.read_text(encoding="utf-8"), str(name_or_path)
     obj = _parse_yaml(text, str(name_or_path))
     if isinstance(obj, Mapping) and "name" in obj:
@@ -383,14 +420,16 @@ def best_dynamic(records: Sequence[Mapping[str, Any]], dataset: str | None = Non
         if value is None:
             continue
         key = (cfg["model"], cfg["cal_dataset"], cfg["budget"], cfg["sp"])
-        if key not in best or best_sb_key(value, cfg["sb"]) < best_sb_key(best[key]["ppl"][ds],
-                                                                          best[key]["config"]["sb"]):
+        if key not in best or best_sb_key(value, cfg["sb"]) < best_sb_key(
+            best[key]["ppl"][ds], best[key]["config"]["sb"]
+        ):
             best[key] = rec
     return best
 
 
-def zero_shot_configs(profile: Profile, records: Sequence[Mapping[str, Any]],
-                      root: str | Path | None = None) -> list[RunConfig]:
+def zero_shot_configs(
+    profile: Profile, records: Sequence[Mapping[str, Any]], root: str | Path | None = None
+) -> list[RunConfig]:
     """Zero-shot runs of the best dynamic SB per model × corpus × SP × ``zero_shot.budgets`` (sweep done first).
 
     The best SB is chosen by perplexity on the first of the profile's perplexity corpora. With ``root``, only the
@@ -401,9 +440,11 @@ def zero_shot_configs(profile: Profile, records: Sequence[Mapping[str, Any]],
         return []
     waiting: set[tuple] = set()
     if root is not None:
-        waiting = {(c.model, c.cal_dataset, c.budget, c.sp) for c in missing_runs(sweep_configs(profile), root,
-                                                                                   profile.name)
-                   if not c.dense and not c.auto_sb and not math.isclose(c.sb, c.sp)}
+        waiting = {
+            (c.model, c.cal_dataset, c.budget, c.sp)
+            for c in missing_runs(sweep_configs(profile), root, profile.name)
+            if not c.dense and not c.auto_sb and not math.isclose(c.sb, c.sp)
+        }
     out = []
     for key, rec in sorted(best_dynamic(records, profile.ppl_datasets[0]).items()):
         budget = key[2]
@@ -452,5 +493,8 @@ def is_done(cfg: RunConfig, path: str | Path) -> bool:
 
 def missing_runs(configs: Sequence[RunConfig], root: str | Path, profile: str) -> list[RunConfig]:
     """The configs with neither a finished record nor an infeasibility note under ``<root>/<profile>``."""
-    return [c for c in configs
-            if not is_done(c, result_path(c, root, profile)) and not is_done(c, infeasible_path(c, root, profile))]
+    return [
+        c
+        for c in configs
+        if not is_done(c, result_path(c, root, profile)) and not is_done(c, infeasible_path(c, root, profile))
+    ]

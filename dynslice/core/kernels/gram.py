@@ -80,8 +80,9 @@ class GramConfig:
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name}: {v} is not a power of two >= 16")
         if self.chunk_tokens < self.block_t or self.chunk_tokens % self.block_t:
-            raise ValueError(f"chunk_tokens: {self.chunk_tokens} is not a positive multiple of block_t "
-                             f"({self.block_t})")
+            raise ValueError(
+                f"chunk_tokens: {self.chunk_tokens} is not a positive multiple of block_t ({self.block_t})"
+            )
         if self.splits < 0:
             raise ValueError(f"splits: {self.splits} is outside splits >= 0")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -109,8 +110,14 @@ def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def masked_gram(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                backend: Backend = "auto", config: GramConfig | None = None) -> torch.Tensor:
+def masked_gram(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+    config: GramConfig | None = None,
+) -> torch.Tensor:
     """Add ``Σ_t x_tᵀ x_t`` over the kept tokens of ``x`` to ``out`` (float64, D×D) and return it.
 
     ``x``: (tokens, D) or (batch, seq, D), bf16/fp16/fp32 (float64 with the torch backend). ``mask``: bool or 0/1
@@ -134,11 +141,14 @@ def masked_gram(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Te
     if triton is None:
         raise ValueError("backend: 'triton' needs the triton package; install it or use backend='torch'")
     if x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} is not supported by backend='triton' (allowed: bf16, fp16, fp32); "
-                         "use backend='torch'")
+        raise ValueError(
+            f"x: dtype {x.dtype} is not supported by backend='triton' (allowed: bf16, fp16, fp32); use backend='torch'"
+        )
     if not x.is_cuda and not _interpret_mode():
-        raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
-                         "use CUDA tensors or backend='torch'")
+        raise ValueError(
+            "backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter); "
+            "use CUDA tensors or backend='torch'"
+        )
     return _gram_triton(x, keep, out, config or default_config(x.dtype))
 
 
@@ -179,8 +189,7 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"out: expected a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype != torch.float64 or tuple(out.shape) != (d, d) or out.device != x.device:
-        raise ValueError(f"out: {out.dtype} {tuple(out.shape)} on {out.device} is not float64 ({d}, {d}) "
-                         f"on {x.device}")
+        raise ValueError(f"out: {out.dtype} {tuple(out.shape)} on {out.device} is not float64 ({d}, {d}) on {x.device}")
     return out
 
 
@@ -192,8 +201,9 @@ def _flattens(x: torch.Tensor) -> bool:
     return x.dim() == 2 or x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
 
 
-def _gram_torch(x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None,
-                rows_per_chunk: int | None = None) -> torch.Tensor:
+def _gram_torch(
+    x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None, rows_per_chunk: int | None = None
+) -> torch.Tensor:
     """Float64 Gram of the kept rows, gathered ``rows_per_chunk`` at a time (default: 128 MiB of float64);
     exactly symmetric; added into ``out``."""
     d = x.shape[-1]
@@ -216,8 +226,9 @@ def _gram_torch(x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | 
     return h if out is None else out.add_(h)
 
 
-def masked_gram_fp32(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None, *,
-                     chunk_tokens: int = 4096) -> torch.Tensor:
+def masked_gram_fp32(
+    x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None, *, chunk_tokens: int = 4096
+) -> torch.Tensor:
     """Like :func:`masked_gram` with the torch backend, but each chunk of ``chunk_tokens`` kept tokens is multiplied
     in fp32 and only the chunk sums are added in float64 (what the Triton kernel does on the GPU).
 
@@ -237,7 +248,7 @@ def masked_gram_fp32(x: torch.Tensor, mask: torch.Tensor | None = None, out: tor
         flat = flat.index_select(0, keep.nonzero().squeeze(1))
     h = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for start in range(0, flat.shape[0], chunk_tokens):
-        _add_upper_gram(h, flat[start:start + chunk_tokens].to(torch.float32))
+        _add_upper_gram(h, flat[start : start + chunk_tokens].to(torch.float32))
     h = h.add_(h.T.clone()).mul_(0.5)
     return h if out is None else out.add_(h)
 
@@ -259,18 +270,37 @@ def _add_upper_gram(h: torch.Tensor, rows: torch.Tensor, panels: int = GRAM_PANE
         block = rows[:, a:b].T @ rows[:, a:]  # (b - a) × (d - a): the diagonal block and everything right of it
         h[a:b, a:].add_(block)
         if b < d:
-            h[b:, a:b].add_(block[:, b - a:].T)
+            h[b:, a:b].add_(block[:, b - a :].T)
 
 
 # --------------------------------------------------------------------------------------------------- Triton path
 
 if triton is not None:
 
-    def _masked_gram_tiles(x_ptr, keep_ptr, out_ptr, pairs_ptr, n_tokens, seq_len, d, stride_b, stride_s,
-                           stride_d, stride_split, stride_row, tokens_per_split,
-                           HAS_MASK: tl.constexpr, FLAT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                           IEEE: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    def _masked_gram_tiles(
+        x_ptr,
+        keep_ptr,
+        out_ptr,
+        pairs_ptr,
+        n_tokens,
+        seq_len,
+        d,
+        stride_b,
+        stride_s,
+        stride_d,
+        stride_split,
+        stride_row,
+        tokens_per_split,
+        HAS_MASK: tl.constexpr,
+        FLAT: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        IEEE: tl.constexpr,
+        WIDEN: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        CHUNK_BLOCKS: tl.constexpr,
+    ):
         """One (tile pair, token split) program: out[split] tile (bi, bj) and its mirror (bj, bi).
 
         Uses tl builtins only (no @jit helpers such as tl.zeros or tl.cdiv), so the interpreted variant built by
@@ -303,10 +333,12 @@ if triton is not None:
                     t_off = t64 * stride_s
                 else:
                     t_off = (t64 // seq_len) * stride_b + (t64 % seq_len) * stride_s
-                a = tl.load(x_ptr + rows[:, None] * stride_d + t_off[None, :],
-                            mask=row_ok[:, None] & t_ok[None, :], other=0.0)
-                b = tl.load(x_ptr + t_off[:, None] + cols[None, :] * stride_d,
-                            mask=t_ok[:, None] & col_ok[None, :], other=0.0)
+                a = tl.load(
+                    x_ptr + rows[:, None] * stride_d + t_off[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0.0
+                )
+                b = tl.load(
+                    x_ptr + t_off[:, None] + cols[None, :] * stride_d, mask=t_ok[:, None] & col_ok[None, :], other=0.0
+                )
                 if WIDEN:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -363,8 +395,15 @@ def _split_tokens(n_pairs: int, n_tokens: int, d: int, cfg: GramConfig, device: 
     return max(1, _cdiv(n_tokens, per_split)), per_split
 
 
-def _launch(x: torch.Tensor, keep: torch.Tensor | None, dest: torch.Tensor, pairs: torch.Tensor,
-            tokens_per_split: int, cfg: GramConfig, accumulate: bool) -> object:
+def _launch(
+    x: torch.Tensor,
+    keep: torch.Tensor | None,
+    dest: torch.Tensor,
+    pairs: torch.Tensor,
+    tokens_per_split: int,
+    cfg: GramConfig,
+    accumulate: bool,
+) -> object:
     """Run the kernel: dest (D, D) for one split, else (splits, D, D); last dim contiguous.
 
     ``accumulate``: add into dest; otherwise the kernel overwrites every element of dest (garbage allowed).
@@ -381,16 +420,34 @@ def _launch(x: torch.Tensor, keep: torch.Tensor | None, dest: torch.Tensor, pair
     # widened to fp32 first; exact, since bf16 products are exact in fp32 anyway.
     widen = interpret and x.dtype == torch.bfloat16
     return _kernel(interpret)[(pairs.numel() // 2, splits)](
-        x3, keep_u8 if keep_u8 is not None else x3, dest, pairs, n_batch * seq_len, seq_len, d,
-        stride_b, stride_s, stride_d, stride_split, dest.stride(-2), tokens_per_split,
-        HAS_MASK=keep_u8 is not None, FLAT=_flattens(x3), ACCUMULATE=accumulate,
-        IEEE=x.dtype == torch.float32 or widen, WIDEN=widen, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_T=cfg.block_t, CHUNK_BLOCKS=cfg.chunk_tokens // cfg.block_t, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        x3,
+        keep_u8 if keep_u8 is not None else x3,
+        dest,
+        pairs,
+        n_batch * seq_len,
+        seq_len,
+        d,
+        stride_b,
+        stride_s,
+        stride_d,
+        stride_split,
+        dest.stride(-2),
+        tokens_per_split,
+        HAS_MASK=keep_u8 is not None,
+        FLAT=_flattens(x3),
+        ACCUMULATE=accumulate,
+        IEEE=x.dtype == torch.float32 or widen,
+        WIDEN=widen,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_T=cfg.block_t,
+        CHUNK_BLOCKS=cfg.chunk_tokens // cfg.block_t,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
-def _gram_triton(x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None,
-                 cfg: GramConfig) -> torch.Tensor:
+def _gram_triton(x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None, cfg: GramConfig) -> torch.Tensor:
     """Kernel result added into ``out`` (written straight into it when one split suffices)."""
     d = x.shape[-1]
     pairs = _tile_pairs(d, cfg, x.device)

@@ -19,7 +19,7 @@
 # A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs 01-05, ablations runs 06 alone.
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
 # A profile with `numerics: pinned` (cpu, ablations, smoke) runs with ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT
-# ONEDNN_MAX_CPU_ISA=AVX2 exported (dynslice/numerics.py): the same bits at any thread count on one CPU kind.
+# ONEDNN_MAX_CPU_ISA=AVX2 exported (dynslice/experiment/numerics.py): the same bits at any thread count on one CPU kind.
 set -euo pipefail
 
 CALLER_PWD="$(pwd)"
@@ -137,8 +137,8 @@ if [[ "$MODE" == plan ]]; then
 fi
 # ---------------------------------------------------------------------------------------------- the run
 PROFILE_INFO="$("$PY" -c 'import sys
-from dynslice.numerics import PINNED_ENV
-from dynslice.profiles import load_profile
+from dynslice.experiment.numerics import PINNED_ENV
+from dynslice.experiment.profiles import load_profile
 try:
     p = load_profile(sys.argv[1])
 except (ValueError, OSError) as e:
@@ -150,7 +150,7 @@ NAME="${PROFILE_INFO%%$'\n'*}"
 PIN_ENV="${PROFILE_INFO#*$'\n'}"
 [[ "$PROFILE_INFO" == *$'\n'* ]] || PIN_ENV=""
 if [[ -n "$PIN_ENV" && "$MODE" != check && "$MODE" != publish ]]; then
-  # The profile's reference was computed with the CPU arithmetic pinned (dynslice/numerics.py): ATen's AVX2
+  # The profile's reference was computed with the CPU arithmetic pinned (dynslice/experiment/numerics.py): ATen's AVX2
   # kernels, MKL's strict conditional numerical reproducibility and oneDNN's AVX2 kernels. They override a user's
   # own settings of these variables, so that any thread count gives the reference's bits on the same kind of CPU.
   for kv in $PIN_ENV; do export "${kv?}"; done
@@ -159,17 +159,17 @@ fi
 RESULTS="$ROOT/$NAME"
 FIGS="$FIGURES/$NAME"
 PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"
-repro() { "$PY" -m dynslice.repro "$@"; }
+repro() { "$PY" -m dynslice.publish.repro "$@"; }
 has_reference() { [[ -d "$1/runs" || -f "$1/ablations.json" ]]; }  # sweep records or notebook 06's record
 
 if [[ "$MODE" == check ]]; then
   if ! has_reference "$PUBLISHED"; then
     echo "run_all.sh: --check-only: no published reference for profile $NAME at $PUBLISHED" >&2; exit 2
   fi
-  exec "$PY" -m dynslice.repro check "$RESULTS" "$PUBLISHED"
+  exec "$PY" -m dynslice.publish.repro check "$RESULTS" "$PUBLISHED"
 fi
 if [[ "$MODE" == publish ]]; then
-  exec "$PY" -m dynslice.repro publish "$RESULTS" "$FIGS" "$PUBLISHED"
+  exec "$PY" -m dynslice.publish.repro publish "$RESULTS" "$FIGS" "$PUBLISHED"
 fi
 # OpenMP threads that wait passively: with busy-waiting (the default), a multi-threaded eigh (SliceGPT's PCA) slows
 # down by 100x as soon as another process holds a core (measured: 10 eigh(576) took 63 s instead of 0.45 s).
@@ -206,15 +206,15 @@ if [[ "$RESUME" == 1 || -n "$ONLY" ]]; then
 else
   repro start "$RESULTS" "$NAME" --figures "$FIGS"
 fi
-# Every file the run writes under $RESULTS and $FIGS is listed here (dynslice.ownership), so that --force later
+# Every file the run writes under $RESULTS and $FIGS is listed here (dynslice.store.ownership), so that --force later
 # deletes exactly those, and no write of the run replaces a file the run did not write.
 DYNSLICE_LEDGER="$(repro ledger "$RESULTS")"
 export DYNSLICE_LEDGER
 
 # Progress bars: off where the code lets the environment decide, and the rest folded to their final line in the
-# executed copies (dynslice.notebook.tidy_streams); the sweep logs one line per run instead.
+# executed copies (dynslice.publish.notebook.tidy_streams); the sweep logs one line per run instead.
 export TQDM_DISABLE=1 TQDM_MININTERVAL=30
-export DYNSLICE_SHARD="$SHARD"  # dynslice.sweep.run_sweep runs only this shard of every list of runs
+export DYNSLICE_SHARD="$SHARD"  # the sweep command and the notebooks run only this shard of each phase (dynslice.scale.shard)
 "$PY" - "$PROFILE" "$ROOT" "$FIGURES" "$ONLY" "$RESULTS" <<'PYEOF'
 import logging
 import os
@@ -247,9 +247,9 @@ signal.signal(signal.SIGTERM, interrupted)
 import papermill as pm  # noqa: E402
 from papermill.exceptions import PapermillExecutionError  # noqa: E402
 
-from dynslice import ownership  # noqa: E402
-from dynslice.notebook import tidy_streams  # noqa: E402
-from dynslice.profiles import load_profile  # noqa: E402
+from dynslice.store import ownership  # noqa: E402
+from dynslice.publish.notebook import tidy_streams  # noqa: E402
+from dynslice.experiment.profiles import load_profile  # noqa: E402
 
 profile, root, figures, only, results = sys.argv[1:6]
 ledger = ownership.active_ledger()

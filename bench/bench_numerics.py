@@ -16,7 +16,7 @@ Three steps (each resumable; records land under ``--work``, default ``bench/.num
 
 Settings (``SETTINGS``) change only the environment: the thread count (``OMP_NUM_THREADS``), and the SIMD level of
 ATen, MKL and oneDNN (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``, ``ONEDNN_MAX_CPU_ISA``), which simulates an older or
-an AMD CPU on this one. The pins of ``dynslice.numerics.PINNED_ENV`` are removed first, so ``native`` means what a
+an AMD CPU on this one. The pins of ``dynslice.experiment.numerics.PINNED_ENV`` are removed first, so ``native`` means what a
 user gets from ``dynslice`` outside ``run_all.sh``.
 """
 
@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynslice.jsonio import read_json, write_json  # noqa: E402
-from dynslice.numerics import PINNED_ENV, cpu  # noqa: E402
+from dynslice.experiment.numerics import PINNED_ENV, cpu  # noqa: E402
+from dynslice.store.jsonio import read_json, write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "numerics_noise.json"
 PACKAGE_COPY = ROOT / "dynslice" / "measured" / "numerics_noise.json"
@@ -96,8 +96,8 @@ def env_for(setting: dict[str, str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------- run
 def worker(folder: Path) -> None:
     """Recompute :data:`SUBSET` into ``folder/cpu`` with this process's arithmetic (called in a subprocess)."""
-    from dynslice.profiles import load_profile, run_name, sweep_configs
-    from dynslice.sweep import run_sweep
+    from dynslice.experiment.profiles import load_profile, run_name, sweep_configs
+    from dynslice.experiment.sweep import run_sweep
 
     profile = load_profile(PROFILE)
     configs = [c for c in sweep_configs(profile) if run_name(c) in SUBSET]
@@ -127,10 +127,11 @@ def run_settings(names: list[str], work: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- analyze
 def numbers_of(folder: Path, work: Path) -> dict[str, tuple[str, float]]:
     """The check's numbers of ``folder`` (a ``<root>/cpu`` folder) over :data:`SUBSET`, headline rows included."""
-    from dynslice import repro
-    from dynslice.config import RunConfig
-    from dynslice.profiles import run_name
-    from dynslice.report import load_records, records_frame, write_tables
+    from dynslice.experiment.config import RunConfig
+    from dynslice.experiment.profiles import run_name
+    from dynslice.publish import repro
+    from dynslice.publish.report import records_frame, write_tables
+    from dynslice.store.records import load_records
 
     sub = work / "subsets" / f"{folder.parent.name}-{folder.name}"
     if sub.exists():
@@ -286,7 +287,7 @@ PLANT_RUNS = ("sp0.30-sb0.10-width-calwiki", "sp0.30-sb0.10-params-calwiki")
 def plants(work: Path) -> dict:
     """Recompute :data:`PLANT_RUNS` with each plant (pinned), then check each against the honest recomputation
     under both regimes: which numbers fail, and by how much the perplexities moved."""
-    from dynslice import repro
+    from dynslice.publish import repro
 
     root = work / "plants"
     subprocess.run(

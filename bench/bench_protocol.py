@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from dynslice.config import RunConfig
-from dynslice.jsonio import write_json
-from dynslice.pipeline import Workbench, run, versions
-from dynslice.protocol import differences
+from dynslice.experiment.config import RunConfig
+from dynslice.experiment.pipeline import Workbench, run, versions
+from dynslice.experiment.protocol import differences
+from dynslice.store.jsonio import write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "protocol_smollm2.json"
 SP = 0.3
@@ -49,7 +49,7 @@ PPL = {
     "slicegpt": {"ppl_max_chunks": 8, "ppl_nsamples": None},
     "documents": {"ppl_max_chunks": None, "ppl_nsamples": 8},
 }
-#: One switch per deviation (keys match dynslice.protocol.DEVIATIONS' ``effect``).
+#: One switch per deviation (keys match dynslice.experiment.protocol.DEVIATIONS' ``effect``).
 SWITCHES = {
     "lr_data": {"lr_split": "validation", "lr_sampler": "sliding", "lr_seqlen": 1024, "lr_stride": 256},
     "lr_last_layer": {

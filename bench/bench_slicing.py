@@ -46,9 +46,9 @@ from dynslice.core.allocate import allocate, constant_width
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.params import ArchDims, dense_params, sliced_params
 from dynslice.core.slicing import slice_model
-from dynslice.data import calibration_batch
-from dynslice.jsonio import write_json
-from dynslice.models import load
+from dynslice.measure.data import calibration_batch
+from dynslice.store.jsonio import write_json
+from dynslice.store.models import load
 
 MODEL = "smollm2-135m"
 DATASET = "wiki"

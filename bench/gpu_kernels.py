@@ -12,7 +12,7 @@ On a CUDA machine (budget: well under 8 minutes on one H200)::
 3. sweeps a few Triton launch configurations for bf16 and records register/spill counts.
 
 ``--cpu`` is a smoke check of the same script on CPU: the torch fallback and today's way at a small size.
-Every section is seeded; the JSON is written with ``dynslice.jsonio.write_json``.
+Every section is seeded; the JSON is written with ``dynslice.store.jsonio.write_json``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from dynslice.core.kernels import GramConfig, default_config, masked_gram, triton_available
 from dynslice.core.kernels import gram as gram_mod
-from dynslice.jsonio import write_json
+from dynslice.store.jsonio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 7 * 60  # stop starting new sections after this (the whole run must finish within 8 minutes)

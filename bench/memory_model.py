@@ -2,9 +2,9 @@
 
 For each config (Llama-3-8B and Mistral-7B shapes with the layer count cut, plus scaled-down variants used by the
 tests), a random-init model is saved as safetensors, then sliced in a fresh subprocess, once in RAM
-(``from_pretrained`` + :func:`dynslice.core.slicing.slice_model` + :func:`dynslice.io.save_sliced`) and once streaming
-(:func:`dynslice.stream.slice_streaming`). The subprocess reports its peak RSS (VmHWM) minus its RSS once everything is
-imported; :func:`dynslice.memory.predict` (``weights="mapped"``: the checkpoint is loaded in its own dtype) gives the
+(``from_pretrained`` + :func:`dynslice.core.slicing.slice_model` + :func:`dynslice.store.io.save_sliced`) and once streaming
+(:func:`dynslice.store.stream.slice_streaming`). The subprocess reports its peak RSS (VmHWM) minus its RSS once everything is
+imported; :func:`dynslice.store.memory.predict` (``weights="mapped"``: the checkpoint is loaded in its own dtype) gives the
 prediction. The peak of one run varies by about ±10% on the reduced shapes (glibc reuses freed heap blocks in an
 order that differs from run to run), so each mode runs ``--repeats`` times and the median is compared; every run's
 peak is recorded. Also recorded: wall times (streaming vs in-RAM), logits agreement of the two outputs, and the ratio
@@ -104,7 +104,7 @@ import json, os, resource, sys, time
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
-import dynslice.core.slicing, dynslice.stream, dynslice.io
+import dynslice.core.slicing, dynslice.store.stream, dynslice.store.io
 import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
@@ -119,13 +119,13 @@ base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZ
 t = time.perf_counter()
 device = a.get("device", "cpu")
 if a["mode"] == "stream":
-    info = dynslice.stream.slice_streaming(a["src"], cal, a["widths"], a["out"], dtype=a["dtype"], progress=False,
+    info = dynslice.store.stream.slice_streaming(a["src"], cal, a["widths"], a["out"], dtype=a["dtype"], progress=False,
                                            batch_size=a["batch_size"], device=device)
 else:
     model = AutoModelForCausalLM.from_pretrained(a["src"], dtype=dtype).to(device)
     info = dynslice.core.slicing.slice_model(model, cal, a["widths"], progress=False,
                                         batch_size=a["batch_size"]).dynslice_info
-    dynslice.io.save_sliced(model, a["out"], a["src"])
+    dynslice.store.io.save_sliced(model, a["out"], a["src"])
 if device != "cpu":
     torch.cuda.synchronize()
 wall = time.perf_counter() - t
@@ -226,7 +226,7 @@ def compare(
     logits compared when both modes ran."""
     from transformers import AutoConfig
 
-    from dynslice.memory import Shapes, _round_down, predict
+    from dynslice.store.memory import Shapes, _round_down, predict
 
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} is outside repeats >= 1")
@@ -275,7 +275,7 @@ def compare(
 def _logits_diff(a: Path, b: Path, vocab: int) -> float:
     import torch
 
-    from dynslice.io import load_sliced
+    from dynslice.store.io import load_sliced
 
     ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(5))
     la = load_sliced(a)(input_ids=ids).logits.float()
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
-    from dynslice.jsonio import write_json
+    from dynslice.store.jsonio import write_json
 
     rows = []
     for name in a.configs:

@@ -1,5 +1,5 @@
 """The paper's setting at full size on one GPU: slice a random-init Llama-3-8B-shaped model (32 layers, bf16) at
-SP 0.3 with 128 × 2048 calibration tokens, and compare memory and speed with :mod:`dynslice.memory`'s predictions.
+SP 0.3 with 128 × 2048 calibration tokens, and compare memory and speed with :mod:`dynslice.store.memory`'s predictions.
 
 Steps (each slicing run in a fresh subprocess, so that its peaks are its own):
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_model as mm
 import torch
 
-from dynslice.jsonio import write_json
-from dynslice.memory import Shapes, _round_down, predict
+from dynslice.store.jsonio import write_json
+from dynslice.store.memory import Shapes, _round_down, predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,7 +45,7 @@ def decode_tokens_per_s(
     """Greedy decode speed (tokens/s, batch 1, KV cache) of the model saved in ``folder``."""
     from transformers import AutoModelForCausalLM
 
-    from dynslice.io import load_sliced
+    from dynslice.store.io import load_sliced
 
     model = (
         load_sliced(folder, dtype=dtype, device=device)

@@ -6,12 +6,12 @@ catches. Each plant is a small change a bug could make; ``none`` plants nothing 
 * ``lr``: the LR score of one layer (the middle one) is raised by a tenth of the score range;
 * ``seed``: the calibration windows are drawn with seed + 1.
 
-Every recomputed run goes through the one pipeline (:func:`dynslice.sweep.run_sweep`), so the records and the
+Every recomputed run goes through the one pipeline (:func:`dynslice.experiment.sweep.run_sweep`), so the records and the
 tables (``headline.json``) have the published layout: ``<root>/<plant>/<profile>/{runs,headline.json,...}``.
 
     python bench/plants.py PROFILE ROOT [--runs NAME ...] [--plants none width sb lr seed]
 
-Run it with the profile's numerics (``dynslice.numerics.PINNED_ENV`` in the environment for a pinned profile);
+Run it with the profile's numerics (``dynslice.experiment.numerics.PINNED_ENV`` in the environment for a pinned profile);
 ``tests/test_repro.py`` runs it on the smoke profile, ``bench/bench_numerics.py plants`` on the cpu profile.
 """
 
@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dynslice import pipeline  # noqa: E402
-from dynslice.config import RunConfig  # noqa: E402
-from dynslice.profiles import load_profile, run_name, sweep_configs  # noqa: E402
-from dynslice.report import load_records, records_frame, write_tables  # noqa: E402
-from dynslice.sweep import run_sweep  # noqa: E402
+from dynslice.experiment import pipeline  # noqa: E402
+from dynslice.experiment.config import RunConfig  # noqa: E402
+from dynslice.experiment.profiles import load_profile, run_name, sweep_configs  # noqa: E402
+from dynslice.experiment.sweep import run_sweep  # noqa: E402
+from dynslice.publish.report import records_frame, write_tables  # noqa: E402
+from dynslice.store.records import load_records  # noqa: E402
 
 PLANTS = ("none", "width", "sb", "lr", "seed")
 

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dynslice.paths import configure_hf_cache
+from dynslice.store.paths import configure_hf_cache
 
 if TYPE_CHECKING:
-    from dynslice.config import RunConfig
+    from dynslice.experiment.config import RunConfig
 
 #: Marks a flag whose default is its RunConfig field's (or its protocol's).
 _FIELD_DEFAULT = object()
@@ -67,7 +67,7 @@ def _finite(text: str) -> float:
 
 def _number_or_auto(text: str) -> float | str:
     """argparse type of ``--sb``: a finite number, or ``auto``."""
-    from dynslice.config import AUTO
+    from dynslice.experiment.config import AUTO
 
     if text == AUTO:
         return AUTO
@@ -79,7 +79,7 @@ def _number_or_auto(text: str) -> float | str:
 
 def _default_text(name: str) -> str:
     """A field's default as ``--help`` shows it: its value, or each protocol's for a protocol setting."""
-    from dynslice.config import PROTOCOL_SETTINGS, PROTOCOLS, default_of
+    from dynslice.experiment.config import PROTOCOL_SETTINGS, PROTOCOLS, default_of
 
     if name in PROTOCOL_SETTINGS:
         return "the protocol's: " + ", ".join(f"{v} ({p})" for p, v in zip(PROTOCOLS, PROTOCOL_SETTINGS[name]))
@@ -89,14 +89,14 @@ def _default_text(name: str) -> str:
 
 def _field_arg(p, name: str, *flags: str, default: object = _FIELD_DEFAULT, **overrides) -> None:
     """Add RunConfig field ``name`` to ``p`` with the type, choices, default and help of its
-    :class:`~dynslice.config.Option`.
+    :class:`~dynslice.experiment.config.Option`.
 
     Without ``flags`` the field's own spellings are used and the value lands in ``args.<name>``; with ``flags``
     (another command's spelling, e.g. ``lr --dataset`` for ``lr_dataset``) argparse names it after the flag.
     ``default=argparse.SUPPRESS`` leaves an absent flag out of the namespace, so that RunConfig's own default (or
     the protocol's) applies. ``overrides`` replace any argparse keyword (``type``, ``help``, ``required``, ...).
     """
-    from dynslice.config import OPTIONS, default_of
+    from dynslice.experiment.config import OPTIONS, default_of
 
     opt = OPTIONS[name]
     to_config = default is argparse.SUPPRESS  # the value goes to a RunConfig, which fills what is absent
@@ -143,7 +143,7 @@ RUN_REQUIRED = ("model", "sp", "sb", "out")
 def _run_args(p: argparse.ArgumentParser) -> None:
     """Every RunConfig field as a flag of ``dynslice run`` (absent flags keep the field's default), or
     ``--profile`` to run every run of a profile (as ``dynslice sweep``)."""
-    from dynslice.config import OPTIONS
+    from dynslice.experiment.config import OPTIONS
 
     for name in OPTIONS:
         _field_arg(p, name, default=argparse.SUPPRESS)
@@ -301,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _profile_names() -> str:
-    from dynslice.profiles import shipped_profiles
+    from dynslice.experiment.profiles import shipped_profiles
 
     return ", ".join(shipped_profiles())
 
@@ -315,7 +315,7 @@ def _read_widths(spec: str) -> list[int]:
     """``--widths``: a JSON list, or a file holding one (bare, or under ``"widths"`` as `allocate` writes it)."""
     import json
 
-    from dynslice.jsonio import read_json
+    from dynslice.store.jsonio import read_json
 
     text = spec.strip()
     if text.startswith("["):
@@ -329,7 +329,7 @@ def _read_widths(spec: str) -> list[int]:
             raise ValueError(f"widths: {text[:60]!r} is not a JSON list of integers ({e})") from None
         where = "the --widths list"
     else:
-        from dynslice.io import MAX_LR_BYTES
+        from dynslice.store.records import MAX_LR_BYTES
 
         obj = read_json(spec, max_bytes=MAX_LR_BYTES)
         where = spec
@@ -350,13 +350,13 @@ def _read_widths(spec: str) -> list[int]:
 
 def _check_model(command: str, model: str, dtype: str, device: str, *, dense: bool) -> None:
     """Validate ``--model``, ``--dtype`` and ``--device`` before any work; ``dense`` refuses sliced models."""
-    from dynslice.models import parse_device, parse_dtype, resolve_spec
+    from dynslice.store.models import parse_device, parse_dtype, resolve_spec
 
     parse_dtype(dtype)
     parse_device(device)
     r = resolve_spec(model)
     if dense and r.kind == "sliced":
-        from dynslice.io import read_sliced_meta
+        from dynslice.store.io import read_sliced_meta
 
         base = read_sliced_meta(r.location)["base_model"]
         raise ValueError(
@@ -385,8 +385,8 @@ def _check_lr_fits(a: argparse.Namespace, redundancy, dims) -> None:
 
 def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets: str) -> None:
     """Dataset and task names, checked before any model is loaded."""
-    from dynslice.config import DATASETS
-    from dynslice.evaluate import METRIC
+    from dynslice.experiment.config import DATASETS
+    from dynslice.measure.evaluate import METRIC
 
     for param, name in datasets.items():
         if name not in DATASETS:
@@ -400,12 +400,12 @@ def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets:
 
 
 def _cmd_lr(a: argparse.Namespace) -> None:
-    from dynslice import data
     from dynslice.core.adapters import get_adapter
     from dynslice.core.lr import layer_redundancy
-    from dynslice.jsonio import write_json
-    from dynslice.models import load_model, load_tokenizer
-    from dynslice.outputs import check_json_out
+    from dynslice.measure import data
+    from dynslice.store.jsonio import write_json
+    from dynslice.store.models import load_model, load_tokenizer
+    from dynslice.store.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     _check_names(dataset=a.dataset)
@@ -436,15 +436,15 @@ def _cmd_lr(a: argparse.Namespace) -> None:
 def _cmd_allocate(a: argparse.Namespace) -> None:
     from dynslice.core.allocate import allocate
     from dynslice.core.params import ArchDims
-    from dynslice.io import read_lr
-    from dynslice.jsonio import write_json
-    from dynslice.outputs import check_json_out
+    from dynslice.store.jsonio import write_json
+    from dynslice.store.outputs import check_json_out
+    from dynslice.store.records import read_lr
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     lr = read_lr(a.lr, a.lr_metric)
     dims = None
     if a.model is not None:
-        from dynslice.models import load_model
+        from dynslice.store.models import load_model
 
         dims = ArchDims.from_config(load_model(a.model).config)
     elif a.budget == "params":
@@ -472,14 +472,15 @@ def _cmd_allocate(a: argparse.Namespace) -> None:
 
 
 def _cmd_slice(a: argparse.Namespace) -> None:
-    from dynslice import data
     from dynslice.core.allocate import _check_sp_sb, allocate, redundancy_scores
     from dynslice.core.lr import layer_redundancy
     from dynslice.core.params import ArchDims, validate_widths
     from dynslice.core.slicing import slice_model
-    from dynslice.io import read_lr, save_sliced
-    from dynslice.models import load_model, load_tokenizer
-    from dynslice.outputs import check_model_out
+    from dynslice.measure import data
+    from dynslice.store.io import save_sliced
+    from dynslice.store.models import load_model, load_tokenizer
+    from dynslice.store.outputs import check_model_out
+    from dynslice.store.records import read_lr
 
     out = check_model_out(a.out, overwrite=a.overwrite)
     widths = None
@@ -545,18 +546,18 @@ def _cmd_slice(a: argparse.Namespace) -> None:
 
 def _config_from(a: argparse.Namespace, **fixed) -> RunConfig:
     """The RunConfig of the fields in ``a`` (flags made by :func:`_field_arg`), then ``fixed``."""
-    from dynslice.config import OPTIONS, RunConfig
+    from dynslice.experiment.config import OPTIONS, RunConfig
 
     return RunConfig(**{**{k: v for k, v in vars(a).items() if k in OPTIONS}, **fixed})
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from dynslice.core.adapters import count_parameters
-    from dynslice.jsonio import write_json
-    from dynslice.models import load_model, load_tokenizer
-    from dynslice.numerics import describe as describe_numerics
-    from dynslice.outputs import check_json_out
-    from dynslice.pipeline import evaluate_model, versions
+    from dynslice.experiment.numerics import describe as describe_numerics
+    from dynslice.experiment.pipeline import evaluate_model, versions
+    from dynslice.store.jsonio import write_json
+    from dynslice.store.models import load_model, load_tokenizer
+    from dynslice.store.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
     _check_names(ppl=a.ppl_datasets, tasks=a.tasks)
@@ -592,17 +593,17 @@ def _cmd_run(a: argparse.Namespace) -> None:
                 f"profile: --profile runs every run of the profile; leave out "
                 f"{', '.join('--' + k.replace('_', '-') for k in given)}"
             )
-        from dynslice.profiles import load_profile
+        from dynslice.experiment.profiles import load_profile
 
         _run_profile(a.command, load_profile(a.profile), a.root, "all", None, a.force)
         return
     missing = [f"--{k}" for k in RUN_REQUIRED if k not in vars(a)]
     if missing:
         raise ValueError(f"run: {', '.join(missing)} required (or --profile NAME to run a whole profile)")
-    from dynslice.jsonio import read_json
-    from dynslice.models import load_model, load_tokenizer
-    from dynslice.outputs import check_json_out, check_model_out, is_dynslice_record
-    from dynslice.pipeline import Workbench, run
+    from dynslice.experiment.pipeline import Workbench, run
+    from dynslice.store.jsonio import read_json
+    from dynslice.store.models import load_model, load_tokenizer
+    from dynslice.store.outputs import check_json_out, check_model_out, is_dynslice_record
 
     cfg = _config_from(a)
     out = Path(a.out) if a.out and a.out.strip() else None
@@ -630,7 +631,7 @@ def _config_of(spec: str):
     """The model config of a spec, read without the weights (a folder with just config.json is enough)."""
     from transformers import AutoConfig
 
-    from dynslice.models import resolve_spec, tiny_random_model
+    from dynslice.store.models import resolve_spec, tiny_random_model
 
     r = resolve_spec(spec)
     if r.kind == "sliced":
@@ -653,9 +654,9 @@ def _memory_plan(
 ):
     import torch
 
-    from dynslice.memory import GIB, Shapes, plan
-    from dynslice.models import resolve_spec
-    from dynslice.stream import is_streamable
+    from dynslice.store.memory import GIB, Shapes, plan
+    from dynslice.store.models import resolve_spec
+    from dynslice.store.stream import is_streamable
 
     try:
         dev_type = torch.device(a.device).type  # a plan may be made for a GPU this machine does not have
@@ -708,11 +709,11 @@ def _slice_plan(a: argparse.Namespace):
 
 def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy, placement) -> None:
     """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
-    from dynslice import data
     from dynslice.core.allocate import _check_sp_sb, allocate
     from dynslice.core.params import ArchDims, validate_widths
-    from dynslice.models import load_tokenizer, resolve_spec
-    from dynslice.stream import slice_streaming
+    from dynslice.measure import data
+    from dynslice.store.models import load_tokenizer, resolve_spec
+    from dynslice.store.stream import slice_streaming
 
     r = resolve_spec(a.model)
     config = _config_of(a.model)
@@ -769,13 +770,13 @@ def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
-    from dynslice.jsonio import write_json
-    from dynslice.outputs import check_json_out
+    from dynslice.store.jsonio import write_json
+    from dynslice.store.outputs import check_json_out
 
     if a.out:
         check_json_out(a.out, overwrite=a.overwrite)
     if a.profile is not None:
-        from dynslice.cost import describe, profile_plan
+        from dynslice.scale.cost import describe, profile_plan
 
         plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops)
         print(describe(plan, list_runs=a.list))
@@ -801,12 +802,12 @@ def _cmd_plan(a: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(a: argparse.Namespace) -> None:
-    from dynslice.profiles import load_profile, run_name
-    from dynslice.shard import parse_shard
-    from dynslice.sweep import missing_text, profile_missing
+    from dynslice.experiment.profiles import load_profile, run_name
+    from dynslice.experiment.sweep import missing_text, profile_missing
+    from dynslice.scale.shard import parse_shard, shard_from_env
 
     profile = load_profile(a.profile)
-    shard = parse_shard(a.shard) if a.shard is not None else None
+    shard = parse_shard(a.shard) if a.shard is not None else shard_from_env()
     if a.missing:
         missing, total = profile_missing(profile, a.root)
         print(missing_text(missing, total))
@@ -818,8 +819,9 @@ def _cmd_sweep(a: argparse.Namespace) -> None:
 
 def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int, int] | None, force: bool) -> None:
     """Run ``phase`` of a loaded profile (``dynslice sweep``, ``dynslice run --profile``); name infeasible runs."""
-    from dynslice.numerics import PINNED_ENV, is_pinned
-    from dynslice.sweep import run_phase
+    from dynslice.experiment.numerics import PINNED_ENV, is_pinned
+    from dynslice.experiment.sweep import run_phase
+    from dynslice.scale.shard import picker
 
     if profile.numerics == "pinned" and not is_pinned():
         print(
@@ -828,7 +830,7 @@ def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int,
             "run_all.sh does), so its records are checked with the measured tolerances, not bit for bit",
             file=sys.stderr,
         )
-    results = run_phase(profile, root, phase, shard=shard, force=force)
+    results = run_phase(profile, root, phase, pick=picker(shard), force=force)
     if any(r.infeasible for r in results):
         print(
             f"dynslice {command}: {sum(len(r.infeasible) for r in results)} runs are infeasible (noted under "
@@ -838,7 +840,7 @@ def _run_profile(command: str, profile, root: str, phase: str, shard: tuple[int,
 
 
 def _cmd_launch(a: argparse.Namespace) -> None:
-    from dynslice.launch import launch, parse_gpus
+    from dynslice.scale.launch import launch, parse_gpus
 
     gpus = parse_gpus(a.gpus) if a.gpus is not None else None
     if launch(a.profile, a.root, gpus=gpus, processes=a.processes) != 0:
@@ -846,7 +848,7 @@ def _cmd_launch(a: argparse.Namespace) -> None:
 
 
 def _cmd_submit(a: argparse.Namespace) -> None:
-    from dynslice.cluster import submit
+    from dynslice.scale.cluster import submit
 
     params: dict = {"timeout_min": a.timeout_min, "cpus_per_task": a.cpus_per_task, "mem_gb": a.mem_gb}
     if a.cluster != "local":
@@ -926,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        from dynslice import outputs
+        from dynslice.store import outputs
 
         outputs.release_claims()
     if getattr(args, "out", None):

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from dynslice.paths import configure_hf_cache
+from dynslice.store.paths import configure_hf_cache
 
 configure_hf_cache()
 
@@ -94,7 +94,7 @@ def tiny_arch(request) -> str:
 @pytest.fixture(scope="session")
 def smol():
     """``(model, tokenizer)`` of the embedded SmolLM2-135M, fp32 on CPU. Loaded once per session."""
-    from dynslice.models import load
+    from dynslice.store.models import load
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load("smollm2-135m", dtype="fp32", device="cpu")
@@ -103,6 +103,6 @@ def smol():
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The SmolLM2 tokenizer alone."""
-    from dynslice.models import load_tokenizer
+    from dynslice.store.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")

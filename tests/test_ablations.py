@@ -14,14 +14,17 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_model
 
-from dynslice import ablations as A
-from dynslice import data
 from dynslice.core.allocate import allocate, constant_width
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.params import ArchDims, sliced_params
-from dynslice.evaluate import perplexity
-from dynslice.jsonio import read_json, write_json
-from dynslice.paths import PROJECT_ROOT
+from dynslice.experiment import ablations as A
+from dynslice.experiment import statistics as ST
+from dynslice.experiment.profiles import ablation as AB
+from dynslice.measure import data
+from dynslice.measure.evaluate import perplexity
+from dynslice.publish import ablations as PA
+from dynslice.store.jsonio import read_json, write_json
+from dynslice.store.paths import PROJECT_ROOT
 
 LR = [0.0, 0.9, 0.8, 1.0, 0.85, 0.95, 0.7, 0.5]  # normalised, layer 0 least redundant (as on SmolLM2)
 
@@ -47,7 +50,7 @@ def dims() -> ArchDims:
 @pytest.fixture(scope="module")
 def allocs(dims):
     vecs = A.score_vectors({"cosine": LR}, permutations=5, seed=0)
-    return A.allocations(vecs, 0.3, 0.0, dims, A.BUDGETS, round_interval=8)
+    return A.allocations(vecs, 0.3, 0.0, dims, AB.BUDGETS, round_interval=8)
 
 
 def _one_step(dims, widths, ri=8) -> int:
@@ -82,7 +85,7 @@ def test_width_budget_keeps_the_mean_width(dims, allocs):
 
 
 def test_first_layer_only_slices_layer0_at_sb_and_the_rest_equally(dims, allocs):
-    for budget in A.BUDGETS:
+    for budget in AB.BUDGETS:
         alloc = allocs[("first_layer", budget)]
         assert alloc.fractions[0] == pytest.approx(0.0)
         assert alloc.widths[0] == dims.hidden
@@ -155,29 +158,29 @@ def test_statistics():
     from scipy import stats
 
     a, b = [3.0, 3.2, 3.1, 3.4], [3.3, 3.4, 3.3, 3.9]
-    t = A.paired_t(a, b)
+    t = ST.paired_t(a, b)
     ref = stats.ttest_rel(a, b)
     assert t["t"] == pytest.approx(ref.statistic) and t["p"] == pytest.approx(ref.pvalue)
-    assert A.paired_t([1.0], [2.0])["p"] is None
+    assert ST.paired_t([1.0], [2.0])["p"] is None
     rng = np.random.default_rng(0)
     base = rng.uniform(500, 700, size=(3, 16))
-    same = A.bootstrap_gap(base, base, 255, 500, 0)
+    same = ST.bootstrap_gap(base, base, 255, 500, 0)
     assert same["change"] == 0 and same["ci95"] == [0.0, 0.0]
-    better = A.bootstrap_gap(base - 20, base, 255, 500, 0)  # lower NLL on every chunk
+    better = ST.bootstrap_gap(base - 20, base, 255, 500, 0)  # lower NLL on every chunk
     assert better["ci95"][1] < 0 and better["p_no_gain"] == 0
     assert better["change"] == pytest.approx(math.expm1(-20 * 16 / (16 * 255)))
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="sb"):
-        A.AblationConfig(sp=(0.3,), sb=0.3)
+        AB.AblationConfig(sp=(0.3,), sb=0.3)
     with pytest.raises(ValueError, match="unknown"):
-        A.AblationConfig.from_dict({"spp": [0.3]})
+        AB.AblationConfig.from_dict({"spp": [0.3]})
     with pytest.raises(ValueError, match="permutations"):
-        A.AblationConfig(permutations=0)
-    cfg = A.load_config(A.settings_path(), "ablations")
-    assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(A.BUDGETS)
-    assert A.load_config(A.settings_path(), "no-such-profile") is None
+        AB.AblationConfig(permutations=0)
+    cfg = AB.load_config(AB.settings_path(), "ablations")
+    assert cfg.seeds >= 3 and cfg.permutations >= 5 and set(cfg.budgets) == set(AB.BUDGETS)
+    assert AB.load_config(AB.settings_path(), "no-such-profile") is None
 
 
 TINY = {
@@ -196,11 +199,11 @@ TINY = {
 
 
 def test_full_tiny_run_writes_a_valid_record(tmp_path):
-    cfg = A.AblationConfig(**TINY)
+    cfg = AB.AblationConfig(**TINY)
     out = tmp_path / "ablations.json"
     rec = A.run(cfg, out, progress=False)
     disk = read_json(out)
-    assert disk["config"] == cfg.to_json() and disk["answer"] == rec["answer"] and rec["answer"]
+    assert disk["config"] == cfg.to_json() and PA.answer(disk) == PA.answer(rec) and PA.answer(rec)
     rows = [r for r in disk["rows"] if not r.get("infeasible")]
     methods = {r["method"] for r in rows}
     assert {"dense", "constant", "lr", "bi", "angular", "shuffled", "shortgpt"} <= methods
@@ -222,9 +225,9 @@ def test_full_tiny_run_writes_a_valid_record(tmp_path):
     # a second call with the same config returns the record on disk without recomputing
     mtime = out.stat().st_mtime_ns
     assert A.run(cfg, out, progress=False)["rows"] == disk["rows"] and out.stat().st_mtime_ns == mtime
-    md, tex = A.write_tables(disk, tmp_path / "tables" / "ablations")
+    md, tex = PA.write_tables(disk, tmp_path / "tables" / "ablations")
     assert "shuffled LR" in md.read_text() and r"\begin{tabular}" in tex.read_text()
-    A.figure(disk).savefig(tmp_path / "ablations.pdf")
+    PA.figure(disk).savefig(tmp_path / "ablations.pdf")
     assert (tmp_path / "ablations.pdf").stat().st_size > 1000
 
 
@@ -263,13 +266,13 @@ def test_run_all_only_06_on_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rec = read_json(tmp_path / "r" / "smoke" / "ablations.json")
-    assert rec["answer"] and rec["summary"]
+    assert PA.answer(rec) and rec["summary"]
     assert (tmp_path / "r" / "smoke" / "tables" / "ablations.md").is_file()
     assert (tmp_path / "f" / "smoke" / "ablations.pdf").is_file()
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    cfg = A.AblationConfig(**{**TINY, "permutations": 1, "seeds": 2, "budgets": ("params",)})
+    cfg = AB.AblationConfig(**{**TINY, "permutations": 1, "seeds": 2, "budgets": ("params",)})
     out = tmp_path / "ablations.json"
     real = A._Context.sliced_eval
     calls = {"n": 0}
@@ -299,12 +302,12 @@ REDUCED = PROJECT_ROOT / "bench" / "results" / "ablations_reduced_smollm2.json"
 
 
 def test_profiles_choose_their_notebooks(tmp_path):
-    from dynslice.profiles import load_profile
+    from dynslice.experiment.profiles import load_profile
 
     assert load_profile("ablations").notebooks == ("06",)
     assert not load_profile("cpu").runs_notebook("06_ablations") and load_profile("cpu").runs_notebook("05_x")
     assert load_profile("smoke").runs_notebook("06_ablations")  # no notebooks key: every notebook
-    assert A.load_config(A.settings_path(), "cpu") is None  # the full run lives in the ablations profile only
+    assert AB.load_config(AB.settings_path(), "cpu") is None  # the full run lives in the ablations profile only
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nmodels: [tiny-random]\ncal_datasets: [wiki]\nsp: [0.3]\nnotebooks: ['6a']\n")
     with pytest.raises(ValueError, match=r"bad\.notebooks: '6a'"):
@@ -313,7 +316,7 @@ def test_profiles_choose_their_notebooks(tmp_path):
 
 def test_answer_compares_single_seed_methods_with_seed_0():
     record = read_json(REDUCED)
-    text = A.answer(record)
+    text = PA.answer(record)
     seed0 = {
         r["method"]: r["ppl"]["wiki"]
         for r in record["rows"]
@@ -328,7 +331,7 @@ def test_answer_compares_single_seed_methods_with_seed_0():
 
 
 def test_repro_checks_an_ablations_record(tmp_path, capsys):
-    from dynslice import repro
+    from dynslice.publish import repro
 
     pub, res = tmp_path / "pub", tmp_path / "res"
     for folder in (pub, res):
@@ -350,7 +353,8 @@ def test_run_all_runs_only_the_profiles_notebooks(tmp_path):
     """A profile with `notebooks: ["06"]` (smoke's tiny settings) runs notebook 06 alone, then skips the check."""
     env = {**os.environ, "DYNSLICE_PYTHON": sys.executable}
     prof = tmp_path / "smoke06.yaml"
-    prof.write_text((PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text() + '\nnotebooks: ["06"]\n')
+    smoke = PROJECT_ROOT / "dynslice" / "experiment" / "profiles" / "smoke.yaml"
+    prof.write_text(smoke.read_text() + '\nnotebooks: ["06"]\n')
     args = [
         str(PROJECT_ROOT / "run_all.sh"),
         "--profile",

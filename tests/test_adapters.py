@@ -107,7 +107,7 @@ def test_qwen3_rotation_without_slicing_is_exact(tied):
 def test_qwen3_sliced_saves_reloads_and_counts(tmp_path, tied):
     """A sliced Qwen3 reloads to identical logits, and the parameter formulas (q/k norms: 2·head_dim per layer)
     give the real dense and sliced counts."""
-    from dynslice.io import load_sliced, read_sliced_meta, save_sliced
+    from dynslice.store.io import load_sliced, read_sliced_meta, save_sliced
 
     model = make_tiny_model("qwen3", tied=tied)
     dims = ArchDims.from_config(model.config)
@@ -126,8 +126,8 @@ def test_qwen3_sliced_saves_reloads_and_counts(tmp_path, tied):
 
 def test_qwen3_streaming_equals_in_ram(tmp_path):
     """Streaming reads a Qwen3 checkpoint's layers (q/k norms included) by the adapter's key names."""
-    from dynslice.io import load_sliced, save_sliced
-    from dynslice.stream import slice_streaming
+    from dynslice.store.io import load_sliced, save_sliced
+    from dynslice.store.stream import slice_streaming
 
     model = make_tiny_model("qwen3", tied=False)
     batch = make_batch()

@@ -21,8 +21,8 @@ from dynslice.core.allocate import (
     slice_fractions,
 )
 from dynslice.core.params import ArchDims, sliced_params, sliced_params_continuous
-from dynslice.io import load_lr
-from dynslice.jsonio import write_json
+from dynslice.store.jsonio import write_json
+from dynslice.store.records import load_lr
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -20,9 +20,9 @@ import jsonschema
 import nbformat
 import pytest
 
-from dynslice.jsonio import read_json
-from dynslice.paths import PROJECT_ROOT
-from dynslice.profiles import load_profile, sweep_configs
+from dynslice.experiment.profiles import load_profile, sweep_configs
+from dynslice.store.jsonio import read_json
+from dynslice.store.paths import PROJECT_ROOT
 
 NOTEBOOKS = sorted(p.stem for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = ["fig1_allocation", "headline", "lr_per_layer", "ppl_vs_params", "ppl_vs_sb", "zero_shot", "ablations"]
@@ -110,7 +110,9 @@ def test_every_notebook_executes(smoke):
     abl_nb = nbformat.read(results / "executed" / "06_ablations.ipynb", as_version=4)
     md = "".join(o.data["text/markdown"] for o in _outputs(abl_nb, "text/markdown"))
     assert "equal parameters" in md and "calibration set 0" in md and "ShortGPT" in md
-    assert read_json(results / "ablations.json")["answer"] in md
+    from dynslice.publish.ablations import answer
+
+    assert answer(read_json(results / "ablations.json")) in md
     assert "total time" in proc.stdout
     assert "no published reference for profile smoke" in proc.stdout
     assert json.loads((results / "RUN.json").read_text())["status"] == "finished"

@@ -23,10 +23,10 @@ from conftest import make_batch
 
 from dynslice.cli import main
 from dynslice.core.slicing import slice_model
-from dynslice.io import SLICED_META, WEIGHTS, save_sliced
-from dynslice.jsonio import write_json
-from dynslice.models import tiny_random_model
-from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX
+from dynslice.store.io import SLICED_META, WEIGHTS, save_sliced
+from dynslice.store.jsonio import write_json
+from dynslice.store.models import tiny_random_model
+from dynslice.store.outputs import INCOMPLETE_MARKER, TMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -144,7 +144,7 @@ def world(tmp_path_factory) -> Path:
     (w / "noconfig").mkdir()
     (w / "noconfig" / "weights.bin").write_bytes(b"\x00" * 16)
     try:
-        from dynslice.models import smollm2_gguf_path
+        from dynslice.store.models import smollm2_gguf_path
 
         with open(smollm2_gguf_path(), "rb") as f:
             (w / "trunc.gguf").write_bytes(f.read(4096))
@@ -639,7 +639,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, when):
 
 def test_killed_save_leaves_old_or_new_and_is_cleaned_up(tmp_path):
     """SIGKILL while a model is being saved: the target holds a complete model or none, and the next save cleans up."""
-    from dynslice.models import load_model, resolve_spec
+    from dynslice.store.models import load_model, resolve_spec
 
     out = tmp_path / "m"
     proc = _spawn(["slice", "--model", "tiny-random", "--sp", "0.3", *shlex.split(CAL), "--out", str(out)], tmp_path)

@@ -1,4 +1,5 @@
-"""The run configuration is defined once (dynslice.config): every field reaches RunConfig from `dynslice run` and
+"""The run configuration is defined once (dynslice.experiment.config): every field reaches RunConfig from `dynslice
+run` and
 from a profile, the checks of both come from the same options, and the modules that implement a field's choices
 agree with them."""
 
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dynslice import cli, profiles
-from dynslice.config import (
+from dynslice import cli
+from dynslice.experiment import profiles
+from dynslice.experiment.config import (
     DATASETS,
     DTYPES,
     OPTIONS,
@@ -218,7 +220,8 @@ def test_a_users_profile_file_and_the_shipped_names(tmp_path):
 
 # ------------------------------------------------------------------------------------------ agreeing choices
 def test_implementing_modules_agree_with_the_choices():
-    from dynslice import data, evaluate, models
+    from dynslice.measure import data, evaluate
+    from dynslice.store import models
 
     assert DATASETS == data.ALL_DATASETS
     assert SPLITS == data.SPLITS

@@ -1,4 +1,4 @@
-"""Tests of dynslice.data: the offline corpora, their splits, token streams, the samplers and their errors."""
+"""Tests of dynslice.measure.data: the offline corpora, their splits, token streams, the samplers and their errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dynslice import data
+from dynslice.measure import data
 
 SEQLEN = 64
 
@@ -103,7 +103,7 @@ def test_assign_splits_rule():
 
 def test_splits_identical_in_another_process(splits):
     code = (
-        "import hashlib; from dynslice import data\n"
+        "import hashlib; from dynslice.measure import data\n"
         "for n in data.OFFLINE_DATASETS:\n"
         "    for s in data.SPLITS:\n"
         "        print(hashlib.sha256('\\x00'.join(data.load_texts(n, s)).encode()).hexdigest())\n"
@@ -311,7 +311,7 @@ def test_too_short_stream_says_how_many_tokens(smol_tokenizer):
 
 def test_heldout_chunks_avoid_calibration_windows(smol_tokenizer):
     """Held-out chunks for choosing SB share no token position with the calibration windows."""
-    from dynslice.data import calibration_batch, heldout_chunks, token_stream
+    from dynslice.measure.data import calibration_batch, heldout_chunks, token_stream
 
     stream = token_stream("news", "train", smol_tokenizer)
     starts = torch.randint(0, stream.numel() - 256 + 1, (16,), generator=torch.Generator().manual_seed(3))

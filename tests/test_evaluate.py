@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import yaml
 from conftest import make_batch, make_tiny_model
 
-from dynslice import evaluate as ev
-from dynslice import offline_tasks as ot
-from dynslice.data import eval_chunks, load_texts, random_chunks
+from dynslice.measure import evaluate as ev
+from dynslice.measure import offline_tasks as ot
+from dynslice.measure.data import eval_chunks, load_texts, random_chunks
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

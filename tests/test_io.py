@@ -10,8 +10,8 @@ import torch
 from conftest import make_batch, make_tiny_model
 
 from dynslice.core.slicing import slice_model
-from dynslice.io import SLICED_META, WEIGHTS, load_sliced, read_sliced_meta, save_sliced
-from dynslice.models import load_model, resolve_spec
+from dynslice.store.io import SLICED_META, WEIGHTS, load_sliced, read_sliced_meta, save_sliced
+from dynslice.store.models import load_model, resolve_spec
 
 
 @pytest.fixture()
@@ -116,7 +116,7 @@ def test_permissions_follow_the_umask(tmp_path):
 def test_a_killed_save_is_cleaned_up_and_never_taken_for_a_model(tmp_path):
     """A temporary folder of a dead process is refused as a model ("incomplete model") and removed by the next save
     of the same target (matched by the id and target name in its marker); a look-alike name is left alone."""
-    from dynslice.outputs import INCOMPLETE_MARKER, TMP_PREFIX, temp_folder
+    from dynslice.store.outputs import INCOMPLETE_MARKER, TMP_PREFIX, temp_folder
 
     model = slice_model(make_tiny_model("llama"), make_batch(), [48, 40, 32], progress=False)
     save_sliced(model, tmp_path / "src", "tiny")
@@ -182,7 +182,7 @@ def test_atomic_write_text_bytes_and_writer(tmp_path, content, expected):
     import os
     import stat
 
-    from dynslice.outputs import atomic_write
+    from dynslice.store.outputs import atomic_write
 
     target = tmp_path / "new" / "sub" / "f.bin"
     old = os.umask(0o027)
@@ -197,7 +197,7 @@ def test_atomic_write_text_bytes_and_writer(tmp_path, content, expected):
 
 
 def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from dynslice.outputs import atomic_write
+    from dynslice.store.outputs import atomic_write
 
     target = tmp_path / "f.txt"
     atomic_write(target, "old\n")

@@ -11,7 +11,7 @@ from conftest import make_batch, make_tiny_model
 
 from dynslice.cli import main
 from dynslice.core.params import ArchDims, dense_params, sliced_params
-from dynslice.memory import GIB, RUNTIME_BYTES, Shapes, plan, predict
+from dynslice.store.memory import GIB, RUNTIME_BYTES, Shapes, plan, predict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import memory_model as mm
@@ -91,7 +91,7 @@ def test_plan_bad_input_exit_2(tmp_path, capsys, argv, name):
 
 def test_output_size_matches_streamed_folder(tmp_path):
     """The predicted output size equals the tensors' bytes in the folder streaming writes (headers aside)."""
-    from dynslice.stream import slice_streaming
+    from dynslice.store.stream import slice_streaming
 
     model = make_tiny_model("llama", tied=True)
     model.save_pretrained(tmp_path / "dense")

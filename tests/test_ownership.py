@@ -25,11 +25,12 @@ from conftest import make_batch, make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynslice import outputs, ownership, repro
 from dynslice.cli import main
 from dynslice.core.slicing import slice_model
-from dynslice.io import SLICED_META, finish_save, load_sliced, save_sliced
-from dynslice.jsonio import write_json
+from dynslice.publish import repro
+from dynslice.store import outputs, ownership
+from dynslice.store.io import SLICED_META, finish_save, load_sliced, save_sliced
+from dynslice.store.jsonio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 LR4 = {"metric": "cosine", "lr": [0.5, 0.9, 0.7, 0.8], "normalized": [0, 1, 0.5, 0.75], "hidden": 64}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dynslice.numerics import is_pinned
-from dynslice.paths import PROJECT_ROOT, cache_dir
-from dynslice.profiles import load_profile, sweep_configs
+from dynslice.experiment.numerics import is_pinned
+from dynslice.experiment.profiles import load_profile, sweep_configs
+from dynslice.store.paths import PROJECT_ROOT, cache_dir
 
 #: What a wheel is built from: the package and the files pyproject.toml names.
 SOURCES = ("dynslice", "pyproject.toml", "README.md", "LICENSE")
@@ -97,10 +97,10 @@ def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_installed_package_is_the_one_imported_and_carries_its_data(venv, tmp_path):
     code = (
-        "import dynslice, dynslice.paths as p; from importlib import resources as r; "
+        "import dynslice, dynslice.store.paths as p; from importlib import resources as r; "
         "print(dynslice.__file__); print(p.PROJECT_ROOT); "
-        "print(sorted(f.name for f in r.files('dynslice.profiles').iterdir() if f.name.endswith('.yaml'))); "
-        "print(r.files('dynslice.profiles').joinpath('ablations', '06_ablations.yaml').is_file()); "
+        "print(sorted(f.name for f in r.files('dynslice.experiment.profiles').iterdir() if f.name.endswith('.yaml'))); "
+        "print(r.files('dynslice.experiment.profiles').joinpath('ablations', '06_ablations.yaml').is_file()); "
         "print(r.files('dynslice').joinpath('schema', 'run_record.schema.json').is_file())"
     )
     res = subprocess.run(
@@ -122,9 +122,8 @@ def test_installed_package_plans_a_profile_and_reads_a_users_yaml(venv, tmp_path
     res = _run(venv, tmp_path, "plan", "--profile", "paper", "--shards", "4")
     assert res.returncode == 0, res.stderr
     assert "slicing_cpu.json" in res.stdout  # the measured CPU throughput, read from the package
-    (tmp_path / "mine.yaml").write_text(
-        (PROJECT_ROOT / "dynslice" / "profiles" / "smoke.yaml").read_text().replace("name: smoke", "name: mine")
-    )
+    smoke = PROJECT_ROOT / "dynslice" / "experiment" / "profiles" / "smoke.yaml"
+    (tmp_path / "mine.yaml").write_text(smoke.read_text().replace("name: smoke", "name: mine"))
     res = _run(venv, tmp_path, "plan", "--profile", "mine.yaml")
     assert res.returncode == 0 and "profile mine:" in res.stdout, res.stderr
 

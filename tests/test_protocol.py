@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import make_batch, make_tiny_model
 
-from dynslice import data
 from dynslice.cli import main
-from dynslice.config import PROTOCOL_SETTINGS, RunConfig, protocol_defaults
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.slicing import slice_model
-from dynslice.evaluate import perplexity
-from dynslice.protocol import DEVIATIONS, deviations_markdown, differences
+from dynslice.experiment.config import PROTOCOL_SETTINGS, RunConfig, protocol_defaults
+from dynslice.experiment.protocol import DEVIATIONS, deviations_markdown, differences
+from dynslice.measure import data
+from dynslice.measure.evaluate import perplexity
 
 
 def _words(text: str) -> list[str]:
@@ -216,7 +216,7 @@ def test_cli_run_reference_protocol(tmp_path):
     assert rec["ppl"]["wiki"] > 1
     import jsonschema
 
-    schema = json.loads((Path(data.__file__).parent / "schema" / "run_record.schema.json").read_text())
+    schema = json.loads((Path(data.__file__).parents[1] / "schema" / "run_record.schema.json").read_text())
     jsonschema.Draft202012Validator(schema).validate(rec)
     assert main([*argv[:-2], "--protocol", "paper", "--out", str(out)]) == 2
 

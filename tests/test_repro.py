@@ -2,7 +2,7 @@
 every regression planted in the method (``bench/plants.py``) caught.
 
 The planted runs are real recomputations of smoke-profile runs in a subprocess with the pins of
-``dynslice.numerics.PINNED_ENV`` (they act only when set before torch starts), once more at one thread.
+``dynslice.experiment.numerics.PINNED_ENV`` (they act only when set before torch starts), once more at one thread.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dynslice import repro
-from dynslice.jsonio import read_json, write_json
-from dynslice.numerics import PINNED_ENV, arithmetic_key
+from dynslice.experiment.numerics import PINNED_ENV, arithmetic_key
+from dynslice.publish import repro
+from dynslice.store.jsonio import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTS = ("width", "sb", "lr", "seed")

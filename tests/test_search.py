@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynslice.core.allocate import sb_grid
-from dynslice.search import SBSearch, best_sb_key, default_budget, evals_needed, find_best_sb
+from dynslice.core.search import SBSearch, best_sb_key, default_budget, evals_needed, find_best_sb
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
 GRIDS = [(0.3, 0.02), (0.3, 0.01), (0.5, 0.02), (0.5, 0.01), (0.2, 0.02), (0.1, 0.02), (0.04, 0.02)]

@@ -12,8 +12,11 @@ import sys
 import pandas as pd
 import pytest
 
-from dynslice import cost, profiles, report, shard, sweep
 from dynslice.cli import main as cli
+from dynslice.experiment import profiles, sweep
+from dynslice.publish import report
+from dynslice.scale import cost, shard
+from dynslice.store.records import load_records
 
 
 # ------------------------------------------------------------------------------------------- the split itself
@@ -97,7 +100,7 @@ def test_plan_bad_input(capsys):
 
 # --------------------------------------------------------------------------------- running shards for real
 def tables_of(results) -> dict[str, pd.DataFrame]:
-    frame = report.records_frame(report.load_records(results / "runs"))
+    frame = report.records_frame(load_records(results / "runs"))
     tables = report.write_tables(frame, results, "wiki")
     return {
         k: t.drop(columns=[c for c in t.columns if c.endswith("time_s")]).reset_index(drop=True)
@@ -121,7 +124,7 @@ def unsharded(tmp_path_factory):
 
 
 def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
-    from dynslice.launch import launch
+    from dynslice.scale.launch import launch
 
     lines = []
     assert launch("smoke", tmp_path, processes=2, log=lines.append) == 0
@@ -140,7 +143,7 @@ def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
     parts = [len(shard.shard_configs(profiles.sweep_configs(profile), k, 2)) for k in range(2)]
     assert sum(parts) == len(profiles.sweep_configs(profile)) and min(parts) > 0
     for k in range(2):
-        assert f"shard {k}/2: {parts[k]} runs" in ran[k] and f"ran {parts[k]}," in ran[k]
+        assert f"shard {k}/2: {parts[k]} of " in ran[k] and f"ran {parts[k]}," in ran[k]
 
 
 def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
@@ -153,7 +156,7 @@ def test_report_says_what_is_missing_and_zero_shot_waits(unsharded, tmp_path):
     assert "1 of" in sweep.missing_text(missing, total) and "sp0.30-sb0.10-width-calwiki" in sweep.missing_text(
         missing, total
     )
-    records = report.load_records(tmp_path / "smoke" / "runs")
+    records = load_records(tmp_path / "smoke" / "runs")
 
     def budgets(configs):
         return sorted(c.budget for c in configs)
@@ -171,7 +174,7 @@ def test_cli_sweep_missing_lists_runs(unsharded, capsys):
 
 def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
     pytest.importorskip("submitit")
-    from dynslice.cluster import submit
+    from dynslice.scale.cluster import submit
 
     jobs = submit("smoke", tmp_path, 2, cluster="local", params={"timeout_min": 30}, wait=True, log=lambda s: None)
     results = [j.result() for j in jobs]
@@ -195,7 +198,7 @@ def test_cli_launch_bad_input(tmp_path):
 
 def test_infeasible_runs_are_noted_and_not_retried(tmp_path):
     """An infeasible run leaves a note; a rerun reports it again without loading the model."""
-    from dynslice.jsonio import write_json
+    from dynslice.store.jsonio import write_json
 
     profile = profiles.load_profile("smoke")
     cfg = next(c for c in profiles.sweep_configs(profile) if not c.dense and not c.auto_sb)

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from dynslice import data
 from dynslice.core.slicing import slice_model
-from dynslice.evaluate import perplexity
+from dynslice.measure import data
+from dynslice.measure.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_rotation_is_exact_on_smollm2(smol, wiki):
 
 def test_cli_slice_then_reload_has_identical_logits(tmp_path, smol):
     from dynslice.cli import main
-    from dynslice.models import load_model
+    from dynslice.store.models import load_model
 
     out = tmp_path / "sliced"
     rc = main(

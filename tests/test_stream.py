@@ -12,8 +12,8 @@ import torch
 from conftest import make_batch, make_tiny_model
 
 from dynslice.core.slicing import slice_model
-from dynslice.io import load_sliced, read_sliced_meta, save_sliced
-from dynslice.stream import SafetensorsSource, is_streamable, slice_streaming
+from dynslice.store.io import load_sliced, read_sliced_meta, save_sliced
+from dynslice.store.stream import SafetensorsSource, is_streamable, slice_streaming
 
 WIDTHS = [40, 24, 32]
 
@@ -109,7 +109,7 @@ def test_cli_slice_stream_on_equals_off(tmp_path, smol_tokenizer, capsys):
     """`dynslice slice --stream on|off` on a local safetensors folder: the plan is printed first, and both
     folders load to the same logits."""
     from dynslice.cli import main
-    from dynslice.models import tiny_random_model
+    from dynslice.store.models import tiny_random_model
 
     src = tmp_path / "dense"
     tiny_random_model().save_pretrained(src)
@@ -134,7 +134,7 @@ def test_flushed_shards_leave_the_resident_set(tmp_path):
     code = r"""
 import sys, torch
 from pathlib import Path
-from dynslice.stream import ShardWriter
+from dynslice.store.stream import ShardWriter
 
 def anon_mib():
     for line in open("/proc/self/status"):

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from dynslice import profiles, report, sweep
-from dynslice.config import RunConfig
 from dynslice.core.params import ArchDims
-from dynslice.jsonio import read_json, write_json
-from dynslice.paths import PROJECT_ROOT
+from dynslice.experiment import profiles, sweep
+from dynslice.experiment.config import RunConfig
+from dynslice.publish import report
+from dynslice.store.jsonio import read_json, write_json
+from dynslice.store.paths import PROJECT_ROOT
+from dynslice.store.records import load_records
 
 SMOKE = {
     "name": "t",
@@ -312,12 +314,12 @@ def test_markdown_and_latex(tmp_path):
 def test_load_records(tmp_path, records):
     for i, rec in enumerate(records):
         write_json(tmp_path / "m" / f"{i:02d}.json", rec)
-    loaded = report.load_records(tmp_path)
+    loaded = load_records(tmp_path)
     assert [r["path"] for r in loaded] == sorted(str(p) for p in tmp_path.rglob("*.json"))
     assert loaded[3]["ppl"] == read_json(tmp_path / "m" / "03.json")["ppl"]
     write_json(tmp_path / "m" / "zz.json", {"lr": [1]})
     with pytest.raises(ValueError, match="zz.json is not a run record"):
-        report.load_records(tmp_path)
+        load_records(tmp_path)
 
 
 # ------------------------------------------------------------------ tables, narrative and check on published data
@@ -326,7 +328,7 @@ PUBLISHED_CPU = PROJECT_ROOT / "results" / "published" / "cpu"
 
 @pytest.fixture(scope="module")
 def published_frame():
-    return report.records_frame(report.load_records(PUBLISHED_CPU / "runs"))
+    return report.records_frame(load_records(PUBLISHED_CPU / "runs"))
 
 
 def test_write_tables_reproduces_the_published_tables(tmp_path, published_frame):
@@ -354,7 +356,7 @@ def test_write_tables_on_a_subset(tmp_path, published_frame):
 
 
 def test_narrative_states_the_numbers(published_frame):
-    from dynslice import narrative
+    from dynslice.publish import narrative
 
     head = report.headline_table(published_frame, "wiki")
     best = report.best_vs_constant(published_frame, "wiki")
@@ -372,8 +374,8 @@ def test_narrative_states_the_numbers(published_frame):
 def test_noise_text_sets_each_difference_against_both_spreads(published_frame):
     """Each headline difference is printed with its verdict: within noise when no larger than the measured
     numerical spread or two calibration-seed sds; zero-shot differences against their sampling standard error."""
-    from dynslice import narrative
-    from dynslice.repro import measured_noise
+    from dynslice.publish import narrative
+    from dynslice.publish.repro import measured_noise
 
     noise = measured_noise()
     head = report.headline_table(published_frame, "wiki")
@@ -392,7 +394,7 @@ def test_noise_text_sets_each_difference_against_both_spreads(published_frame):
 
 
 def test_check_tolerances_and_names(tmp_path):
-    from dynslice import repro
+    from dynslice.publish import repro
 
     numbers = repro.headline_numbers(PUBLISHED_CPU)
     assert numbers["smollm2-135m/dense-zs params"] == ("params", 134515008.0)

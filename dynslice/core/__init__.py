@@ -7,7 +7,8 @@
 - :mod:`~dynslice.core.allocate`: SP/SB (and a parameter budget) to per-layer widths;
 - :mod:`~dynslice.core.params`: exact parameter counts from widths;
 - :mod:`~dynslice.core.shortgpt`: whole-layer deletion, the ShortGPT baseline;
-- :mod:`~dynslice.core.kernels`: the masked Gram kernel (Triton on CUDA, torch elsewhere).
+- :mod:`~dynslice.core.kernels`: the masked Gram kernel (Triton on CUDA, torch elsewhere);
+- :mod:`~dynslice.core.search`: the budgeted search for the best slicing base SB (model-free).
 
 The core imports the standard library, torch, numpy and tqdm, and nothing else: not transformers, not the
 experiment side of dynslice (loading, data, evaluation, configs, the CLI). ``tests/test_layering.py`` enforces it.

@@ -37,8 +37,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
-from typing import Any
 
 import numpy as np
 
@@ -308,67 +306,6 @@ def redundancy_scores(scores: Sequence[float], metric: str) -> np.ndarray:
     """
     check_choice("metric", metric, tuple(ORIENTATION))
     return normalize_lr(ORIENTATION[metric] * _as_lr(scores))
-
-
-@dataclass(frozen=True)
-class LRInput:
-    """An LR input made ready for :func:`allocate`: redundancy-oriented scores plus what the file says."""
-
-    redundancy: tuple[float, ...]
-    metric: str
-    hidden: int | None = None
-    model: str | None = None
-
-
-def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRInput:
-    """Validate a parsed LR record (``dynslice lr``'s JSON, ``{"lr": [...], "metric": ...}`` or a bare list).
-
-    ``metric`` states the metric of a file that does not; a file that states one must agree with it. ``source``
-    names the file in errors.
-    """
-    if metric is not None:
-        check_choice("metric", metric, tuple(ORIENTATION))
-    if isinstance(obj, list):
-        obj = {"lr": obj}
-    if isinstance(obj, dict) and "lr" not in obj and "normalized" in obj and "metric" not in obj:
-        obj = {**obj, "lr": obj["normalized"], "metric": "redundancy"}  # an LR record's normalized vector
-    if not isinstance(obj, dict):
-        raise ValueError(f"lr: {source} must hold a list of scores or an object with an 'lr' list")
-    if "lr" not in obj:
-        if "widths" in obj:
-            raise ValueError(f"lr: {source} holds widths (an allocation), not LR scores; pass it as --widths")
-        raise ValueError(f"lr: {source} has no 'lr' list of scores")
-    scores = obj["lr"]
-    if not isinstance(scores, list) or not scores:
-        raise ValueError(f"lr: {source} field 'lr' must be a non-empty list of numbers")
-    if len(scores) > MAX_LAYERS:
-        raise ValueError(f"lr: {source} has {len(scores)} scores; at most {MAX_LAYERS} layers are allowed")
-    for i, v in enumerate(scores):
-        if v is None or isinstance(v, bool) or not isinstance(v, Real):
-            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not a number (NaN is written as null)")
-        if not math.isfinite(v):
-            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not finite")
-        if abs(v) > MAX_SCORE:
-            raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is outside -{MAX_SCORE:g} <= lr <= {MAX_SCORE:g}")
-    stated = obj.get("metric")
-    if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
-        raise ValueError(f"lr: {source} field metric = {stated!r} is not one of {', '.join(ORIENTATION)}")
-    if stated is None and metric is None:
-        raise ValueError(
-            f'lr: {source} states no metric; add "metric" ({", ".join(ORIENTATION)}) to the file or pass --lr-metric'
-        )
-    if stated is not None and metric is not None and stated != metric:
-        raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
-    hidden = obj.get("hidden")
-    if hidden is not None and (
-        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= hidden <= MAX_HIDDEN
-    ):
-        raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer in 1..{MAX_HIDDEN}")
-    model = obj.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ValueError(f"lr: {source} field model = {model!r} must be a string")
-    chosen = stated or metric
-    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden, model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -408,7 +408,7 @@ def untie_head(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> Non
 def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width: int | None = None) -> nn.Module:
     """Turn a (norm-fused or fresh) dense model into an *empty* sliced one with the given widths, in place.
 
-    Used by :func:`dynslice.io.load_sliced`: the weights are then loaded from disk. Shapes match
+    Used by :func:`dynslice.store.io.load_sliced`: the weights are then loaded from disk. Shapes match
     :func:`slice_model`'s output exactly.
     """
     adapter = get_adapter(model)

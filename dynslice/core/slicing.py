@@ -221,7 +221,7 @@ def slice_layer(
 
     Each sublayer output is computed once, before its output linear takes its final rotation. The next position's
     signal (residual plus sublayer output, whose PCA gives that position's basis) is formed in one of two
-    orthonormal coordinate systems, whichever costs less (:func:`_coords_for`):
+    orthonormal coordinate systems, whichever costs less (:func:`output_in_basis`):
 
     * the dense basis: the residual is lifted back (``xb·Q_inᵀ``, one product per token);
     * the input position's full basis ``B``: the output linear is first rotated to write ``Bᵀ·y`` (one product per
@@ -239,22 +239,19 @@ def slice_layer(
     with timings("rotate"):
         for lin in p.attn_in:
             _rotate_inputs(lin, q_in)
-        coords = _coords_for(basis_in, p.attn_out, n_tokens, d_in)
-        saved = _enter_coords(p.attn_out, coords)
 
     # Attention output: the mid position, its PCA, and o_proj writing it rotated.
-    with timings("forward"):
-        mid = []
-        for xb, kw in zip(_drain(x), kwargs):
-            xb = xb.to(device)
-            a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
-            mid.append(_add_residual(a, xb, q_in, coords).to(home))
-    with timings("pca"):
-        v_mid = _pca(mid, masks, device)
-        basis_mid = v_mid if coords is None else coords @ v_mid
+    with output_in_basis(p.attn_out, basis_in, d_in, n_tokens, timings) as frame:
+        with timings("forward"):
+            mid = []
+            for xb, kw in zip(_drain(x), kwargs):
+                xb = xb.to(device)
+                a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
+                mid.append(frame.add_residual(a, xb).to(home))
+        with timings("pca"):
+            basis_mid, keep_mid = frame.pca(mid, masks, device, d_in)
     q_mid = basis_mid[:, :d_in]
     with timings("rotate"):
-        _leave_coords(p.attn_out, saved, q_mid)
         for lin in p.mlp_in:
             _rotate_inputs(lin, q_mid)
 
@@ -265,22 +262,17 @@ def slice_layer(
         nxt: list[torch.Tensor] = []
     else:
         # MLP output: the next position, its PCA, and down_proj writing it rotated.
+        with output_in_basis(p.mlp_out, basis_mid, d_in, n_tokens, timings) as frame:
+            with timings("forward"):
+                out = []
+                for mb in _drain(mid):
+                    m = _project(mb, keep_mid, device, keep_on_device=True)
+                    y = p.mlp_block(p.mlp_norm(m))
+                    out.append(frame.add_residual(y, m).to(home))
+            with timings("pca"):
+                basis_out, keep_out = frame.pca(out, masks, device, d_out)
         with timings("rotate"):
-            coords = _coords_for(basis_mid, p.mlp_out, n_tokens, d_in)
-            saved = _enter_coords(p.mlp_out, coords)
-        with timings("forward"):
-            out = []
-            keep = v_mid[:, :d_in]
-            for mb in _drain(mid):
-                m = _project(mb, keep, device, keep_on_device=True)
-                y = p.mlp_block(p.mlp_norm(m))
-                out.append(_add_residual(y, m, q_mid, coords).to(home))
-        with timings("pca"):
-            v_out = _pca(out, masks, device)
-            basis_out = v_out if coords is None else coords @ v_out
-        with timings("rotate"):
-            _leave_coords(p.mlp_out, saved, basis_out[:, :d_out])
-            nxt = [_project(o, v_out[:, :d_out], device) for o in _drain(out)]
+            nxt = [_project(o, keep_out, device) for o in _drain(out)]
 
     # Shortcuts: the residual path from each position to the next, Q_inᵀ·Q_mid and Q_midᵀ·Q_out.
     with timings("rotate"):
@@ -298,41 +290,83 @@ def forms_in_input_basis(hidden: int, out_features_in: int, n_tokens: int, d_in:
     return hidden * (out_features_in + 2 * hidden) < n_tokens * d_in
 
 
-def _coords_for(basis: torch.Tensor, out_linear: nn.Linear, n_tokens: int, d_in: int) -> torch.Tensor | None:
-    """``basis`` when :func:`forms_in_input_basis` says so, else ``None`` (the dense basis)."""
-    return basis if forms_in_input_basis(basis.shape[0], out_linear.in_features, n_tokens, d_in) else None
+class OutputFrame:
+    """The coordinates in which a sublayer's output position is formed (made by :func:`output_in_basis`).
 
-
-def _enter_coords(linear: nn.Linear, coords: torch.Tensor | None) -> tuple[nn.Parameter, nn.Parameter | None]:
-    """Make ``linear`` write its output in ``coords`` (``W ← coordsᵀ·W``, for the forward only). Returns the original
-    weight and bias, from which :func:`_leave_coords` computes the final rotation (one rounding, not two)."""
-    saved = (linear.weight, linear.bias)
-    if coords is not None:
-        _rotate_outputs(linear, coords)
-    return saved
-
-
-def _leave_coords(linear: nn.Linear, saved: tuple[nn.Parameter, nn.Parameter | None], q: torch.Tensor) -> None:
-    """Put back the weight and bias saved by :func:`_enter_coords`, then rotate the outputs by ``q``."""
-    linear.weight, bias = saved
-    if bias is not None:
-        linear.bias = bias
-    linear.out_features = linear.weight.shape[0]
-    _rotate_outputs(linear, q)
-
-
-def _add_residual(y: torch.Tensor, xb: torch.Tensor, q_in: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
-    """A sublayer output ``y`` plus its rotated, sliced residual input ``xb``, in ``y``'s coordinates, in place.
-
-    In the dense basis (``coords`` None) the residual is lifted back, ``y + xb·Q_inᵀ``, as one fused product; in the
-    input position's own full basis it is the first ``d_in`` coordinates: ``y[..., :d_in] += xb``.
+    ``in_residual_basis``: the coordinates are the residual position's full basis ``B``; otherwise the dense ones.
+    After :meth:`pca`, ``basis`` is the new position's full basis in dense coordinates and ``width`` its kept width.
     """
-    if coords is not None:
-        y[..., : xb.shape[-1]].add_(xb)
-        return y
-    flat = y.reshape(-1, y.shape[-1])
-    flat.addmm_(xb.reshape(-1, xb.shape[-1]), q_in.T.to(y.dtype))
-    return flat.view(y.shape)
+
+    def __init__(self, residual_basis: torch.Tensor, residual_width: int, in_residual_basis: bool) -> None:
+        self.residual_basis = residual_basis
+        self.residual_width = residual_width
+        self.in_residual_basis = in_residual_basis
+        self.basis: torch.Tensor | None = None
+        self.width = 0
+
+    def add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The sublayer output ``y`` plus its rotated, sliced residual input ``x``, in this frame, in place.
+
+        In ``B`` the residual is the first ``width`` coordinates, ``y[..., :width] += x``; in the dense basis it is
+        lifted back, ``y + x·B[:, :width]ᵀ``, as one fused product.
+        """
+        if self.in_residual_basis:
+            y[..., : x.shape[-1]].add_(x)
+            return y
+        lift = self.residual_basis[:, : self.residual_width].T.to(y.dtype)
+        flat = y.reshape(-1, y.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]), lift)
+        return flat.view(y.shape)
+
+    def pca(
+        self, signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCA of the new position's signals (in this frame) keeping ``width`` directions.
+
+        Returns the position's full basis in dense coordinates, ``Q = B·V`` (or ``V``), and its kept columns in this
+        frame, ``V[:, :width]``, which turn this frame's signals into the rotated, sliced stream.
+        """
+        v = _pca(signals, masks, device)
+        self.basis = self.residual_basis @ v if self.in_residual_basis else v
+        self.width = width
+        return self.basis, v[:, :width]
+
+
+@contextmanager
+def output_in_basis(
+    out_linear: nn.Linear, basis: torch.Tensor, width: int, n_tokens: int, timings: Timings
+) -> Iterator[OutputFrame]:
+    """Form a sublayer's output position (residual plus sublayer output) in the cheaper of two orthonormal frames;
+    when the block ends, ``out_linear`` writes that position rotated and sliced.
+
+    ``basis`` is the full (D × D) basis ``B`` of the residual's position, whose first ``width`` columns are kept.
+    With many tokens (:func:`forms_in_input_basis`) ``out_linear`` first writes ``Y = X·B`` (``W ← Bᵀ·W``, for the
+    forward only) and the residual is just the first ``width`` coordinates; else ``X`` is formed densely. Both
+    frames give the same PCA and the same final weight, since for the new position's dense signals ``X``:
+
+        YᵀY = Bᵀ(XᵀX)B, so V (eigenvectors of YᵀY) maps to Q = B·V (eigenvectors of XᵀX, same damping);
+        X·Q[:, :d] = Y·V[:, :d]   and   Q[:, :d]ᵀ·W = V[:, :d]ᵀ·(Bᵀ·W);
+        the residual x·B[:, :width]ᵀ has coordinates (x·B[:, :width]ᵀ)·B = [x, 0] in B.
+
+    The frame's :meth:`~OutputFrame.pca` must be taken inside the block. On leaving, the saved ``W`` (and bias) is
+    rotated once by ``Q[:, :d]`` (one rounding, not two).
+    """
+    frame = OutputFrame(basis, width, forms_in_input_basis(basis.shape[0], out_linear.in_features, n_tokens, width))
+    weight, bias = out_linear.weight, out_linear.bias
+    with timings("rotate"):
+        if frame.in_residual_basis:
+            _rotate_outputs(out_linear, basis)
+    try:
+        yield frame
+    finally:
+        out_linear.weight = weight
+        if bias is not None:
+            out_linear.bias = bias
+        out_linear.out_features = weight.shape[0]
+    with timings("rotate"):
+        if frame.basis is None:
+            raise RuntimeError("output_in_basis: the block ended before the new position's PCA was taken")
+        _rotate_outputs(out_linear, frame.basis[:, : frame.width])
 
 
 def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:

@@ -20,7 +20,7 @@ Every sublayer runs exactly once per calibration batch: its output is computed b
 final rotation, the PCA of the new position is taken, and the rotated signal is obtained by projecting
 (``X·Q[:, :d]``) instead of running the sublayer a second time. With many calibration tokens the new position's
 signal is formed in the previous position's full basis rather than the dense one, which saves lifting every token
-back (:func:`slice_layer`). Only the kept columns of each final weight are ever computed.
+back (:func:`output_in_basis`). Only the kept columns of each final weight are ever computed.
 
 The model's anatomy (module paths, norms, checkpoint names) is the adapter's business
 (:mod:`dynslice.core.adapters`); this module only does the maths.
@@ -93,6 +93,49 @@ class Timings:
         return out
 
 
+@dataclass
+class Position:
+    """One position of the residual stream (between two sublayers), as the engine leaves it.
+
+    ``signals``: per calibration batch, the signal there, rotated and sliced (batch × seq × ``width``; emptied as
+    the next step reads it); ``basis``: the position's full (D × D) float64 basis (its PCA), columns by decreasing
+    variance; ``width``: how many of those columns are kept.
+    """
+
+    signals: list[torch.Tensor]
+    basis: torch.Tensor
+    width: int
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """The kept columns of the basis, ``Q = basis[:, :width]`` (D × width)."""
+        return self.basis[:, : self.width]
+
+
+@dataclass
+class LayerCalibration:
+    """What a decoder layer's forward needs besides its input signals: per calibration batch, its keyword
+    arguments (masks, rotary tables) and the pad mask that keeps pad tokens out of every PCA."""
+
+    kwargs: list[dict]
+    masks: list[torch.Tensor]
+
+    @property
+    def n_tokens(self) -> int:
+        """Calibration tokens over all batches, pads included (what the per-token work is proportional to)."""
+        return sum(int(m.numel()) for m in self.masks)
+
+
+@dataclass
+class Run:
+    """Where a slicing run computes (``device``: one layer at a time), where the model and the calibration signals
+    stay (``home``), and the clock of its phases."""
+
+    device: torch.device
+    home: torch.device
+    timings: Timings
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the algorithm
 
@@ -131,138 +174,124 @@ def slice_model(
     widths, final_width = check_slice_args(widths, final_width, batch_size, adapter.num_layers, adapter.hidden_size)
     n_layers = adapter.num_layers
     home = adapter.embeddings.weight.device
-    device = home if device is None else torch.device(device)
+    run = Run(home if device is None else torch.device(device), home, Timings())
     model.eval()
-    timings = Timings()
 
     # Fold the norms (and untie the head); record what every decoder layer receives.
-    with timings("capture"):
+    with run.timings("capture"):
         fuse_norms(model, adapter)
         if embedding_mean:
             subtract_embedding_mean(model, adapter)
-        sig = capture_inputs(model, calibration, batch_size, home, adapter)
+        captured = capture_inputs(model, calibration, batch_size, home, adapter)
 
-    # The embeddings: position 0 of the residual stream.
-    x, q = slice_embeddings(adapter, sig, widths[0], device, timings)
+    # The embeddings write position 0 of the residual stream.
+    position = slice_embeddings(adapter, captured, widths[0], run)
 
-    # The decoder layers, in order: layer i reads position i (basis q) and writes position i + 1.
+    # The decoder layers, in order: layer i reads position i and writes position i + 1.
     outs = list(widths[1:]) + [final_width]
     for i in tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress):
-        new, x, q = slice_layer(
+        new, position = slice_layer(
             adapter,
             adapter.layers[i],
-            x,
-            sig.layer_kwargs[i],
-            sig.masks,
-            q,
-            widths[i],
-            outs[i],
-            i == n_layers - 1,
-            device,
-            home,
-            timings,
+            position,
+            width_out=outs[i],
+            calibration=captured.for_layer(i),
+            run=run,
+            output_needed=i < n_layers - 1,
         )
         adapter.layers[i] = new.to(home)
 
     # The head reads the last position; it is rotated only when that position is sliced.
-    with timings("rotate"):
+    with run.timings("rotate"):
         if final_width < adapter.hidden_size:
-            _rotate_inputs(adapter.head, q[:, :final_width].to(adapter.head.weight.device))
-    model.dynslice_info = SliceInfo(widths, final_width, timings.summary())
+            _rotate_inputs(adapter.head, position.kept.to(adapter.head.weight.device))
+    model.dynslice_info = SliceInfo(widths, final_width, run.timings.summary())
     return model
 
 
 @torch.no_grad()
-def slice_embeddings(
-    adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device, timings: Timings
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def slice_embeddings(adapter: LlamaLikeAdapter, captured: CapturedInputs, width: int, run: Run) -> Position:
     """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
 
-    Returns the rotated first-layer input signals (``sig.x`` is emptied) and the full (D × D) basis of position 0,
-    whose first ``width`` columns are kept.
+    Returns position 0 of the residual stream: the rotated first-layer input signals (``captured.x`` is emptied),
+    its full (D × D) basis and ``width``.
     """
-    with timings("pca"):
-        basis = _pca(sig.x, sig.masks, device)
+    with run.timings("pca"):
+        basis = _pca(captured.x, captured.masks, run.device)
     q = basis[:, :width]
-    with timings("rotate"):
+    with run.timings("rotate"):
         emb = adapter.embeddings
         adapter.embeddings = nn.Embedding(
             emb.num_embeddings,
             width,
             padding_idx=emb.padding_idx,
-            _weight=rotate_embedding(emb.weight, q, device),
+            _weight=rotate_embedding(emb.weight, q, run.device),
             _freeze=True,
         )
-        x = [_project(s, q, device) for s in _drain(sig.x)]
-    return x, basis
+        signals = [_project(s, q, run.device) for s in _drain(captured.x)]
+    return Position(signals, basis, width)
 
 
 @torch.no_grad()
 def slice_layer(
     adapter: LlamaLikeAdapter,
     layer: nn.Module,
-    x: list[torch.Tensor],
-    kwargs: list[dict],
-    masks: list[torch.Tensor],
-    basis_in: torch.Tensor,
-    d_in: int,
-    d_out: int,
-    last: bool,
-    device: torch.device,
-    home: torch.device,
-    timings: Timings,
-) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
-    """Rotate and slice one norm-fused decoder layer (moved to ``device``).
+    position_in: Position,
+    *,
+    width_out: int,
+    calibration: LayerCalibration,
+    run: Run,
+    output_needed: bool,
+) -> tuple[SlicedDecoderLayer, Position]:
+    """Rotate and slice one norm-fused decoder layer, which reads ``position_in`` (its signals on ``run.home``, its
+    basis on ``run.device``; the signals are emptied as they are read) and writes a position ``width_out`` wide.
 
-    ``x``: the layer's rotated input signals (emptied as they are consumed); ``basis_in``: the full (D × D) basis
-    of its input position (float64, on ``device``), of which the first ``d_in`` columns are kept. Returns the sliced
-    layer (still on ``device``), the next layer's rotated input signals (on ``home``; empty after the last layer
-    when its output is not sliced, since nothing reads them) and the full basis of its output position.
+    ``output_needed``: whether a later layer reads the output (False for the last layer). When it is not and
+    ``width_out`` is ``D``, the output stays in the dense basis and the MLP does not run; otherwise the output's
+    basis is computed (the head reads it when sliced), and its signals only when they are needed.
 
-    Each sublayer output is computed once, before its output linear takes its final rotation. The next position's
-    signal (residual plus sublayer output, whose PCA gives that position's basis) is formed in one of two
-    orthonormal coordinate systems, whichever costs less (:func:`output_in_basis`):
-
-    * the dense basis: the residual is lifted back (``xb·Q_inᵀ``, one product per token);
-    * the input position's full basis ``B``: the output linear is first rotated to write ``Bᵀ·y`` (one product per
-      weight), and the residual is then just the first ``d_in`` coordinates. The PCA, taken in those coordinates,
-      is mapped back to the dense basis by ``B``. With many calibration tokens this removes half of the per-token
-      products that slicing adds to a layer's forward.
+    Returns the sliced layer (on ``run.device``) and the output position (signals on ``run.home``). The three
+    positions are the input (basis ``Q_in``), the mid one that attention writes at the input's width (``Q_mid``)
+    and the output (``Q_out``). Each sublayer runs once: its output position is formed, in the cheaper frame, and
+    its PCA taken before its output linear takes its final rotation (:func:`output_in_basis`).
     """
     d = adapter.hidden_size
-    layer.to(device)
+    layer.to(run.device)
     p = adapter.parts(layer)
-    n_tokens = sum(int(m.numel()) for m in masks)
-    q_in = basis_in[:, :d_in]
+    device, home, timings, masks = run.device, run.home, run.timings, calibration.masks
+    width_in = position_in.width
+    q_in = position_in.kept
 
-    # Attention inputs: q/k/v read the rotated, sliced stream.
+    # Attention inputs: q/k/v read the input position, rotated and sliced (W ← W·Q_in).
     with timings("rotate"):
         for lin in p.attn_in:
             _rotate_inputs(lin, q_in)
 
-    # Attention output: the mid position, its PCA, and o_proj writing it rotated.
-    with output_in_basis(p.attn_out, basis_in, d_in, n_tokens, timings) as frame:
+    # Attention output: the mid position (residual + attention), its PCA Q_mid; then o_proj writes it (W ← Q_midᵀ·W).
+    with output_in_basis(p.attn_out, position_in.basis, width_in, calibration.n_tokens, timings) as frame:
         with timings("forward"):
             mid = []
-            for xb, kw in zip(_drain(x), kwargs):
+            for xb, kw in zip(_drain(position_in.signals), calibration.kwargs):
                 xb = xb.to(device)
                 a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
                 mid.append(frame.add_residual(a, xb).to(home))
         with timings("pca"):
-            basis_mid, keep_mid = frame.pca(mid, masks, device, d_in)
-    q_mid = basis_mid[:, :d_in]
+            basis_mid, keep_mid = frame.pca(mid, masks, device, width_in)
+    q_mid = basis_mid[:, :width_in]
+
+    # MLP inputs: gate/up read the mid position, rotated and sliced (W ← W·Q_mid).
     with timings("rotate"):
         for lin in p.mlp_in:
             _rotate_inputs(lin, q_mid)
 
-    if last and d_out == d:
-        # Nothing after the last layer reads a sliced stream: down_proj and the head keep the dense basis, and no
-        # signal is needed past this point, so the MLP does not run.
+    if not output_needed and width_out == d:
+        # MLP output, dense: nothing after the last layer reads a sliced stream, so down_proj and the head keep the
+        # dense basis, and no signal is needed past this point: the MLP does not run.
         basis_out = torch.eye(d, dtype=torch.float64, device=device)
-        nxt: list[torch.Tensor] = []
+        signals_out: list[torch.Tensor] = []
     else:
-        # MLP output: the next position, its PCA, and down_proj writing it rotated.
-        with output_in_basis(p.mlp_out, basis_mid, d_in, n_tokens, timings) as frame:
+        # MLP output: the output position (residual + MLP), its PCA Q_out; then down_proj writes it (W ← Q_outᵀ·W).
+        with output_in_basis(p.mlp_out, basis_mid, width_in, calibration.n_tokens, timings) as frame:
             with timings("forward"):
                 out = []
                 for mb in _drain(mid):
@@ -270,16 +299,16 @@ def slice_layer(
                     y = p.mlp_block(p.mlp_norm(m))
                     out.append(frame.add_residual(y, m).to(home))
             with timings("pca"):
-                basis_out, keep_out = frame.pca(out, masks, device, d_out)
+                basis_out, keep_out = frame.pca(out, masks, device, width_out)
         with timings("rotate"):
-            nxt = [_project(o, keep_out, device) for o in _drain(out)]
+            signals_out = [_project(o, keep_out, device) for o in _drain(out)] if output_needed else []
 
     # Shortcuts: the residual path from each position to the next, Q_inᵀ·Q_mid and Q_midᵀ·Q_out.
     with timings("rotate"):
-        new = adapter.sliced_layer(layer, d_in, d_out, dtype=p.mlp_out.weight.dtype, device=device)
+        new = adapter.sliced_layer(layer, width_in, width_out, dtype=p.mlp_out.weight.dtype, device=device)
         _set_shortcut(new.attn_shortcut, q_in, q_mid)
-        _set_shortcut(new.mlp_shortcut, q_mid, basis_out[:, :d_out])
-    return new, nxt, basis_out
+        _set_shortcut(new.mlp_shortcut, q_mid, basis_out[:, :width_out])
+    return new, Position(signals_out, basis_out, width_out)
 
 
 def forms_in_input_basis(hidden: int, out_features_in: int, n_tokens: int, d_in: int) -> bool:
@@ -632,12 +661,16 @@ class _Recorder(nn.Module):
 
 
 @dataclass
-class _Signals:
+class CapturedInputs:
     """Calibration state on the CPU: per batch, the residual signal, the pad mask and each layer's kwargs."""
 
     x: list[torch.Tensor]
     masks: list[torch.Tensor]
     layer_kwargs: list[list[dict]]  # [layer][batch]
+
+    def for_layer(self, i: int) -> LayerCalibration:
+        """What decoder layer ``i``'s forward needs besides its input signals."""
+        return LayerCalibration(self.layer_kwargs[i], self.masks)
 
 
 @torch.no_grad()
@@ -647,7 +680,7 @@ def capture_inputs(
     batch_size: int,
     device: torch.device,
     adapter: LlamaLikeAdapter | None = None,
-) -> _Signals:
+) -> CapturedInputs:
     """Embed the calibration batches and record the arguments every decoder layer receives.
 
     The decoder layers are swapped for pass-through recorders, so this costs the embedding lookup and the mask and
@@ -672,7 +705,7 @@ def capture_inputs(
     finally:
         for i, layer in enumerate(layers):
             adapter.layers[i] = layer
-    return _Signals(xs, masks, per_layer)
+    return CapturedInputs(xs, masks, per_layer)
 
 
 def _check_calibration(calibration: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,7 +54,7 @@ _BISECT_ITERS = 200
 # validation helpers
 
 
-def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
+def _as_lr(lr: Sequence[float] | np.ndarray, num_layers: int | None = None) -> np.ndarray:
     arr = np.asarray(lr, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"lr: expected a non-empty 1-D sequence of scores, got shape {arr.shape}")
@@ -83,7 +83,7 @@ def _check_sp_sb(sp: float, sb: float) -> tuple[float, float]:
 # the allocation rule
 
 
-def normalize_lr(lr: Sequence[float]) -> np.ndarray:
+def normalize_lr(lr: Sequence[float] | np.ndarray) -> np.ndarray:
     """Min-max normalise LR scores to [0, 1]: ``(r - min) / (max - min)``.
 
     Constant scores (``max == min``) have no shape: the result is all zeros, which :func:`slice_fractions` and
@@ -108,7 +108,7 @@ def _warn_flat() -> None:
     )
 
 
-def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
+def slice_fractions(lr: Sequence[float] | np.ndarray, sp: float, sb: float) -> np.ndarray:
     """``FS_i = SB + (SP - SB)·n_i / mean(n)`` with ``n`` the min-max normalised LR; ``mean(FS) = SP``.
 
     Computed as ``n·(SP - SB) / mean(n) + SB``, the reference code's order of operations.
@@ -300,7 +300,7 @@ def allocation_to_json(allocation: Allocation) -> dict:
 ORIENTATION: dict[str, float] = {"cosine": 1.0, "redundancy": 1.0, "bi": -1.0, "angular": -1.0}
 
 
-def redundancy_scores(scores: Sequence[float], metric: str) -> np.ndarray:
+def redundancy_scores(scores: Sequence[float] | np.ndarray, metric: str) -> np.ndarray:
     """The one orientation function: raw scores of ``metric`` to min-max normalised redundancy in [0, 1].
 
     ``cosine`` is redundancy already; ``bi`` (1 - cos) and ``angular`` are distances, so they are negated. The
@@ -348,7 +348,7 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not a number (NaN is written as null)")
         if not math.isfinite(v):
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not finite")
-        if abs(v) > MAX_SCORE:
+        if abs(cast(float, v)) > MAX_SCORE:  # a Real compares with floats; typeshed's numbers.Real does not say so
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is outside -{MAX_SCORE:g} <= lr <= {MAX_SCORE:g}")
     stated = obj.get("metric")
     if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
@@ -361,14 +361,15 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
         raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
     hidden = obj.get("hidden")
     if hidden is not None and (
-        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= hidden <= MAX_HIDDEN
+        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= int(hidden) <= MAX_HIDDEN
     ):
         raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer in 1..{MAX_HIDDEN}")
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"lr: {source} field model = {model!r} must be a string")
-    chosen = stated or metric
-    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden, model)
+    chosen = cast(str, stated or metric)  # one of them is given (checked above)
+    hidden_int = None if hidden is None else int(hidden)
+    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden_int, model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -205,7 +206,8 @@ def slice_model(
     with run.timings("rotate"):
         if final_width < adapter.hidden_size:
             _rotate_inputs(adapter.head, position.kept.to(adapter.head.weight.device))
-    model.dynslice_info = SliceInfo(widths, final_width, run.timings.summary())
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model.dynslice_info = SliceInfo(widths, final_width, run.timings.summary())  # type: ignore[assignment]
     return model
 
 
@@ -430,7 +432,8 @@ def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> Non
         fold_layer_norms(layer, adapter)
     _scale_inputs(adapter.head, adapter.final_norm.weight)
     adapter.final_norm = RMSN(adapter.hidden_size, adapter.rms_eps)
-    model._dynslice_fused = True
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model._dynslice_fused = True  # type: ignore[assignment]
 
 
 @torch.no_grad()
@@ -439,7 +442,7 @@ def fold_layer_norms(layer: nn.Module, adapter: LlamaLikeAdapter) -> None:
     parts = adapter.parts(layer)
     for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
         for lin in linears:
-            _scale_inputs(lin, norm.weight)
+            _scale_inputs(lin, cast(torch.Tensor, norm.weight))  # an RMSNorm's scale
     adapter.replace_norms(layer, lambda: RMSN(adapter.hidden_size, adapter.rms_eps))
 
 
@@ -492,18 +495,19 @@ def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width:
         adapter.layers[i] = adapter.sliced_layer(layer, widths[i], outs[i], **kw)
     adapter.final_norm = RMSN(d, adapter.rms_eps)
     _resize(adapter.head, in_features=final_width)
-    model.dynslice_info = SliceInfo(widths, final_width)
-    model._dynslice_fused = True
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model.dynslice_info = SliceInfo(widths, final_width)  # type: ignore[assignment]
+    model._dynslice_fused = True  # type: ignore[assignment]
     return model
 
 
 def _resize(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
     i = lin.in_features if in_features is None else in_features
     o = lin.out_features if out_features is None else out_features
-    kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
-    lin.weight = nn.Parameter(torch.empty(o, i, **kw), requires_grad=False)
+    dtype, device = lin.weight.dtype, lin.weight.device
+    lin.weight = nn.Parameter(torch.empty(o, i, dtype=dtype, device=device), requires_grad=False)
     if lin.bias is not None and out_features is not None:
-        lin.bias = nn.Parameter(torch.empty(o, **kw), requires_grad=False)
+        lin.bias = nn.Parameter(torch.empty(o, dtype=dtype, device=device), requires_grad=False)
     lin.in_features, lin.out_features = i, o
 
 

@@ -253,15 +253,15 @@ def test_both_signal_coordinate_paths_match_naive_slicegpt(tiny_arch, n_seqs):
     back); many: in the previous position's full basis (the output linear rotated into it). Both paths are taken,
     rotation alone stays exact on either, and slicing equals the naive SliceGPT on either."""
     from dynslice.core.adapters import get_adapter
-    from dynslice.core.slicing import _coords_for
+    from dynslice.core.slicing import forms_in_input_basis
 
     model = make_tiny_model(tiny_arch)
     batch = make_batch(n=n_seqs, seqlen=24, padded=True)
     p = get_adapter(model).parts(get_adapter(model).layers[0])
-    basis = torch.eye(48, dtype=torch.float64)
     for width in (48, 32):
         chosen = [
-            _coords_for(basis, lin, batch["input_ids"].numel(), width) is not None for lin in (p.attn_out, p.mlp_out)
+            forms_in_input_basis(48, lin.in_features, batch["input_ids"].numel(), width)
+            for lin in (p.attn_out, p.mlp_out)
         ]
         assert chosen == [n_seqs == 24] * 2, (width, chosen)
 
@@ -287,3 +287,38 @@ def test_sliced_head_matches_naive_slicegpt(n_seqs):
     slow = _naive_slicegpt(model, batch, widths, final_width=40)
     assert fast.lm_head.weight.shape == slow.lm_head.weight.shape == (96, 40)
     assert _rel_err(fast(**batch).logits, slow(**batch).logits, batch["attention_mask"]) <= 1e-4
+
+
+def test_output_in_basis_gives_the_same_position_in_both_frames():
+    """A sublayer's output position formed in the residual's full basis B or in the dense basis: the same PCA
+    basis, the same rotated signals and the same final output weight (up to each direction's sign), and the
+    output linear is left writing the kept columns."""
+    from dynslice.core.slicing import Timings, output_in_basis
+
+    torch.manual_seed(0)
+    hidden, inner, width, kept, tokens = 16, 24, 10, 8, 64
+    basis = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0]
+    linear = torch.nn.Linear(inner, hidden, dtype=torch.float64)
+    h = torch.randn(2, tokens // 2, inner, dtype=torch.float64)
+    x = torch.randn(2, tokens // 2, width, dtype=torch.float64)  # the residual, rotated and sliced
+    mask = torch.ones(2, tokens // 2, dtype=torch.bool)
+    dense = x @ basis[:, :width].T + linear(h)  # the new position's dense signals, formed by hand
+
+    got = {}
+    for n_tokens in (1, 10**6):  # few tokens: the dense frame; many: B's
+        lin = copy.deepcopy(linear)
+        with output_in_basis(lin, basis, width, n_tokens, Timings()) as frame:
+            signals = frame.add_residual(lin(h), x.clone())
+            q, keep = frame.pca([signals], [mask], torch.device("cpu"), kept)
+        got[frame.in_residual_basis] = (q, signals @ keep, lin.weight.detach(), lin.bias.detach())
+    assert set(got) == {False, True}
+
+    (q0, s0, w0, b0), (q1, s1, w1, b1) = got[False], got[True]
+    sign = torch.sign((q0 * q1).sum(0))  # eigenvectors are defined up to sign
+    torch.testing.assert_close(q1 * sign, q0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(s0, dense @ q0[:, :kept], rtol=0, atol=1e-9)
+    torch.testing.assert_close(s1 * sign[:kept], s0, rtol=0, atol=1e-9)
+    assert w0.shape == w1.shape == (kept, inner) and b0.shape == (kept,)
+    torch.testing.assert_close(w0, q0[:, :kept].T @ linear.weight.detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(w1 * sign[:kept, None], w0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(b1 * sign[:kept], b0, rtol=0, atol=1e-9)

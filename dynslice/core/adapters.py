@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,9 @@ class LlamaLikeAdapter:
     LAYER_ATTRS = ("attention_type", "layer_idx", "layer_type")
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        # A transformers model: its parts (``model.model``, ``lm_head``, ``config``) are found by name, which torch's
+        # stubs can only type as ``Tensor | Module``; knowing what they are is this class's job.
+        self.model: Any = model
 
     @property
     def _body(self) -> nn.Module:
@@ -157,14 +160,15 @@ class LlamaLikeAdapter:
 
     def parts(self, layer: nn.Module) -> LayerParts:
         """The modules of a dense or sliced decoder layer."""
-        attn, mlp = layer.self_attn, layer.mlp
+        decoder_layer: Any = layer  # a transformers decoder layer: its parts are found by name
+        attn, mlp = decoder_layer.self_attn, decoder_layer.mlp
         return LayerParts(
             attn_block=attn,
-            attn_norm=layer.input_layernorm,
+            attn_norm=decoder_layer.input_layernorm,
             attn_in=(attn.q_proj, attn.k_proj, attn.v_proj),
             attn_out=attn.o_proj,
             mlp_block=mlp,
-            mlp_norm=layer.post_attention_layernorm,
+            mlp_norm=decoder_layer.post_attention_layernorm,
             mlp_in=(mlp.gate_proj, mlp.up_proj),
             mlp_out=mlp.down_proj,
         )
@@ -202,7 +206,7 @@ class LlamaLikeAdapter:
         if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n:
             cfg.layer_types = [cfg.layer_types[i] for i in keep]
         for new_idx, layer in enumerate(self.layers):
-            attn = self.parts(layer).attn_block
+            attn: Any = self.parts(layer).attn_block  # model code's attention: layer_idx is its own attribute
             if hasattr(attn, "layer_idx"):
                 attn.layer_idx = new_idx
 

@@ -37,6 +37,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict, cast
 
 import numpy as np
 
@@ -52,7 +53,7 @@ _BISECT_ITERS = 200
 # validation helpers
 
 
-def _as_lr(lr: Sequence[float], num_layers: int | None = None) -> np.ndarray:
+def _as_lr(lr: Sequence[float] | np.ndarray, num_layers: int | None = None) -> np.ndarray:
     arr = np.asarray(lr, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"lr: expected a non-empty 1-D sequence of scores, got shape {arr.shape}")
@@ -81,7 +82,7 @@ def _check_sp_sb(sp: float, sb: float) -> tuple[float, float]:
 # the allocation rule
 
 
-def normalize_lr(lr: Sequence[float]) -> np.ndarray:
+def normalize_lr(lr: Sequence[float] | np.ndarray) -> np.ndarray:
     """Min-max normalise LR scores to [0, 1]: ``(r - min) / (max - min)``.
 
     Constant scores (``max == min``) have no shape: the result is all zeros, which :func:`slice_fractions` and
@@ -106,7 +107,7 @@ def _warn_flat() -> None:
     )
 
 
-def slice_fractions(lr: Sequence[float], sp: float, sb: float) -> np.ndarray:
+def slice_fractions(lr: Sequence[float] | np.ndarray, sp: float, sb: float) -> np.ndarray:
     """``FS_i = SB + (SP - SB)·n_i / mean(n)`` with ``n`` the min-max normalised LR; ``mean(FS) = SP``.
 
     Computed as ``n·(SP - SB) / mean(n) + SB``, the reference code's order of operations.
@@ -298,7 +299,7 @@ def allocation_to_json(allocation: Allocation) -> dict:
 ORIENTATION: dict[str, float] = {"cosine": 1.0, "redundancy": 1.0, "bi": -1.0, "angular": -1.0}
 
 
-def redundancy_scores(scores: Sequence[float], metric: str) -> np.ndarray:
+def redundancy_scores(scores: Sequence[float] | np.ndarray, metric: str) -> np.ndarray:
     """The one orientation function: raw scores of ``metric`` to min-max normalised redundancy in [0, 1].
 
     ``cosine`` is redundancy already; ``bi`` (1 - cos) and ``angular`` are distances, so they are negated. The
@@ -346,6 +347,96 @@ def allocate(
         ValueError: every bad argument, with its name and the allowed range; an ``sb`` that would slice a
             layer entirely; a params budget that no ``s`` with all ``FS_i`` in [0, 1) reaches.
     """
+    a = _checked_allocate_args(
+        lr, sp, sb, hidden, round_interval, budget, dims, count, rounding, num_layers, final_width
+    )
+    # The paper's rule: FS_i = SB + (SP - SB)·n_i / mean(n), with n the min-max normalised LR, so mean(FS) = SP.
+    # The params budget keeps the shape FS_i = SB + s·n_i and solves s for constant SP's parameter count instead.
+    if a.budget == "params":
+        return _allocate_params(a.scores, a.const, cast(ArchDims, a.dims), a.count, a.common)
+    fs = slice_fractions(a.scores, a.sp, a.sb)
+    n = normalize_lr(a.scores)
+    scale = 0.0 if _is_flat(n) else (a.sp - a.sb) / float(np.mean(n))
+    # Layer i keeps (1 - FS_i)·D, rounded as ``rounding`` says.
+    if a.rounding == "reference":
+        widths = _round_reference(1.0 - fs, a.hidden, a.round_interval)
+        thin = np.flatnonzero(widths < 1)
+        if thin.size:
+            raise ValueError(
+                f"sb: {a.sb} gives layer {int(thin[0])} a width of {int(widths[thin[0]])} after rounding "
+                f"(allowed 1 <= width <= {a.hidden}); raise sb towards sp"
+            )
+    else:
+        units = (1.0 - fs) * a.hidden / a.round_interval
+        widths = _round_to_total(units, a.scores.size * a.const // a.round_interval, a.hidden // a.round_interval)
+        widths = widths * a.round_interval
+    widths_t = tuple(int(w) for w in widths)
+    params = None if a.dims is None else sliced_params(a.dims, widths_t, a.final_width)
+    return Allocation(
+        widths=widths_t,
+        fractions=tuple(float(f) for f in fs),
+        scale=float(scale),
+        count=None,
+        params=params,
+        **a.common,
+    )
+
+
+class _Common(TypedDict):
+    """The :class:`Allocation` fields that every budget fills the same way."""
+
+    sp: float
+    sb: float
+    hidden: int
+    budget: str
+    round_interval: int
+    rounding: str
+    final_width: int
+
+
+@dataclass(frozen=True)
+class _AllocateArgs:
+    """:func:`allocate`'s arguments once checked: LR scores as an array, ``const`` the constant-SP width."""
+
+    scores: np.ndarray
+    sp: float
+    sb: float
+    hidden: int
+    round_interval: int
+    budget: str
+    rounding: str
+    count: str
+    dims: ArchDims | None
+    final_width: int
+    const: int
+
+    @property
+    def common(self) -> _Common:
+        return _Common(
+            sp=self.sp,
+            sb=self.sb,
+            hidden=self.hidden,
+            budget=self.budget,
+            round_interval=self.round_interval,
+            rounding=self.rounding,
+            final_width=self.final_width,
+        )
+
+
+def _checked_allocate_args(
+    lr: Sequence[float],
+    sp: float,
+    sb: float,
+    hidden: int,
+    round_interval: int,
+    budget: str,
+    dims: ArchDims | None,
+    count: str,
+    rounding: str,
+    num_layers: int | None,
+    final_width: int | None,
+) -> _AllocateArgs:
+    """Check every argument of :func:`allocate` (see its ``Raises``), in the order the errors are reported."""
     hidden = check_int("hidden", hidden, 1, MAX_HIDDEN)
     round_interval = check_int("round_interval", round_interval, 1, hidden)
     check_choice("budget", budget, BUDGETS)
@@ -364,48 +455,28 @@ def allocate(
         num_layers = check_int("num_layers", num_layers, 1)
     final = hidden if final_width is None else check_int("final_width", final_width, 1, hidden)
     scores = _as_lr(lr, num_layers)
-    n_layers = scores.size
     const = constant_width(hidden, sp, round_interval)
     if const < 1:
         raise ValueError(
             f"sp: {sp} leaves int((1-sp)*{hidden}) < round_interval ({round_interval}) dims; lower sp or round_interval"
         )
-    common = dict(
-        sp=sp, sb=sb, hidden=hidden, budget=budget, round_interval=round_interval, rounding=rounding, final_width=final
-    )
-
     if budget == "params":
         if dims is None:
             raise ValueError("dims: budget='params' needs the architecture (dims=ArchDims.from_config(config))")
         if rounding != "total":
             raise ValueError("rounding: 'reference' is only defined for budget='width'")
-        return _allocate_params(scores, const, dims, count, common)
-
-    fs = slice_fractions(scores, sp, sb)
-    n = normalize_lr(scores)
-    scale = 0.0 if _is_flat(n) else (sp - sb) / float(np.mean(n))
-    if rounding == "reference":
-        widths = _round_reference(1.0 - fs, hidden, round_interval)
-        thin = np.flatnonzero(widths < 1)
-        if thin.size:
-            raise ValueError(
-                f"sb: {sb} gives layer {int(thin[0])} a width of {int(widths[thin[0]])} after rounding "
-                f"(allowed 1 <= width <= {hidden}); raise sb towards sp"
-            )
-    else:
-        units = (1.0 - fs) * hidden / round_interval
-        widths = _round_to_total(units, n_layers * const // round_interval, hidden // round_interval)
-        widths = widths * round_interval
-    widths_t = tuple(int(w) for w in widths)
-    params = None if dims is None else sliced_params(dims, widths_t, final)
-    return Allocation(
-        widths=widths_t, fractions=tuple(float(f) for f in fs), scale=float(scale), count=None, params=params, **common
-    )
+    return _AllocateArgs(scores, sp, sb, hidden, round_interval, budget, rounding, count, dims, final, const)
 
 
-def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str, common: dict) -> Allocation:
+def _allocate_params(scores: np.ndarray, const: int, dims: ArchDims, count: str, common: _Common) -> Allocation:
     """The params budget: ``FS_i = SB + s·n_i`` with ``s`` solved so the count matches the constant-SP model."""
-    sp, sb, hidden, ri, final = (common[k] for k in ("sp", "sb", "hidden", "round_interval", "final_width"))
+    sp, sb, hidden, ri, final = (
+        common["sp"],
+        common["sb"],
+        common["hidden"],
+        common["round_interval"],
+        common["final_width"],
+    )
     n_layers = scores.size
     target_pc = sliced_params(dims, [const] * n_layers, final)
     target = target_pc.total if count == "total" else target_pc.weights

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 #: Largest sizes any input may give (checked before any allocation): a model's width and depth, samples, tokens.
 MAX_HIDDEN = 1 << 18
@@ -43,9 +43,10 @@ def check_int(
     allowed = allowed or range_text(name, low, high)
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name}: {value!r} is not an integer; allowed: {allowed}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name}: {int(value)} is outside {allowed}")
-    return int(value)
+    v = int(value)  # an Integral equals its int
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name}: {v} is outside {allowed}")
+    return v
 
 
 def check_real(
@@ -63,8 +64,9 @@ def check_real(
     allowed = allowed or range_text(name, low, high, low_open=low_open, high_open=high_open)
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name}: {value!r} is not a finite number; allowed: {allowed}")
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
+    v = cast(float, value)  # a Real compares with floats as itself; typeshed's numbers.Real does not say so
+    below = low is not None and (v <= low if low_open else v < low)
+    above = high is not None and (v >= high if high_open else v > high)
     if below or above:
         raise ValueError(f"{name}: {value} is outside {allowed}")
     return float(value)

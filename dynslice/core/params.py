@@ -15,7 +15,7 @@ The dense count is what ``sum(p.numel() for p in model.parameters())`` reports (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +155,7 @@ def sliced_params(dims: ArchDims, widths: Sequence[int], final_width: int | None
 
 
 def sliced_params_continuous(
-    dims: ArchDims, widths: Sequence[float], final_width: float | None = None, count: str = "total"
+    dims: ArchDims, widths: Iterable[float], final_width: float | None = None, count: str = "total"
 ) -> float:
     """The same polynomial as :func:`sliced_params` at real-valued widths (used to solve parameter budgets).
 

@@ -20,7 +20,7 @@ Every sublayer runs exactly once per calibration batch: its output is computed b
 final rotation, the PCA of the new position is taken, and the rotated signal is obtained by projecting
 (``X·Q[:, :d]``) instead of running the sublayer a second time. With many calibration tokens the new position's
 signal is formed in the previous position's full basis rather than the dense one, which saves lifting every token
-back (:func:`slice_layer`). Only the kept columns of each final weight are ever computed.
+back (:func:`output_in_basis`). Only the kept columns of each final weight are ever computed.
 
 The model's anatomy (module paths, norms, checkpoint names) is the adapter's business
 (:mod:`dynslice.core.adapters`); this module only does the maths.
@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -93,6 +94,49 @@ class Timings:
         return out
 
 
+@dataclass
+class Position:
+    """One position of the residual stream (between two sublayers), as the engine leaves it.
+
+    ``signals``: per calibration batch, the signal there, rotated and sliced (batch × seq × ``width``; emptied as
+    the next step reads it); ``basis``: the position's full (D × D) float64 basis (its PCA), columns by decreasing
+    variance; ``width``: how many of those columns are kept.
+    """
+
+    signals: list[torch.Tensor]
+    basis: torch.Tensor
+    width: int
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """The kept columns of the basis, ``Q = basis[:, :width]`` (D × width)."""
+        return self.basis[:, : self.width]
+
+
+@dataclass
+class LayerCalibration:
+    """What a decoder layer's forward needs besides its input signals: per calibration batch, its keyword
+    arguments (masks, rotary tables) and the pad mask that keeps pad tokens out of every PCA."""
+
+    kwargs: list[dict]
+    masks: list[torch.Tensor]
+
+    @property
+    def n_tokens(self) -> int:
+        """Calibration tokens over all batches, pads included (what the per-token work is proportional to)."""
+        return sum(int(m.numel()) for m in self.masks)
+
+
+@dataclass
+class Run:
+    """Where a slicing run computes (``device``: one layer at a time), where the model and the calibration signals
+    stay (``home``), and the clock of its phases."""
+
+    device: torch.device
+    home: torch.device
+    timings: Timings
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the algorithm
 
@@ -131,163 +175,142 @@ def slice_model(
     widths, final_width = check_slice_args(widths, final_width, batch_size, adapter.num_layers, adapter.hidden_size)
     n_layers = adapter.num_layers
     home = adapter.embeddings.weight.device
-    device = home if device is None else torch.device(device)
+    run = Run(home if device is None else torch.device(device), home, Timings())
     model.eval()
-    timings = Timings()
 
     # Fold the norms (and untie the head); record what every decoder layer receives.
-    with timings("capture"):
+    with run.timings("capture"):
         fuse_norms(model, adapter)
         if embedding_mean:
             subtract_embedding_mean(model, adapter)
-        sig = capture_inputs(model, calibration, batch_size, home, adapter)
+        captured = capture_inputs(model, calibration, batch_size, home, adapter)
 
-    # The embeddings: position 0 of the residual stream.
-    x, q = slice_embeddings(adapter, sig, widths[0], device, timings)
+    # The embeddings write position 0 of the residual stream.
+    position = slice_embeddings(adapter, captured, widths[0], run)
 
-    # The decoder layers, in order: layer i reads position i (basis q) and writes position i + 1.
+    # The decoder layers, in order: layer i reads position i and writes position i + 1.
     outs = list(widths[1:]) + [final_width]
     for i in tqdm(range(n_layers), desc="slicing", unit="layer", disable=not progress):
-        new, x, q = slice_layer(
+        new, position = slice_layer(
             adapter,
             adapter.layers[i],
-            x,
-            sig.layer_kwargs[i],
-            sig.masks,
-            q,
-            widths[i],
-            outs[i],
-            i == n_layers - 1,
-            device,
-            home,
-            timings,
+            position,
+            width_out=outs[i],
+            calibration=captured.for_layer(i),
+            run=run,
+            output_needed=i < n_layers - 1,
         )
         adapter.layers[i] = new.to(home)
 
     # The head reads the last position; it is rotated only when that position is sliced.
-    with timings("rotate"):
+    with run.timings("rotate"):
         if final_width < adapter.hidden_size:
-            _rotate_inputs(adapter.head, q[:, :final_width].to(adapter.head.weight.device))
-    model.dynslice_info = SliceInfo(widths, final_width, timings.summary())
+            _rotate_inputs(adapter.head, position.kept.to(adapter.head.weight.device))
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model.dynslice_info = SliceInfo(widths, final_width, run.timings.summary())  # type: ignore[assignment]
     return model
 
 
 @torch.no_grad()
-def slice_embeddings(
-    adapter: LlamaLikeAdapter, sig: _Signals, width: int, device: torch.device, timings: Timings
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def slice_embeddings(adapter: LlamaLikeAdapter, captured: CapturedInputs, width: int, run: Run) -> Position:
     """PCA of the embedding outputs; rotate and slice the embedding matrix in place.
 
-    Returns the rotated first-layer input signals (``sig.x`` is emptied) and the full (D × D) basis of position 0,
-    whose first ``width`` columns are kept.
+    Returns position 0 of the residual stream: the rotated first-layer input signals (``captured.x`` is emptied),
+    its full (D × D) basis and ``width``.
     """
-    with timings("pca"):
-        basis = _pca(sig.x, sig.masks, device)
+    with run.timings("pca"):
+        basis = _pca(captured.x, captured.masks, run.device)
     q = basis[:, :width]
-    with timings("rotate"):
+    with run.timings("rotate"):
         emb = adapter.embeddings
         adapter.embeddings = nn.Embedding(
             emb.num_embeddings,
             width,
             padding_idx=emb.padding_idx,
-            _weight=rotate_embedding(emb.weight, q, device),
+            _weight=rotate_embedding(emb.weight, q, run.device),
             _freeze=True,
         )
-        x = [_project(s, q, device) for s in _drain(sig.x)]
-    return x, basis
+        signals = [_project(s, q, run.device) for s in _drain(captured.x)]
+    return Position(signals, basis, width)
 
 
 @torch.no_grad()
 def slice_layer(
     adapter: LlamaLikeAdapter,
     layer: nn.Module,
-    x: list[torch.Tensor],
-    kwargs: list[dict],
-    masks: list[torch.Tensor],
-    basis_in: torch.Tensor,
-    d_in: int,
-    d_out: int,
-    last: bool,
-    device: torch.device,
-    home: torch.device,
-    timings: Timings,
-) -> tuple[SlicedDecoderLayer, list[torch.Tensor], torch.Tensor]:
-    """Rotate and slice one norm-fused decoder layer (moved to ``device``).
+    position_in: Position,
+    *,
+    width_out: int,
+    calibration: LayerCalibration,
+    run: Run,
+    output_needed: bool,
+) -> tuple[SlicedDecoderLayer, Position]:
+    """Rotate and slice one norm-fused decoder layer, which reads ``position_in`` (its signals on ``run.home``, its
+    basis on ``run.device``; the signals are emptied as they are read) and writes a position ``width_out`` wide.
 
-    ``x``: the layer's rotated input signals (emptied as they are consumed); ``basis_in``: the full (D × D) basis
-    of its input position (float64, on ``device``), of which the first ``d_in`` columns are kept. Returns the sliced
-    layer (still on ``device``), the next layer's rotated input signals (on ``home``; empty after the last layer
-    when its output is not sliced, since nothing reads them) and the full basis of its output position.
+    ``output_needed``: whether a later layer reads the output (False for the last layer). When it is not and
+    ``width_out`` is ``D``, the output stays in the dense basis and the MLP does not run; otherwise the output's
+    basis is computed (the head reads it when sliced), and its signals only when they are needed.
 
-    Each sublayer output is computed once, before its output linear takes its final rotation. The next position's
-    signal (residual plus sublayer output, whose PCA gives that position's basis) is formed in one of two
-    orthonormal coordinate systems, whichever costs less (:func:`_coords_for`):
-
-    * the dense basis: the residual is lifted back (``xb·Q_inᵀ``, one product per token);
-    * the input position's full basis ``B``: the output linear is first rotated to write ``Bᵀ·y`` (one product per
-      weight), and the residual is then just the first ``d_in`` coordinates. The PCA, taken in those coordinates,
-      is mapped back to the dense basis by ``B``. With many calibration tokens this removes half of the per-token
-      products that slicing adds to a layer's forward.
+    Returns the sliced layer (on ``run.device``) and the output position (signals on ``run.home``). The three
+    positions are the input (basis ``Q_in``), the mid one that attention writes at the input's width (``Q_mid``)
+    and the output (``Q_out``). Each sublayer runs once: its output position is formed, in the cheaper frame, and
+    its PCA taken before its output linear takes its final rotation (:func:`output_in_basis`).
     """
     d = adapter.hidden_size
-    layer.to(device)
+    layer.to(run.device)
     p = adapter.parts(layer)
-    n_tokens = sum(int(m.numel()) for m in masks)
-    q_in = basis_in[:, :d_in]
+    device, home, timings, masks = run.device, run.home, run.timings, calibration.masks
+    width_in = position_in.width
+    q_in = position_in.kept
 
-    # Attention inputs: q/k/v read the rotated, sliced stream.
+    # Attention inputs: q/k/v read the input position, rotated and sliced (W ← W·Q_in).
     with timings("rotate"):
         for lin in p.attn_in:
             _rotate_inputs(lin, q_in)
-        coords = _coords_for(basis_in, p.attn_out, n_tokens, d_in)
-        saved = _enter_coords(p.attn_out, coords)
 
-    # Attention output: the mid position, its PCA, and o_proj writing it rotated.
-    with timings("forward"):
-        mid = []
-        for xb, kw in zip(_drain(x), kwargs):
-            xb = xb.to(device)
-            a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
-            mid.append(_add_residual(a, xb, q_in, coords).to(home))
-    with timings("pca"):
-        v_mid = _pca(mid, masks, device)
-        basis_mid = v_mid if coords is None else coords @ v_mid
-    q_mid = basis_mid[:, :d_in]
+    # Attention output: the mid position (residual + attention), its PCA Q_mid; then o_proj writes it (W ← Q_midᵀ·W).
+    with output_in_basis(p.attn_out, position_in.basis, width_in, calibration.n_tokens, timings) as frame:
+        with timings("forward"):
+            mid = []
+            for xb, kw in zip(_drain(position_in.signals), calibration.kwargs):
+                xb = xb.to(device)
+                a = p.attn_block(p.attn_norm(xb), **_to(kw, device))[0]
+                mid.append(frame.add_residual(a, xb).to(home))
+        with timings("pca"):
+            basis_mid, keep_mid = frame.pca(mid, masks, device, width_in)
+    q_mid = basis_mid[:, :width_in]
+
+    # MLP inputs: gate/up read the mid position, rotated and sliced (W ← W·Q_mid).
     with timings("rotate"):
-        _leave_coords(p.attn_out, saved, q_mid)
         for lin in p.mlp_in:
             _rotate_inputs(lin, q_mid)
 
-    if last and d_out == d:
-        # Nothing after the last layer reads a sliced stream: down_proj and the head keep the dense basis, and no
-        # signal is needed past this point, so the MLP does not run.
+    if not output_needed and width_out == d:
+        # MLP output, dense: nothing after the last layer reads a sliced stream, so down_proj and the head keep the
+        # dense basis, and no signal is needed past this point: the MLP does not run.
         basis_out = torch.eye(d, dtype=torch.float64, device=device)
-        nxt: list[torch.Tensor] = []
+        signals_out: list[torch.Tensor] = []
     else:
-        # MLP output: the next position, its PCA, and down_proj writing it rotated.
+        # MLP output: the output position (residual + MLP), its PCA Q_out; then down_proj writes it (W ← Q_outᵀ·W).
+        with output_in_basis(p.mlp_out, basis_mid, width_in, calibration.n_tokens, timings) as frame:
+            with timings("forward"):
+                out = []
+                for mb in _drain(mid):
+                    m = _project(mb, keep_mid, device, keep_on_device=True)
+                    y = p.mlp_block(p.mlp_norm(m))
+                    out.append(frame.add_residual(y, m).to(home))
+            with timings("pca"):
+                basis_out, keep_out = frame.pca(out, masks, device, width_out)
         with timings("rotate"):
-            coords = _coords_for(basis_mid, p.mlp_out, n_tokens, d_in)
-            saved = _enter_coords(p.mlp_out, coords)
-        with timings("forward"):
-            out = []
-            keep = v_mid[:, :d_in]
-            for mb in _drain(mid):
-                m = _project(mb, keep, device, keep_on_device=True)
-                y = p.mlp_block(p.mlp_norm(m))
-                out.append(_add_residual(y, m, q_mid, coords).to(home))
-        with timings("pca"):
-            v_out = _pca(out, masks, device)
-            basis_out = v_out if coords is None else coords @ v_out
-        with timings("rotate"):
-            _leave_coords(p.mlp_out, saved, basis_out[:, :d_out])
-            nxt = [_project(o, v_out[:, :d_out], device) for o in _drain(out)]
+            signals_out = [_project(o, keep_out, device) for o in _drain(out)] if output_needed else []
 
     # Shortcuts: the residual path from each position to the next, Q_inᵀ·Q_mid and Q_midᵀ·Q_out.
     with timings("rotate"):
-        new = adapter.sliced_layer(layer, d_in, d_out, dtype=p.mlp_out.weight.dtype, device=device)
+        new = adapter.sliced_layer(layer, width_in, width_out, dtype=p.mlp_out.weight.dtype, device=device)
         _set_shortcut(new.attn_shortcut, q_in, q_mid)
-        _set_shortcut(new.mlp_shortcut, q_mid, basis_out[:, :d_out])
-    return new, nxt, basis_out
+        _set_shortcut(new.mlp_shortcut, q_mid, basis_out[:, :width_out])
+    return new, Position(signals_out, basis_out, width_out)
 
 
 def forms_in_input_basis(hidden: int, out_features_in: int, n_tokens: int, d_in: int) -> bool:
@@ -298,41 +321,83 @@ def forms_in_input_basis(hidden: int, out_features_in: int, n_tokens: int, d_in:
     return hidden * (out_features_in + 2 * hidden) < n_tokens * d_in
 
 
-def _coords_for(basis: torch.Tensor, out_linear: nn.Linear, n_tokens: int, d_in: int) -> torch.Tensor | None:
-    """``basis`` when :func:`forms_in_input_basis` says so, else ``None`` (the dense basis)."""
-    return basis if forms_in_input_basis(basis.shape[0], out_linear.in_features, n_tokens, d_in) else None
+class OutputFrame:
+    """The coordinates in which a sublayer's output position is formed (made by :func:`output_in_basis`).
 
-
-def _enter_coords(linear: nn.Linear, coords: torch.Tensor | None) -> tuple[nn.Parameter, nn.Parameter | None]:
-    """Make ``linear`` write its output in ``coords`` (``W ← coordsᵀ·W``, for the forward only). Returns the original
-    weight and bias, from which :func:`_leave_coords` computes the final rotation (one rounding, not two)."""
-    saved = (linear.weight, linear.bias)
-    if coords is not None:
-        _rotate_outputs(linear, coords)
-    return saved
-
-
-def _leave_coords(linear: nn.Linear, saved: tuple[nn.Parameter, nn.Parameter | None], q: torch.Tensor) -> None:
-    """Put back the weight and bias saved by :func:`_enter_coords`, then rotate the outputs by ``q``."""
-    linear.weight, bias = saved
-    if bias is not None:
-        linear.bias = bias
-    linear.out_features = linear.weight.shape[0]
-    _rotate_outputs(linear, q)
-
-
-def _add_residual(y: torch.Tensor, xb: torch.Tensor, q_in: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
-    """A sublayer output ``y`` plus its rotated, sliced residual input ``xb``, in ``y``'s coordinates, in place.
-
-    In the dense basis (``coords`` None) the residual is lifted back, ``y + xb·Q_inᵀ``, as one fused product; in the
-    input position's own full basis it is the first ``d_in`` coordinates: ``y[..., :d_in] += xb``.
+    ``in_residual_basis``: the coordinates are the residual position's full basis ``B``; otherwise the dense ones.
+    After :meth:`pca`, ``basis`` is the new position's full basis in dense coordinates and ``width`` its kept width.
     """
-    if coords is not None:
-        y[..., : xb.shape[-1]].add_(xb)
-        return y
-    flat = y.reshape(-1, y.shape[-1])
-    flat.addmm_(xb.reshape(-1, xb.shape[-1]), q_in.T.to(y.dtype))
-    return flat.view(y.shape)
+
+    def __init__(self, residual_basis: torch.Tensor, residual_width: int, in_residual_basis: bool) -> None:
+        self.residual_basis = residual_basis
+        self.residual_width = residual_width
+        self.in_residual_basis = in_residual_basis
+        self.basis: torch.Tensor | None = None
+        self.width = 0
+
+    def add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The sublayer output ``y`` plus its rotated, sliced residual input ``x``, in this frame, in place.
+
+        In ``B`` the residual is the first ``width`` coordinates, ``y[..., :width] += x``; in the dense basis it is
+        lifted back, ``y + x·B[:, :width]ᵀ``, as one fused product.
+        """
+        if self.in_residual_basis:
+            y[..., : x.shape[-1]].add_(x)
+            return y
+        lift = self.residual_basis[:, : self.residual_width].T.to(y.dtype)
+        flat = y.reshape(-1, y.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]), lift)
+        return flat.view(y.shape)
+
+    def pca(
+        self, signals: list[torch.Tensor], masks: list[torch.Tensor], device: torch.device, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCA of the new position's signals (in this frame) keeping ``width`` directions.
+
+        Returns the position's full basis in dense coordinates, ``Q = B·V`` (or ``V``), and its kept columns in this
+        frame, ``V[:, :width]``, which turn this frame's signals into the rotated, sliced stream.
+        """
+        v = _pca(signals, masks, device)
+        self.basis = self.residual_basis @ v if self.in_residual_basis else v
+        self.width = width
+        return self.basis, v[:, :width]
+
+
+@contextmanager
+def output_in_basis(
+    out_linear: nn.Linear, basis: torch.Tensor, width: int, n_tokens: int, timings: Timings
+) -> Iterator[OutputFrame]:
+    """Form a sublayer's output position (residual plus sublayer output) in the cheaper of two orthonormal frames;
+    when the block ends, ``out_linear`` writes that position rotated and sliced.
+
+    ``basis`` is the full (D × D) basis ``B`` of the residual's position, whose first ``width`` columns are kept.
+    With many tokens (:func:`forms_in_input_basis`) ``out_linear`` first writes ``Y = X·B`` (``W ← Bᵀ·W``, for the
+    forward only) and the residual is just the first ``width`` coordinates; else ``X`` is formed densely. Both
+    frames give the same PCA and the same final weight, since for the new position's dense signals ``X``:
+
+        YᵀY = Bᵀ(XᵀX)B, so V (eigenvectors of YᵀY) maps to Q = B·V (eigenvectors of XᵀX, same damping);
+        X·Q[:, :d] = Y·V[:, :d]   and   Q[:, :d]ᵀ·W = V[:, :d]ᵀ·(Bᵀ·W);
+        the residual x·B[:, :width]ᵀ has coordinates (x·B[:, :width]ᵀ)·B = [x, 0] in B.
+
+    The frame's :meth:`~OutputFrame.pca` must be taken inside the block. On leaving, the saved ``W`` (and bias) is
+    rotated once by ``Q[:, :d]`` (one rounding, not two).
+    """
+    frame = OutputFrame(basis, width, forms_in_input_basis(basis.shape[0], out_linear.in_features, n_tokens, width))
+    weight, bias = out_linear.weight, out_linear.bias
+    with timings("rotate"):
+        if frame.in_residual_basis:
+            _rotate_outputs(out_linear, basis)
+    try:
+        yield frame
+    finally:
+        out_linear.weight = weight
+        if bias is not None:
+            out_linear.bias = bias
+        out_linear.out_features = weight.shape[0]
+    with timings("rotate"):
+        if frame.basis is None:
+            raise RuntimeError("output_in_basis: the block ended before the new position's PCA was taken")
+        _rotate_outputs(out_linear, frame.basis[:, : frame.width])
 
 
 def _project(x: torch.Tensor, q: torch.Tensor, device: torch.device, keep_on_device: bool = False) -> torch.Tensor:
@@ -367,7 +432,8 @@ def fuse_norms(model: nn.Module, adapter: LlamaLikeAdapter | None = None) -> Non
         fold_layer_norms(layer, adapter)
     _scale_inputs(adapter.head, adapter.final_norm.weight)
     adapter.final_norm = RMSN(adapter.hidden_size, adapter.rms_eps)
-    model._dynslice_fused = True
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model._dynslice_fused = True  # type: ignore[assignment]
 
 
 @torch.no_grad()
@@ -376,7 +442,7 @@ def fold_layer_norms(layer: nn.Module, adapter: LlamaLikeAdapter) -> None:
     parts = adapter.parts(layer)
     for norm, linears in ((parts.attn_norm, parts.attn_in), (parts.mlp_norm, parts.mlp_in)):
         for lin in linears:
-            _scale_inputs(lin, norm.weight)
+            _scale_inputs(lin, cast(torch.Tensor, norm.weight))  # an RMSNorm's scale
     adapter.replace_norms(layer, lambda: RMSN(adapter.hidden_size, adapter.rms_eps))
 
 
@@ -429,18 +495,19 @@ def build_sliced_structure(model: nn.Module, widths: Sequence[int], final_width:
         adapter.layers[i] = adapter.sliced_layer(layer, widths[i], outs[i], **kw)
     adapter.final_norm = RMSN(d, adapter.rms_eps)
     _resize(adapter.head, in_features=final_width)
-    model.dynslice_info = SliceInfo(widths, final_width)
-    model._dynslice_fused = True
+    # nn.Module takes any attribute; torch's stub of its __setattr__ admits only tensors and modules.
+    model.dynslice_info = SliceInfo(widths, final_width)  # type: ignore[assignment]
+    model._dynslice_fused = True  # type: ignore[assignment]
     return model
 
 
 def _resize(lin: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> None:
     i = lin.in_features if in_features is None else in_features
     o = lin.out_features if out_features is None else out_features
-    kw = {"dtype": lin.weight.dtype, "device": lin.weight.device}
-    lin.weight = nn.Parameter(torch.empty(o, i, **kw), requires_grad=False)
+    dtype, device = lin.weight.dtype, lin.weight.device
+    lin.weight = nn.Parameter(torch.empty(o, i, dtype=dtype, device=device), requires_grad=False)
     if lin.bias is not None and out_features is not None:
-        lin.bias = nn.Parameter(torch.empty(o, **kw), requires_grad=False)
+        lin.bias = nn.Parameter(torch.empty(o, dtype=dtype, device=device), requires_grad=False)
     lin.in_features, lin.out_features = i, o
 
 
@@ -598,12 +665,16 @@ class _Recorder(nn.Module):
 
 
 @dataclass
-class _Signals:
+class CapturedInputs:
     """Calibration state on the CPU: per batch, the residual signal, the pad mask and each layer's kwargs."""
 
     x: list[torch.Tensor]
     masks: list[torch.Tensor]
     layer_kwargs: list[list[dict]]  # [layer][batch]
+
+    def for_layer(self, i: int) -> LayerCalibration:
+        """What decoder layer ``i``'s forward needs besides its input signals."""
+        return LayerCalibration(self.layer_kwargs[i], self.masks)
 
 
 @torch.no_grad()
@@ -613,7 +684,7 @@ def capture_inputs(
     batch_size: int,
     device: torch.device,
     adapter: LlamaLikeAdapter | None = None,
-) -> _Signals:
+) -> CapturedInputs:
     """Embed the calibration batches and record the arguments every decoder layer receives.
 
     The decoder layers are swapped for pass-through recorders, so this costs the embedding lookup and the mask and
@@ -638,7 +709,7 @@ def capture_inputs(
     finally:
         for i, layer in enumerate(layers):
             adapter.layers[i] = layer
-    return _Signals(xs, masks, per_layer)
+    return CapturedInputs(xs, masks, per_layer)
 
 
 def _check_calibration(calibration: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

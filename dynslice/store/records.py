@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from dynslice.core.allocate import ORIENTATION, redundancy_scores
 from dynslice.core.checks import MAX_HIDDEN, MAX_LAYERS, MAX_SCORE, check_choice
@@ -57,7 +57,7 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not a number (NaN is written as null)")
         if not math.isfinite(v):
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is not finite")
-        if abs(v) > MAX_SCORE:
+        if abs(cast(float, v)) > MAX_SCORE:  # a Real compares with floats; typeshed's numbers.Real does not say so
             raise ValueError(f"lr: {source} entry lr[{i}] = {v!r} is outside -{MAX_SCORE:g} <= lr <= {MAX_SCORE:g}")
     stated = obj.get("metric")
     if stated is not None and (not isinstance(stated, str) or stated not in ORIENTATION):
@@ -70,14 +70,15 @@ def lr_input(obj: Any, metric: str | None = None, *, source: str = "lr") -> LRIn
         raise ValueError(f"lr: {source} states metric {stated!r} but --lr-metric says {metric!r}")
     hidden = obj.get("hidden")
     if hidden is not None and (
-        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= hidden <= MAX_HIDDEN
+        isinstance(hidden, bool) or not isinstance(hidden, Integral) or not 1 <= int(hidden) <= MAX_HIDDEN
     ):
         raise ValueError(f"lr: {source} field hidden = {hidden!r} must be an integer in 1..{MAX_HIDDEN}")
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
         raise ValueError(f"lr: {source} field model = {model!r} must be a string")
-    chosen = stated or metric
-    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden, model)
+    chosen = cast(str, stated or metric)  # one of them is given (checked above)
+    hidden_int = None if hidden is None else int(hidden)
+    return LRInput(tuple(redundancy_scores(scores, chosen).tolist()), chosen, hidden_int, model)
 
 
 def read_lr(path: str | os.PathLike, metric: str | None = None) -> LRInput:

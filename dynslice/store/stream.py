@@ -25,6 +25,7 @@ from dynslice import __version__
 from dynslice.core.adapters import get_adapter, mark_untied
 from dynslice.core.layers import RMSN
 from dynslice.core.slicing import (
+    Run,
     SliceInfo,
     Timings,
     capture_inputs,
@@ -220,7 +221,7 @@ def slice_streaming(
     d, n_layers = adapter.hidden_size, adapter.num_layers
     widths, final_width = check_slice_args(widths, final_width, batch_size, n_layers, d)
     home = torch.device("cpu")
-    timings = Timings()
+    run = Run(device, home, Timings())
 
     out_dir = outputs.check_model_out(out_dir, overwrite=overwrite)
     outputs.clean_stale(out_dir)
@@ -228,18 +229,17 @@ def slice_streaming(
     try:
         writer = ShardWriter(tmp, shard_bytes)
         # Capture: the real embedding and rotary tables, pass-through layers, a weightless final norm.
-        with timings("capture"):
+        with run.timings("capture"):
             adapter.embeddings = nn.Embedding.from_pretrained(
                 src.get(names.embeddings, torch_dtype), freeze=True, padding_idx=adapter.embeddings.padding_idx
             )
             _rebuild_rotary(model)
             final_norm_w = src.get(names.final_norm, torch_dtype)
             adapter.final_norm = RMSN(d, adapter.rms_eps)
-            sig = capture_inputs(model, calibration, batch_size, home, adapter)
-        masks = sig.masks
+            captured = capture_inputs(model, calibration, batch_size, home, adapter)
 
         # Position 0: the embeddings, written out and dropped.
-        x, q_in = slice_embeddings(adapter, sig, widths[0], device, timings)
+        position = slice_embeddings(adapter, captured, widths[0], run)
         writer.add(names.embeddings, adapter.embeddings.weight)
         adapter.embeddings.to("meta")
         release_freed_heap()
@@ -251,37 +251,32 @@ def slice_streaming(
             layer = adapter.layers[i]
             layer.load_state_dict(src.module_state(prefix, layer, torch_dtype), strict=True, assign=True)
             fold_layer_norms(layer, adapter)
-            new, x, q_in = slice_layer(
+            new, position = slice_layer(
                 adapter,
                 layer,
-                x,
-                sig.layer_kwargs[i],
-                masks,
-                q_in,
-                widths[i],
-                outs[i],
-                i == n_layers - 1,
-                device,
-                home,
-                timings,
+                position,
+                width_out=outs[i],
+                calibration=captured.for_layer(i),
+                run=run,
+                output_needed=i < n_layers - 1,
             )
             writer.add_module(prefix, new)
             adapter.layers[i] = new.to("meta")
-            sig.layer_kwargs[i] = []
+            captured.layer_kwargs[i] = []
             release_freed_heap()
 
         # The head: the final norm folded in; rotated when the last output is sliced.
-        with timings("rotate"):
+        with run.timings("rotate"):
             tied = getattr(config, "tie_word_embeddings", False) or names.head not in src
             head = src.get(names.embeddings if tied else names.head, torch_dtype)
             head.mul_(final_norm_w)  # exact as through float64: one rounding of the product
             if final_width < d:
-                head = rotate_embedding(head, q_in[:, :final_width], device)
+                head = rotate_embedding(head, position.kept, device)
             writer.add(names.head, head)
-            del head, x
+            del head, position
 
         weights = writer.finish()
-        info = SliceInfo(widths, final_width, timings.summary())
+        info = SliceInfo(widths, final_width, run.timings.summary())
         mark_untied(config)
         config.to_json_file(tmp / "config.json")
         if tokenizer is not None:

@@ -190,7 +190,6 @@ def _check_out(out: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(f"out: expected a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype != torch.float64 or tuple(out.shape) != (d, d) or out.device != x.device:
         raise ValueError(f"out: {out.dtype} {tuple(out.shape)} on {out.device} is not float64 ({d}, {d}) on {x.device}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- torch path

@@ -226,13 +226,13 @@ def compare(
     logits compared when both modes ran."""
     from transformers import AutoConfig
 
-    from dynslice.store.memory import Shapes, _round_down, predict
+    from dynslice.store.memory import Shapes, predict, round_down
 
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} is outside repeats >= 1")
     cfg_obj = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
     shapes = Shapes.from_config(cfg_obj)
-    widths = [_round_down(shapes.hidden * (1 - sp), 8)] * shapes.layers
+    widths = [round_down(shapes.hidden * (1 - sp), 8)] * shapes.layers
     src = build_model(cfg, workdir / "dense", dtype)
     disk = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     row: dict = {

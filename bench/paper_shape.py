@@ -34,7 +34,7 @@ import memory_model as mm
 import torch
 
 from dynslice.store.jsonio import write_json
-from dynslice.store.memory import Shapes, _round_down, predict
+from dynslice.store.memory import Shapes, predict, round_down
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     shapes = Shapes.from_config(AutoConfig.for_model("llama", **{k: v for k, v in cfg.items() if k != "model_type"}))
-    widths = [_round_down(shapes.hidden * (1 - a.sp), 8)] * layers
+    widths = [round_down(shapes.hidden * (1 - a.sp), 8)] * layers
     record: dict = {
         "config": cfg,
         "tiny": a.tiny,

@@ -10,7 +10,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,16 +173,23 @@ def _parser() -> argparse.ArgumentParser:
 
     lr = sub.add_parser("lr", help="Layer Redundancy score of a dense model")
     _model_args(lr)
-    _field_arg(lr, "lr_dataset", "--dataset")
-    _field_arg(lr, "lr_nsamples", "--nsamples", help="LR windows")
-    _field_arg(lr, "lr_seqlen", "--seqlen")
-    _field_arg(lr, "lr_metric", "--metric")
+    keep = argparse.SUPPRESS  # absent: the RunConfig's default, or the protocol's
+    _field_arg(lr, "protocol", default=keep)
+    _field_arg(lr, "lr_dataset", "--dataset", "--lr-dataset", dest="lr_dataset", default=keep)
+    _field_arg(lr, "lr_split", "--split", "--lr-split", dest="lr_split", default=keep)
+    _field_arg(lr, "lr_sampler", "--sampler", "--lr-sampler", dest="lr_sampler", default=keep)
+    _field_arg(lr, "lr_nsamples", "--nsamples", "--lr-nsamples", dest="lr_nsamples", default=keep, help="LR windows")
+    _field_arg(lr, "lr_seqlen", "--seqlen", "--lr-seqlen", dest="lr_seqlen", default=keep)
+    _field_arg(lr, "lr_stride", "--stride", "--lr-stride", dest="lr_stride", default=keep)
+    _field_arg(lr, "lr_last_layer", "--last-layer", "--lr-last-layer", dest="lr_last_layer", default=keep)
+    _field_arg(lr, "lr_metric", "--metric", "--lr-metric", dest="lr_metric", default=keep)
     lr.add_argument("--out", required=True)
 
     al = sub.add_parser("allocate", help="per-layer widths from an LR file")
     al.add_argument("--lr", required=True, help='LR JSON written by `dynslice lr`, {"lr": [...]} or a bare list')
     al.add_argument(
         "--lr-metric",
+        dest="lr_file_metric",
         default=None,
         choices=lr_file_metrics,
         help="metric of a hand-written LR file that does not state one",
@@ -212,13 +218,15 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--lr", default=None, help="LR JSON; computed on the calibration data when omitted")
     sl.add_argument(
         "--lr-metric",
+        dest="lr_file_metric",
         default=None,
         choices=lr_file_metrics,
         help="metric of a hand-written LR file that does not state one",
     )
     _field_arg(sl, "round_interval", "--round-interval", type=int)
-    for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen"):
+    for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen", "lr_dataset", "lr_nsamples"):
         _field_arg(sl, name, f"--{name.replace('_', '-')}")
+    _field_arg(sl, "lr_seqlen", "--lr-seqlen")
     sl.add_argument("--out", required=True, help="folder for the sliced model")
     sl.add_argument(
         "--stream",
@@ -311,278 +319,74 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="results", help="records go to <root>/<profile>/runs/")
 
 
-def _read_widths(spec: str) -> list[int]:
-    """``--widths``: a JSON list, or a file holding one (bare, or under ``"widths"`` as `allocate` writes it)."""
-    import json
+def _config_from(a: argparse.Namespace, *, unset: Sequence[str] = (), **fixed) -> RunConfig:
+    """The RunConfig of the fields in ``a`` (flags made by :func:`_field_arg`), then ``fixed``; a field named in
+    ``unset`` whose flag was not given (``None``) keeps the RunConfig's default."""
+    from dynslice.experiment.config import OPTIONS, RunConfig
 
-    from dynslice.store.jsonio import read_json
-
-    text = spec.strip()
-    if text.startswith("["):
-        if len(text) > 1 << 20:
-            raise ValueError(f"widths: the --widths list is {len(text)} characters; at most {1 << 20} are allowed")
-        try:
-            obj = json.loads(text, parse_constant=lambda c: float(c))
-        except RecursionError:
-            raise ValueError("widths: the --widths list nests too deeply") from None
-        except ValueError as e:
-            raise ValueError(f"widths: {text[:60]!r} is not a JSON list of integers ({e})") from None
-        where = "the --widths list"
-    else:
-        from dynslice.store.records import MAX_LR_BYTES
-
-        obj = read_json(spec, max_bytes=MAX_LR_BYTES)
-        where = spec
-    if isinstance(obj, dict) and "widths" not in obj and "lr" in obj:
-        raise ValueError(f"widths: {where} holds LR scores, not widths; pass it as --lr")
-    from dynslice.core.checks import MAX_HIDDEN, MAX_LAYERS
-
-    widths = obj.get("widths") if isinstance(obj, dict) else obj
-    if not isinstance(widths, list) or not widths:
-        raise ValueError(f"widths: {where} holds no non-empty 'widths' list")
-    if len(widths) > MAX_LAYERS:
-        raise ValueError(f"widths: {where} has {len(widths)} widths; at most {MAX_LAYERS} layers are allowed")
-    for i, w in enumerate(widths):
-        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_HIDDEN:
-            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer in 1..{MAX_HIDDEN}")
-    return widths
-
-
-def _check_model(command: str, model: str, dtype: str, device: str, *, dense: bool) -> None:
-    """Validate ``--model``, ``--dtype`` and ``--device`` before any work; ``dense`` refuses sliced models."""
-    from dynslice.store.models import parse_device, parse_dtype, resolve_spec
-
-    parse_dtype(dtype)
-    parse_device(device)
-    r = resolve_spec(model)
-    if dense and r.kind == "sliced":
-        from dynslice.store.io import read_sliced_meta
-
-        base = read_sliced_meta(r.location)["base_model"]
-        raise ValueError(
-            f"model: {model} is already sliced (from {base}); {command} needs a dense model, "
-            f"such as its base model {base}"
-        )
-
-
-def _check_context(config, **seqlens: int | None) -> None:
-    """Refuse sequence lengths beyond the model's context (``config.max_position_embeddings``)."""
-    ctx = getattr(config, "max_position_embeddings", None)
-    for name, value in seqlens.items():
-        if ctx and value is not None and value > ctx:
-            raise ValueError(f"{name}: {value} is beyond the model's context of {ctx} tokens (allowed 2..{ctx})")
-
-
-def _check_lr_fits(a: argparse.Namespace, redundancy, dims) -> None:
-    """An LR file (``--lr``) must have been computed for this model's width and have one score per layer."""
-    if redundancy is None:
-        return
-    if redundancy.hidden not in (None, dims.hidden):
-        raise ValueError(f"lr: {a.lr} was computed for width {redundancy.hidden}, but {a.model} has {dims.hidden}")
-    if len(redundancy.redundancy) != dims.layers:
-        raise ValueError(f"lr: {a.lr} has {len(redundancy.redundancy)} scores but {a.model} has {dims.layers} layers")
-
-
-def _check_names(ppl: Sequence[str] = (), tasks: Sequence[str] = (), **datasets: str) -> None:
-    """Dataset and task names, checked before any model is loaded."""
-    from dynslice.experiment.config import DATASETS
-    from dynslice.measure.evaluate import METRIC
-
-    for param, name in datasets.items():
-        if name not in DATASETS:
-            raise ValueError(f"{param}: {name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
-    for name in ppl:
-        if name not in DATASETS:
-            raise ValueError(f"ppl: {name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
-    unknown = [t for t in tasks if t not in METRIC]
-    if unknown:
-        raise ValueError(f"tasks: {unknown} are not known tasks; known tasks are {', '.join(sorted(METRIC))}")
+    given = {k: v for k, v in vars(a).items() if k in OPTIONS and not (k in unset and v is None)}
+    return RunConfig(**{**given, **fixed})
 
 
 def _cmd_lr(a: argparse.Namespace) -> None:
-    from dynslice.core.adapters import get_adapter
-    from dynslice.core.lr import layer_redundancy
-    from dynslice.measure import data
+    from dynslice.experiment import pipeline
     from dynslice.store.jsonio import write_json
-    from dynslice.store.models import load_model, load_tokenizer
     from dynslice.store.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
-    _check_names(dataset=a.dataset)
-    _check_model(a.command, a.model, a.dtype, a.device, dense=True)
-    model = load_model(a.model, a.dtype, a.device)
-    _check_context(model.config, seqlen=a.seqlen)
-    tok = load_tokenizer(a.model)
-    batch = data.calibration_batch(a.dataset, tok, a.nsamples, a.seqlen, seed=a.seed)
-    t = time.perf_counter()
-    score = layer_redundancy(model, batch, metric=a.metric, batch_size=a.batch_size)
-    adapter = get_adapter(model)
-    write_json(
-        out,
-        {
-            **score.to_json(),
-            "model": a.model,
-            "hidden": adapter.hidden_size,
-            "num_layers": adapter.num_layers,
-            "dataset": a.dataset,
-            "nsamples": a.nsamples,
-            "seqlen": a.seqlen,
-            "seed": a.seed,
-            "time_s": round(time.perf_counter() - t, 3),
-        },
-    )
+    cfg = _config_from(a)
+    pipeline.check_run(cfg, a.command)
+    bench = pipeline.Workbench.of(cfg)
+    pipeline.check_context(bench.model.config, cfg, "lr_seqlen")
+    write_json(out, pipeline.lr_record(bench, cfg))
 
 
 def _cmd_allocate(a: argparse.Namespace) -> None:
-    from dynslice.core.allocate import allocate
-    from dynslice.core.params import ArchDims
+    from dynslice.experiment.widths import allocation, dims_of
     from dynslice.store.jsonio import write_json
     from dynslice.store.outputs import check_json_out
     from dynslice.store.records import read_lr
 
     out = check_json_out(a.out, overwrite=a.overwrite)
-    lr = read_lr(a.lr, a.lr_metric)
-    dims = None
-    if a.model is not None:
-        from dynslice.store.models import load_model
-
-        dims = ArchDims.from_config(load_model(a.model).config)
-    elif a.budget == "params":
-        raise ValueError("model: --budget params needs --model to count parameters")
-    sources = {"--model": dims.hidden if dims else None, "--hidden": a.hidden, f"{a.lr}": lr.hidden}
-    given = {k: v for k, v in sources.items() if v is not None}
-    if len(set(given.values())) > 1:
-        detail = ", ".join(f"{k} ({v})" for k, v in given.items())
-        raise ValueError(f"hidden: the dense width disagrees between {detail}")
-    if not given:
-        raise ValueError(f"hidden: {a.lr} records no dense width (hidden); pass --model or --hidden")
-    hidden = next(iter(given.values()))
-    alloc = allocate(
-        list(lr.redundancy),
-        a.sp,
-        a.sb,
-        hidden,
-        round_interval=a.round_interval,
-        budget=a.budget,
-        dims=dims,
-        count=a.count,
-        rounding=a.rounding,
-    )
+    lr = read_lr(a.lr, a.lr_file_metric)
+    cfg = _config_from(a, model=a.model or lr.model or "unknown")
+    alloc = allocation(cfg, dims_of(lr, model=a.model, hidden=a.hidden, budget=cfg.budget), lr)
     write_json(out, {**alloc.to_json(), "lr_file": str(a.lr), "lr_metric": lr.metric, "model": a.model or lr.model})
 
 
 def _cmd_slice(a: argparse.Namespace) -> None:
-    from dynslice.core.allocate import _check_sp_sb, allocate, redundancy_scores
-    from dynslice.core.lr import layer_redundancy
-    from dynslice.core.params import ArchDims, validate_widths
-    from dynslice.core.slicing import slice_model
-    from dynslice.measure import data
-    from dynslice.store.io import save_sliced
-    from dynslice.store.models import load_model, load_tokenizer
+    from dynslice.experiment import pipeline
     from dynslice.store.outputs import check_model_out
-    from dynslice.store.records import read_lr
+    from dynslice.store.records import read_lr, read_widths
 
     out = check_model_out(a.out, overwrite=a.overwrite)
     widths = None
     if a.widths is not None:
-        for flag, value in (("sb", a.sb), ("lr", a.lr), ("lr_metric", a.lr_metric)):
+        for flag, value in (("sb", a.sb), ("lr", a.lr), ("lr_metric", a.lr_file_metric)):
             if value is not None:
                 raise ValueError(
                     f"{flag}: --{flag.replace('_', '-')} has no effect with --widths (the widths are "
                     "given); drop one of them"
                 )
-        widths = _read_widths(a.widths)
-    _check_names(cal_dataset=a.cal_dataset)
-    _check_model(a.command, a.model, a.dtype, a.device, dense=True)
-    redundancy = read_lr(a.lr, a.lr_metric) if a.lr is not None else None
-    placement = _slice_plan(a)  # printed once every input has been checked, just before the work starts
-    if placement is not None and placement.mode == "stream":
-        return _cmd_slice_stream(a, out, widths, redundancy, placement)
-    model = load_model(a.model, a.dtype, a.device)
-    _check_context(model.config, cal_seqlen=a.cal_seqlen)
-    dims = ArchDims.from_config(model.config)
-    if a.widths is None:
-        _check_lr_fits(a, redundancy, dims)
-    extra: dict = {
-        "calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen, "seed": a.seed}
-    }
-
-    def widths_from(scores: list[float]) -> list[int]:
-        alloc = allocate(
-            scores,
-            a.sp,
-            sb,
-            dims.hidden,
-            round_interval=a.round_interval,
-            budget=a.budget,
-            dims=dims,
-            rounding=a.rounding,
-        )
-        extra["allocation"] = alloc.to_json()
-        return list(alloc.widths)
-
-    sb = None
-    if a.widths is not None:
-        validate_widths(widths, dims.layers, dims.hidden)
-    else:  # allocate now when no LR is to be computed, so that a bad --sp/--sb fails before any work
-        sb = a.sp if a.sb is None else a.sb
-        if redundancy is not None:
-            widths = widths_from(list(redundancy.redundancy))
-        elif sb == a.sp:  # constant slicing needs no LR; any non-constant profile gives FS_i = SP when SB = SP
-            widths = widths_from(list(range(dims.layers)))
-        else:
-            _check_sp_sb(a.sp, sb)
-            widths = None
-    if placement is not None:
-        print(placement.describe(), file=sys.stderr)
-    tok = load_tokenizer(a.model)
-    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
-    if widths is None:
-        score = layer_redundancy(model, cal, batch_size=a.batch_size)
-        widths = widths_from(list(redundancy_scores(score.raw, score.metric)))
-    slice_model(model, cal, widths, batch_size=a.batch_size)
-    save_sliced(model, out, a.model, tok, extra=extra, overwrite=a.overwrite)
-
-
-def _config_from(a: argparse.Namespace, **fixed) -> RunConfig:
-    """The RunConfig of the fields in ``a`` (flags made by :func:`_field_arg`), then ``fixed``."""
-    from dynslice.experiment.config import OPTIONS, RunConfig
-
-    return RunConfig(**{**{k: v for k, v in vars(a).items() if k in OPTIONS}, **fixed})
+        widths = read_widths(a.widths)
+    cfg = _config_from(a, unset=("sp", "sb"), **({"sb": a.sp} if a.sb is None and a.sp is not None else {}))
+    lr = read_lr(a.lr, a.lr_file_metric) if a.lr is not None else None
+    pipeline.slice_to_folder(
+        cfg, out, widths=widths, lr=lr, stream=a.stream, overwrite=a.overwrite, log=lambda s: print(s, file=sys.stderr)
+    )
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from dynslice.core.adapters import count_parameters
-    from dynslice.experiment.numerics import describe as describe_numerics
-    from dynslice.experiment.pipeline import evaluate_model, versions
+    from dynslice.experiment import pipeline
     from dynslice.store.jsonio import write_json
-    from dynslice.store.models import load_model, load_tokenizer
     from dynslice.store.outputs import check_json_out
 
     out = check_json_out(a.out, overwrite=a.overwrite)
-    _check_names(ppl=a.ppl_datasets, tasks=a.tasks)
-    _check_model(a.command, a.model, a.dtype, a.device, dense=False)
     cfg = _config_from(a, sp=0.0, sb=0.0)
-    model = load_model(a.model, a.dtype, a.device)
-    _check_context(model.config, ppl_seqlen=a.ppl_seqlen)
-    tok = load_tokenizer(a.model)
-    t = time.perf_counter()
-    ppl, tasks = evaluate_model(model, tok, cfg)
-    widths = getattr(getattr(model, "dynslice_info", None), "widths", None)
-    write_json(
-        out,
-        {
-            "config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
-            "versions": versions(),
-            "model": a.model,
-            "ppl": ppl,
-            "tasks": tasks,
-            "params": {"total": count_parameters(model)},
-            "widths": None if widths is None else list(widths),
-            "timings_s": {"eval": round(time.perf_counter() - t, 3)},
-            "numerics": describe_numerics(a.device),
-        },
-    )
+    pipeline.check_run(cfg, a.command, dense_only=False)
+    bench = pipeline.Workbench.of(cfg)
+    pipeline.check_context(bench.model.config, cfg, "ppl_seqlen")
+    write_json(out, pipeline.evaluation_record(bench.model, bench.tokenizer, cfg))
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -600,177 +404,24 @@ def _cmd_run(a: argparse.Namespace) -> None:
     missing = [f"--{k}" for k in RUN_REQUIRED if k not in vars(a)]
     if missing:
         raise ValueError(f"run: {', '.join(missing)} required (or --profile NAME to run a whole profile)")
-    from dynslice.experiment.pipeline import Workbench, run
-    from dynslice.store.jsonio import read_json
-    from dynslice.store.models import load_model, load_tokenizer
-    from dynslice.store.outputs import check_json_out, check_model_out, is_dynslice_record
+    from dynslice.experiment import pipeline
+    from dynslice.store.outputs import check_json_out, check_model_out, holds_record
 
     cfg = _config_from(a)
-    out = Path(a.out) if a.out and a.out.strip() else None
-    done = (
-        out is not None
-        and not a.force
-        and out.is_file()
-        and is_dynslice_record(out)
-        and read_json(out).get("config") == cfg.to_json()
-    )
-    if done:
+    if not a.force and holds_record(a.out, cfg.to_json()):
         return  # this config's record is already there: nothing to do
     out = check_json_out(a.out, overwrite=a.overwrite or a.force)
     if cfg.save_dir is not None:
         check_model_out(cfg.save_dir, overwrite=a.overwrite, param="save_model")
-    _check_names(tasks=cfg.tasks)  # the datasets are checked by the config
-    _check_model(a.command, cfg.model, cfg.dtype, cfg.device, dense=True)
-    model = load_model(cfg.model, cfg.dtype, cfg.device)
-    _check_context(model.config, lr_seqlen=cfg.lr_seqlen, cal_seqlen=cfg.cal_seqlen, ppl_seqlen=cfg.ppl_seqlen)
-    bench = Workbench(cfg.model, cfg.dtype, cfg.device, _model=model, _tokenizer=load_tokenizer(cfg.model))
-    run(cfg, out, bench=bench, force=True)
-
-
-def _config_of(spec: str):
-    """The model config of a spec, read without the weights (a folder with just config.json is enough)."""
-    from transformers import AutoConfig
-
-    from dynslice.store.models import resolve_spec, tiny_random_model
-
-    r = resolve_spec(spec)
-    if r.kind == "sliced":
-        raise ValueError(f"model: {spec} is already sliced; plan the slicing of its base model")
-    if r.kind == "tiny":
-        return tiny_random_model().config
-    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    return AutoConfig.from_pretrained(r.location, **kw)
-
-
-def _memory_plan(
-    a: argparse.Namespace,
-    stream: str,
-    nsamples: int,
-    seqlen: int,
-    sp: float = 0.3,
-    host_gib: float | None = None,
-    gpu_gib: float | None = None,
-    weights_needed: bool = True,
-):
-    import torch
-
-    from dynslice.store.memory import GIB, Shapes, plan
-    from dynslice.store.models import resolve_spec
-    from dynslice.store.stream import is_streamable
-
-    try:
-        dev_type = torch.device(a.device).type  # a plan may be made for a GPU this machine does not have
-    except (RuntimeError, TypeError):
-        dev_type = None
-    if dev_type not in ("cpu", "cuda"):
-        raise ValueError(f"device: {a.device!r} is not cpu or cuda[:N]")
-    r = resolve_spec(a.model)
-    # a plan may be made from a bare config.json, before the weights are downloaded
-    streamable = r.kind == "hub" or (r.kind == "dir" and (not weights_needed or is_streamable(r.location)))
-    for name, v in (("host-gib", host_gib), ("gpu-gib", gpu_gib)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name}: {v} is outside {name} > 0")
-    return plan(
-        Shapes.from_config(_config_of(a.model)),
-        nsamples,
-        seqlen,
-        a.dtype,
-        device=str(a.device),
-        batch_size=a.batch_size,
-        sp=sp,
-        stream=stream,
-        streamable=streamable,
-        host_bytes=None if host_gib is None else int(host_gib * GIB),
-        gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB),
-    )
-
-
-def _slice_plan(a: argparse.Namespace):
-    """The placement plan of `dynslice slice` (in RAM or streamed), or None for a model of an architecture that
-    cannot be sliced (loading it gives the reason). The caller prints it just before the work starts."""
-    from dynslice.core.adapters import supported_architectures
-
-    try:
-        archs = getattr(_config_of(a.model), "architectures", None) or []
-    except Exception:  # noqa: BLE001 - an unreadable model: loading it below names the problem
-        if a.stream == "on":
-            raise
-        return None
-    if archs and not any(name in supported_architectures() for name in archs):
-        if a.stream == "on":
-            raise ValueError(
-                f"stream: {a.model} is not a supported architecture "
-                f"({', '.join(supported_architectures())}); it cannot be streamed"
-            )
-        return None
-    sp = a.sp if a.sp is not None else 0.3
-    return _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, sp)
-
-
-def _cmd_slice_stream(a: argparse.Namespace, out: Path, widths: list[int] | None, redundancy, placement) -> None:
-    """`dynslice slice` reading one layer at a time from the safetensors files (inputs already checked)."""
-    from dynslice.core.allocate import _check_sp_sb, allocate
-    from dynslice.core.params import ArchDims, validate_widths
-    from dynslice.measure import data
-    from dynslice.store.models import load_tokenizer, resolve_spec
-    from dynslice.store.stream import slice_streaming
-
-    r = resolve_spec(a.model)
-    config = _config_of(a.model)
-    dims = ArchDims.from_config(config)
-    _check_context(config, cal_seqlen=a.cal_seqlen)
-    extra: dict = {
-        "calibration": {"dataset": a.cal_dataset, "nsamples": a.cal_nsamples, "seqlen": a.cal_seqlen, "seed": a.seed}
-    }
-    if widths is not None:
-        validate_widths(widths, dims.layers, dims.hidden)
-    else:
-        sb = a.sp if a.sb is None else a.sb
-        _check_sp_sb(a.sp, sb)
-        _check_lr_fits(a, redundancy, dims)
-        if redundancy is not None:
-            scores = list(redundancy.redundancy)
-        elif sb != a.sp:
-            raise ValueError("lr: dynamic widths (sb != sp) while streaming need --lr, an LR file from `dynslice lr`")
-        else:  # constant slicing needs no LR
-            scores = list(range(dims.layers))
-        alloc = allocate(
-            scores,
-            a.sp,
-            sb,
-            dims.hidden,
-            round_interval=a.round_interval,
-            budget=a.budget,
-            dims=dims,
-            rounding=a.rounding,
-        )
-        widths = list(alloc.widths)
-        extra["allocation"] = alloc.to_json()
-    folder = r.location
-    if r.kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    print(placement.describe(), file=sys.stderr)
-    tok = load_tokenizer(a.model)
-    cal = data.calibration_batch(a.cal_dataset, tok, a.cal_nsamples, a.cal_seqlen, seed=a.seed)
-    slice_streaming(
-        folder,
-        cal,
-        widths,
-        out,
-        dtype=a.dtype,
-        base_model=a.model,
-        batch_size=a.batch_size,
-        device=a.device,
-        tokenizer=tok,
-        extra=extra,
-        overwrite=a.overwrite,
-    )
+    pipeline.check_run(cfg, a.command)
+    bench = pipeline.Workbench.of(cfg)
+    pipeline.check_context(bench.model.config, cfg, "lr_seqlen", "cal_seqlen", "ppl_seqlen")
+    pipeline.run(cfg, out, bench=bench, force=True)
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
     from dynslice.store.jsonio import write_json
+    from dynslice.store.memory import plan_for_spec
     from dynslice.store.outputs import check_json_out
 
     if a.out:
@@ -785,20 +436,23 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         return
     if not 0 <= a.sp < 1:
         raise ValueError(f"sp: {a.sp} is outside 0 <= sp < 1")
-    p = _memory_plan(a, a.stream, a.cal_nsamples, a.cal_seqlen, a.sp, a.host_gib, a.gpu_gib, weights_needed=False)
+    p = plan_for_spec(
+        a.model,
+        a.cal_nsamples,
+        a.cal_seqlen,
+        a.dtype,
+        device=a.device,
+        batch_size=a.batch_size,
+        sp=a.sp,
+        stream=a.stream,
+        host_gib=a.host_gib,
+        gpu_gib=a.gpu_gib,
+        weights_needed=False,
+    )
     print(p.describe())
     if a.out:
-        write_json(
-            a.out,
-            {
-                **p.to_json(),
-                "model": a.model,
-                "cal_nsamples": a.cal_nsamples,
-                "cal_seqlen": a.cal_seqlen,
-                "batch_size": a.batch_size,
-                "sp": a.sp,
-            },
-        )
+        keep = ("model", "cal_nsamples", "cal_seqlen", "batch_size", "sp")
+        write_json(a.out, {**p.to_json(), **{k: getattr(a, k) for k in keep}})
 
 
 def _cmd_sweep(a: argparse.Namespace) -> None:

@@ -50,7 +50,7 @@ def dims() -> ArchDims:
 @pytest.fixture(scope="module")
 def allocs(dims):
     vecs = A.score_vectors({"cosine": LR}, permutations=5, seed=0)
-    return A.allocations(vecs, 0.3, 0.0, dims, AB.BUDGETS, round_interval=8)
+    return A.allocations(vecs, AB.AblationConfig(sp=(0.3,), round_interval=8).run_config(0.3), 0.0, dims, AB.BUDGETS)
 
 
 def _one_step(dims, widths, ri=8) -> int:

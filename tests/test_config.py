@@ -115,23 +115,28 @@ def test_shared_flags_take_choices_and_defaults_from_the_definition():
     seen = 0
     for command, p in sub.choices.items():
         for action in p._actions:
-            field = action.dest if action.dest in OPTIONS else {"metric": "lr_metric"}.get(action.dest)
-            if (
-                field is None
-                or action.choices is None
-                or (command, field) in {("allocate", "lr_metric"), ("slice", "lr_metric")}
-            ):
+            field = action.dest if action.dest in OPTIONS else None  # lr_file_metric: an LR file's own metric
+            if field is None or action.choices is None:
                 continue
             assert tuple(action.choices) == OPTIONS[field].choices, (command, action.dest)
             seen += 1
     assert seen >= 12
-    lr = sub.choices["lr"].parse_args(["--model", "m", "--out", "o"])
-    assert (lr.dtype, lr.seqlen, lr.nsamples, lr.metric) == (
+    lr = cli._config_from(sub.choices["lr"].parse_args(["--model", "m", "--out", "o"]))
+    assert (lr.dtype, lr.lr_seqlen, lr.lr_nsamples, lr.lr_metric) == (
         default_of("dtype"),
         default_of("lr_seqlen"),
         default_of("lr_nsamples"),
         default_of("lr_metric"),
     )
+    # `dynslice lr --protocol reference` takes every LR setting of the authors' protocol; explicit flags still win
+    ref = cli._config_from(sub.choices["lr"].parse_args(["--model", "m", "--out", "o", "--protocol", "reference"]))
+    assert (ref.lr_sampler, ref.lr_seqlen, ref.lr_split) == (
+        "sliding",
+        default_of("lr_seqlen", "reference"),
+        "validation",
+    )
+    mixed = ["--model", "m", "--out", "o", "--protocol", "reference", "--seqlen", "64"]
+    assert cli._config_from(sub.choices["lr"].parse_args(mixed)).lr_seqlen == 64
     assert sub.choices["eval"].parse_args(["--model", "m", "--out", "o", "--ppl-protocol", "documents"])
 
 

@@ -39,18 +39,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dynslice.core.adapters import count_parameters
-from dynslice.core.allocate import Allocation, allocate
+from dynslice.core.allocate import Allocation
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.params import ArchDims, dense_params, sliced_params
 from dynslice.core.shortgpt import delete_layers, layers_to_delete
-from dynslice.core.slicing import slice_model
-from dynslice.experiment import numerics
+from dynslice.experiment import numerics, pipeline
+from dynslice.experiment.config import RunConfig
 from dynslice.experiment.profiles.ablation import RECORD_VERSION, AblationConfig
 from dynslice.experiment.statistics import gap_tests, summarize
+from dynslice.experiment.widths import allocation
 from dynslice.measure import data
 from dynslice.measure.evaluate import zero_shot
 from dynslice.store.jsonio import read_json, write_json
 from dynslice.store.models import load
+from dynslice.store.records import LRInput
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -129,33 +131,32 @@ def method_of(key: str) -> str:
 
 def allocations(
     vectors: dict[str, np.ndarray],
-    sp: float,
+    base: RunConfig,
     sb: float,
     dims: ArchDims,
     budgets: Sequence[str],
-    round_interval: int = 8,
     sb_step: float = 0.02,
 ) -> dict[tuple[str, str], Allocation | str]:
-    """``{(key, budget): Allocation}`` for constant slicing and every score vector at every budget.
+    """``{(key, budget): Allocation}`` for constant slicing and every score vector at every budget, each through
+    the run's own allocation step (:func:`dynslice.experiment.widths.allocation`) on ``base`` (SP, rounding).
 
     A vector that cannot meet its budget at ``sb`` (e.g. inverted LR, whose one peaked layer would have to be
     sliced entirely) gets the lowest feasible SB of ``sb, sb + sb_step, ...`` below ``sp`` (``Allocation.sb``
     says which); if none is feasible, the error message stands in for it, so the experiment records it.
     """
+    sp = base.sp
     out: dict[tuple[str, str], Allocation | str] = {}
     steps = range(math.ceil((sp - sb) / sb_step) + 1)
     grid = [b for b in (round(sb + k * sb_step, 10) for k in steps) if b < sp - 1e-9]
+    scores = {key: LRInput(tuple(float(x) for x in vec), "redundancy") for key, vec in vectors.items()}
     for budget in budgets:
-        out[("constant", budget)] = allocate(
-            vectors["lr"], sp, sp, dims.hidden, round_interval=round_interval, budget=budget, dims=dims
-        )
-        for key, vec in vectors.items():
+        cfg = base.replace(budget=budget)
+        out[("constant", budget)] = allocation(cfg, dims, scores["lr"], sb=sp)
+        for key, vec in scores.items():
             first_error = None
             for b in grid:
                 try:
-                    out[(key, budget)] = allocate(
-                        vec, sp, b, dims.hidden, round_interval=round_interval, budget=budget, dims=dims
-                    )
+                    out[(key, budget)] = allocation(cfg, dims, vec, sb=b)
                     break
                 except ValueError as err:
                     first_error = first_error or str(err)
@@ -195,14 +196,8 @@ class _Context:
         if key not in self.cache:
             if not with_tasks and (seed, widths, True) in self.cache:
                 return self.cache[(seed, widths, True)]
-            model = slice_model(
-                copy.deepcopy(self.model),
-                calibration,
-                list(widths),
-                batch_size=self.cfg.batch_size,
-                device=self.cfg.device,
-                progress=False,
-            )
+            run_cfg = self.cfg.run_config(self.cfg.sp[0])  # the slicing settings (SP only sizes the record)
+            model = pipeline.slice_dense(copy.deepcopy(self.model), run_cfg, calibration, widths, progress=False)
             actual = count_parameters(model)
             expected = sliced_params(self.dims, list(widths)).total
             if actual != expected:
@@ -296,7 +291,7 @@ def run(
     for sp, key, budget, seed in tqdm(jobs, desc="ablations", disable=not progress):
         if (seed, sp) not in allocs:
             vecs = vecs0 if seed == 0 else {"lr": np.asarray(scores[seed]["cosine"]["normalized"])}
-            allocs[(seed, sp)] = allocations(vecs, sp, cfg.sb, dims, cfg.budgets, cfg.round_interval)
+            allocs[(seed, sp)] = allocations(vecs, cfg.run_config(sp), cfg.sb, dims, cfg.budgets)
         alloc = allocs[(seed, sp)][(key, budget)]
         method = method_of(key)
         if isinstance(alloc, str):

@@ -1,4 +1,17 @@
-"""One run, end to end: model -> LR score -> widths -> rotate-and-slice -> perplexity + zero-shot -> run JSON.
+"""The one orchestrator: the steps of a run, each a function of one :class:`~dynslice.experiment.config.RunConfig`.
+
+    check -> LR score -> widths -> rotate-and-slice (in RAM or streamed) -> evaluate -> save -> run record
+
+Every CLI command, the sweep and the notebooks call these functions, so a flag reaches the engine through the CLI,
+this module and the core only:
+
+- :func:`check_run` validates what a config cannot check alone (model spec, task names, context length), before
+  any work;
+- :func:`lr_record` is the LR score of the dense model, as ``dynslice lr`` writes it;
+- :func:`~dynslice.experiment.widths.allocation` is the one place where SP and SB become widths;
+- :func:`slice_dense` (in RAM) and :func:`slice_streamed` (layer by layer from safetensors) slice;
+- :func:`evaluate_model` measures perplexity and zero-shot accuracy; :func:`save` writes a sliced model;
+- :func:`run` chains them into one run record; :func:`slice_to_folder` is ``dynslice slice``.
 
 :class:`Workbench` holds what many runs of one model share (the dense model, its tokenizer, LR scores, calibration
 batches) so that a sweep loads and scores the dense model once. It is an explicit object, never global state.
@@ -9,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +31,20 @@ import torch
 from torch import nn
 
 from dynslice.core.adapters import count_parameters, get_adapter
-from dynslice.core.allocate import allocate
 from dynslice.core.lr import layer_redundancy
-from dynslice.core.params import ArchDims, dense_params, sliced_params
+from dynslice.core.params import ArchDims, dense_params, sliced_params, validate_widths
 from dynslice.core.search import find_best_sb
 from dynslice.core.slicing import slice_model
 from dynslice.experiment import numerics
 from dynslice.experiment.config import RunConfig
 from dynslice.experiment.numerics import versions
 from dynslice.experiment.protocol import differences
+from dynslice.experiment.widths import allocation
 from dynslice.measure import data
 from dynslice.measure.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.store.jsonio import read_json, write_json
-from dynslice.store.models import load
-from dynslice.store.records import lr_input
+from dynslice.store.models import check_spec, load_model, load_tokenizer
+from dynslice.store.records import LRInput
 
 RECORD_VERSION = 1
 
@@ -46,16 +60,21 @@ class Workbench:
     _tokenizer: Any = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Workbench:
+        """The workbench of ``cfg``'s model, dtype and device (nothing is loaded yet)."""
+        return cls(cfg.model, cfg.dtype, cfg.device)
+
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            self._model, self._tokenizer = load(self.model_spec, self.dtype, self.device)
+            self._model = load_model(self.model_spec, self.dtype, self.device)
         return self._model
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            _ = self.model
+            self._tokenizer = load_tokenizer(self.model_spec)
         return self._tokenizer
 
     def dims(self) -> ArchDims:
@@ -90,7 +109,7 @@ class Workbench:
         )
 
     def lr(self, cfg: RunConfig) -> dict[str, Any]:
-        """LR score of the dense model (cached per corpus, size, metric and seed); includes its time."""
+        """:func:`lr_record` of the dense model, cached per corpus, sampler, size, metric and seed."""
         key = (
             "lr",
             cfg.lr_dataset,
@@ -103,29 +122,7 @@ class Workbench:
             cfg.lr_metric,
             cfg.seed,
         )
-
-        def compute():
-            t = time.perf_counter()
-            batch = self.lr_batch(cfg)
-            score = layer_redundancy(
-                self.model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size, last_layer=cfg.lr_last_layer
-            )
-            return {
-                **score.to_json(),
-                "model": self.model_spec,
-                "dataset": cfg.lr_dataset,
-                "split": cfg.lr_split,
-                "sampler": cfg.lr_sampler,
-                "windows": int(batch["input_ids"].shape[0]),
-                "nsamples": cfg.lr_nsamples,
-                "seqlen": cfg.lr_seqlen,
-                "stride": cfg.lr_stride,
-                "last_layer": cfg.lr_last_layer,
-                "seed": cfg.seed,
-                "time_s": time.perf_counter() - t,
-            }
-
-        return self._cached(key, compute)
+        return self._cached(key, lambda: lr_record(self, cfg))
 
     def heldout(self, cfg: RunConfig) -> torch.Tensor:
         """Calibration-corpus chunks disjoint from the calibration windows, for choosing SB (never the eval split)."""
@@ -145,38 +142,118 @@ class Workbench:
 
     def sliced(self, cfg: RunConfig, widths: list[int]) -> nn.Module:
         """A fresh sliced copy of the dense model (the dense model itself is left untouched)."""
-        model = copy.deepcopy(self.model)
-        return slice_model(
-            model,
-            self.calibration(cfg),
-            widths,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
-            embedding_mean=cfg.embedding_mean,
-        )
+        return slice_dense(copy.deepcopy(self.model), cfg, self.calibration(cfg), widths)
 
 
-def _param_record(bench: Workbench, widths: list[int] | None, model: nn.Module) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- checks, once
+def check_tasks(tasks: Sequence[str]) -> None:
+    """Zero-shot task names, checked before any model is loaded (the config checks the dataset names)."""
+    from dynslice.measure.evaluate import METRIC
+
+    unknown = [t for t in tasks if t not in METRIC]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} are not known tasks; known tasks are {', '.join(sorted(METRIC))}")
+
+
+def check_context(config: Any, cfg: RunConfig, *fields: str) -> None:
+    """Refuse sequence lengths (the named fields of ``cfg``) beyond the model's context."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    for name in fields:
+        value = getattr(cfg, name)
+        if ctx and value is not None and value > ctx:
+            raise ValueError(f"{name}: {value} is beyond the model's context of {ctx} tokens (allowed 2..{ctx})")
+
+
+def check_run(cfg: RunConfig, command: str = "run", *, dense_only: bool = True) -> None:
+    """What a config cannot check by itself, before any model is loaded: the model spec (a dense one unless
+    ``dense_only`` is false), dtype and device, and the task names."""
+    check_tasks(cfg.tasks)
+    check_spec(command, cfg.model, cfg.dtype, cfg.device, dense=dense_only)
+
+
+# ------------------------------------------------------------------------------------------- the steps
+def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
+    """Step 1: the LR score of the dense model on ``cfg``'s LR data, as ``dynslice lr`` writes it (scores, their
+    normalised redundancy, what data gave them, and the model's width and depth)."""
+    t = time.perf_counter()
+    batch = bench.lr_batch(cfg)
+    score = layer_redundancy(
+        bench.model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size, last_layer=cfg.lr_last_layer
+    )
     dims = bench.dims()
-    dense = dense_params(dims)
-    if widths is None:
-        return {"dense": dense, "total": dense, "weights": dense, "shortcuts": 0, "fraction_removed": 0.0}
-    count = sliced_params(dims, widths)
-    actual = count_parameters(model)
-    if actual != count.total:
-        raise RuntimeError(f"parameter accounting: formula gives {count.total}, the model has {actual}")
     return {
-        "dense": dense,
-        "total": count.total,
-        "weights": count.weights,
-        "shortcuts": count.shortcuts,
-        "fraction_removed": 1 - count.total / dense,
-        "fraction_removed_weights": 1 - count.weights / dense,
+        **score.to_json(),
+        "model": bench.model_spec,
+        "hidden": dims.hidden,
+        "num_layers": dims.layers,
+        "dataset": cfg.lr_dataset,
+        "split": cfg.lr_split,
+        "sampler": cfg.lr_sampler,
+        "windows": int(batch["input_ids"].shape[0]),
+        "nsamples": cfg.lr_nsamples,
+        "seqlen": cfg.lr_seqlen,
+        "stride": cfg.lr_stride,
+        "last_layer": cfg.lr_last_layer,
+        "seed": cfg.seed,
+        "time_s": time.perf_counter() - t,
     }
 
 
+def slice_dense(
+    model: nn.Module,
+    cfg: RunConfig,
+    calibration: dict[str, torch.Tensor],
+    widths: Sequence[int],
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Step 3, in RAM: rotate and slice ``model`` in place on the ``calibration`` batch with ``cfg``'s settings
+    (SliceGPT with per-layer widths, :func:`dynslice.core.slicing.slice_model`)."""
+    return slice_model(
+        model,
+        calibration,
+        list(widths),
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        embedding_mean=cfg.embedding_mean,
+        progress=progress,
+    )
+
+
+def slice_streamed(
+    cfg: RunConfig,
+    folder: str | Path,
+    calibration: dict[str, torch.Tensor],
+    widths: Sequence[int],
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Step 3, streamed: the same slicing, reading one layer at a time from the safetensors files in ``folder`` and
+    writing the sliced model to ``out`` as each layer is done (:mod:`dynslice.store.stream`)."""
+    from dynslice.store.stream import slice_streaming
+
+    if cfg.embedding_mean:
+        raise ValueError("embedding_mean: not supported while streaming; slice in RAM (--stream off)")
+    slice_streaming(
+        folder,
+        calibration,
+        list(widths),
+        out,
+        dtype=cfg.dtype,
+        base_model=cfg.model,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        tokenizer=tokenizer,
+        extra={"config": cfg.to_json(), **(extra or {})},
+        overwrite=overwrite,
+    )
+
+
 def evaluate_model(model: nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Perplexities on ``cfg.ppl_datasets`` and zero-shot accuracies on ``cfg.tasks``."""
+    """Step 4: perplexities on ``cfg.ppl_datasets`` and zero-shot accuracies on ``cfg.tasks``."""
     ppl = {
         name: dataset_perplexity(
             model,
@@ -199,31 +276,157 @@ def evaluate_model(model: nn.Module, tokenizer, cfg: RunConfig) -> tuple[dict[st
     return ppl, tasks
 
 
-def _allocate(bench: Workbench, cfg: RunConfig, sb: float, lr: dict[str, Any]):
-    dims = bench.dims()
-    return allocate(
-        lr_input(lr).redundancy,
-        cfg.sp,
-        sb,
-        dims.hidden,
-        round_interval=cfg.round_interval,
-        budget=cfg.budget,
-        dims=dims,
-        count=cfg.count,
-        rounding=cfg.rounding,
+def evaluation_record(model: nn.Module, tokenizer, cfg: RunConfig) -> dict[str, Any]:
+    """Step 4 as ``dynslice eval`` records it, for any model (dense or sliced): perplexity, accuracy, size."""
+    t = time.perf_counter()
+    ppl, tasks = evaluate_model(model, tokenizer, cfg)
+    widths = getattr(getattr(model, "dynslice_info", None), "widths", None)
+    return {
+        "config": {k: v for k, v in cfg.to_json().items() if not k.startswith(("sp", "sb"))},
+        "versions": versions(),
+        "model": cfg.model,
+        "ppl": ppl,
+        "tasks": tasks,
+        "params": {"total": count_parameters(model)},
+        "widths": None if widths is None else list(widths),
+        "timings_s": {"eval": round(time.perf_counter() - t, 3)},
+        "numerics": numerics.describe(cfg.device),
+    }
+
+
+def save(
+    model: nn.Module,
+    cfg: RunConfig,
+    out: str | Path,
+    tokenizer: Any = None,
+    *,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Step 5: write a sliced model folder (safetensors, its config and widths, ``cfg`` in its metadata); it
+    replaces only a previous dynslice model (:func:`dynslice.store.io.save_sliced`)."""
+    from dynslice.store.io import save_sliced
+
+    save_sliced(model, out, cfg.model, tokenizer, extra={"config": cfg.to_json(), **(extra or {})}, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------- dynslice slice
+def placement(cfg: RunConfig, stream: str = "auto"):
+    """The memory plan of slicing ``cfg``'s model (in RAM or streamed), or ``None`` for a model whose architecture
+    cannot be sliced (loading it names the reason)."""
+    from dynslice.core.adapters import supported_architectures
+    from dynslice.store.memory import plan_for_spec
+    from dynslice.store.models import config_of
+
+    try:
+        archs = getattr(config_of(cfg.model), "architectures", None) or []
+    except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem
+        if stream == "on":
+            raise
+        return None
+    if archs and not any(name in supported_architectures() for name in archs):
+        if stream == "on":
+            raise ValueError(
+                f"stream: {cfg.model} is not a supported architecture "
+                f"({', '.join(supported_architectures())}); it cannot be streamed"
+            )
+        return None
+    return plan_for_spec(
+        cfg.model,
+        cfg.cal_nsamples,
+        cfg.cal_seqlen,
+        cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        sp=cfg.sp,
+        stream=stream,
     )
 
 
-def _choose_sb(bench: Workbench, cfg: RunConfig, lr: dict[str, Any]) -> dict[str, Any]:
-    """Fibonacci search of SB on held-out calibration chunks (:func:`~dynslice.core.search.find_best_sb`); records every
-    SB tried."""
+def slice_to_folder(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    widths: Sequence[int] | None = None,
+    lr: LRInput | None = None,
+    stream: str = "auto",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> None:
+    """``dynslice slice``: slice ``cfg``'s dense model and save it to ``out``, in RAM or streamed (``stream``:
+    ``auto`` streams when the model does not fit in RAM).
+
+    The widths are ``widths`` when given, else :func:`allocation` of ``lr`` (an LR file), else of the LR score
+    computed on ``cfg``'s LR data, as :func:`run` does (constant slicing needs none). Every input is checked
+    before the model is loaded.
+    """
+    from dynslice.store.models import config_of, resolve_spec
+
+    check_run(cfg, "slice")
+    plan = placement(cfg, stream)  # printed once every input has been checked, just before the work starts
+    bench = Workbench.of(cfg)
+    config = config_of(cfg.model) if plan is not None else bench.model.config  # loading names an unsupported model
+    check_context(config, cfg, "cal_seqlen")
+    dims = ArchDims.from_config(config)
+    extra: dict[str, Any] = {}
+    if widths is not None:
+        widths = list(validate_widths(widths, dims.layers, dims.hidden))
+    elif lr is not None or cfg.sb == cfg.sp:
+        alloc = allocation(cfg, dims, lr)  # a bad LR file or an infeasible SB fails here, before any work
+        widths, extra["allocation"] = list(alloc.widths), alloc.to_json()
+    elif plan is not None and plan.mode == "stream":
+        raise ValueError("lr: dynamic widths (sb != sp) while streaming need --lr, an LR file from `dynslice lr`")
+    else:
+        check_context(config, cfg, "lr_seqlen")  # the LR score is computed below, as a run computes it
+    if plan is not None:
+        log(plan.describe())
+    if plan is not None and plan.mode == "stream":
+        r = resolve_spec(cfg.model)
+        folder = r.location
+        if r.kind == "hub":
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        cal = bench.calibration(cfg)
+        slice_streamed(cfg, folder, cal, widths, out, tokenizer=bench.tokenizer, extra=extra, overwrite=overwrite)
+        return
+    if widths is None:
+        alloc = allocation(cfg, dims, bench.lr(cfg))
+        widths, extra["allocation"] = list(alloc.widths), alloc.to_json()
+    model = slice_dense(bench.model, cfg, bench.calibration(cfg), widths)
+    save(model, cfg, out, bench.tokenizer, extra=extra, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------- one run
+def _param_record(bench: Workbench, widths: list[int] | None, model: nn.Module) -> dict[str, Any]:
+    dims = bench.dims()
+    dense = dense_params(dims)
+    if widths is None:
+        return {"dense": dense, "total": dense, "weights": dense, "shortcuts": 0, "fraction_removed": 0.0}
+    count = sliced_params(dims, widths)
+    actual = count_parameters(model)
+    if actual != count.total:
+        raise RuntimeError(f"parameter accounting: formula gives {count.total}, the model has {actual}")
+    return {
+        "dense": dense,
+        "total": count.total,
+        "weights": count.weights,
+        "shortcuts": count.shortcuts,
+        "fraction_removed": 1 - count.total / dense,
+        "fraction_removed_weights": 1 - count.weights / dense,
+    }
+
+
+def choose_sb(bench: Workbench, cfg: RunConfig, lr: dict[str, Any]) -> dict[str, Any]:
+    """Fibonacci search of SB on held-out calibration chunks (:func:`~dynslice.core.search.find_best_sb`); records
+    every SB tried."""
     heldout = bench.heldout(cfg)
     costs: list[float] = []
 
     def objective(sb: float) -> float:
         t = time.perf_counter()
         try:
-            alloc = _allocate(bench, cfg, sb, lr)
+            alloc = allocation(cfg, bench.dims(), lr, sb=sb)
         except ValueError:  # infeasible SB (e.g. a params budget out of reach): never chosen
             return math.inf
         model = bench.sliced(cfg, list(alloc.widths))
@@ -250,7 +453,7 @@ def run(
             existing = None
         if existing and existing.get("config") == cfg.to_json():
             return existing
-    bench = bench or Workbench(cfg.model, cfg.dtype, cfg.device)
+    bench = bench or Workbench.of(cfg)
     if (bench.model_spec, bench.dtype, bench.device) != (cfg.model, cfg.dtype, cfg.device):
         raise ValueError(
             f"bench: built for {bench.model_spec}/{bench.dtype}/{bench.device}, "
@@ -276,47 +479,33 @@ def run(
         record.update(widths=[get_adapter(model).hidden_size] * get_adapter(model).num_layers, lr=None)
         eval_model, widths = model, None
     else:
+        # LR -> (SB search) -> widths -> slice
         t = time.perf_counter()
         lr = bench.lr(cfg)
         timings["lr"] = lr["time_s"]
         sb = cfg.sb
         if cfg.auto_sb:
-            search = _choose_sb(bench, cfg, lr)
+            search = choose_sb(bench, cfg, lr)
             timings["auto_sb"] = time.perf_counter() - t - timings["lr"]
             record["auto_sb"] = search
             sb = search["best_sb"]
-        alloc = _allocate(bench, cfg, sb, lr)
+        alloc = allocation(cfg, bench.dims(), lr, sb=sb)
         widths = list(alloc.widths)
         t = time.perf_counter()
         eval_model = bench.sliced(cfg, widths)
         timings["slice"] = time.perf_counter() - t
+        keep = ("metric", "lr", "normalized", "dataset", "tokens", "split", "sampler", "windows", "last_layer")
         record.update(
             sb=sb,
             widths=widths,
             allocation=alloc.to_json(),
-            lr={
-                k: lr[k]
-                for k in (
-                    "metric",
-                    "lr",
-                    "normalized",
-                    "dataset",
-                    "tokens",
-                    "split",
-                    "sampler",
-                    "windows",
-                    "last_layer",
-                )
-            },
+            lr={k: lr[k] for k in keep},
             slice_timings_s=eval_model.dynslice_info.timings_s,
         )
-        if cfg.save_dir:
-            from dynslice.store.io import save_sliced
-
-            save_sliced(
-                eval_model, cfg.save_dir, cfg.model, bench.tokenizer, extra={"config": cfg.to_json()}, overwrite=True
-            )  # only ever replaces a previous dynslice model (checked by the CLI)
+        if cfg.save_dir:  # only ever replaces a previous dynslice model (checked by the CLI)
+            save(eval_model, cfg, cfg.save_dir, bench.tokenizer, extra={"allocation": alloc.to_json()}, overwrite=True)
     record["params"] = _param_record(bench, widths, eval_model)
+    # evaluate
     t = time.perf_counter()
     record["ppl"], record["tasks"] = evaluate_model(eval_model, bench.tokenizer, cfg)
     timings["eval"] = time.perf_counter() - t

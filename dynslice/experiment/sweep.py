@@ -41,25 +41,12 @@ def infeasible_reason(bench, cfg: RunConfig) -> str | None:
     Only fixed-SB runs are checked (auto-SB never picks an infeasible SB); it needs the LR score, which the run
     computes anyway.
     """
-    from dynslice.core.allocate import allocate
-    from dynslice.store.records import lr_input
+    from dynslice.experiment.widths import allocation
 
     if cfg.dense or cfg.auto_sb:
         return None
-    lr = bench.lr(cfg)
-    dims = bench.dims()
     try:
-        allocate(
-            lr_input(lr).redundancy,
-            cfg.sp,
-            cfg.sb,
-            dims.hidden,
-            round_interval=cfg.round_interval,
-            budget=cfg.budget,
-            dims=dims,
-            count=cfg.count,
-            rounding=cfg.rounding,
-        )
+        allocation(cfg, bench.dims(), bench.lr(cfg))
     except ValueError as e:
         return str(e)
     return None
@@ -218,10 +205,7 @@ def compute_lr_for_profile(
                 paths.append(path)
                 continue
             bench = bench or Workbench(model.spec, model.dtype, model.device)
-            score = dict(bench.lr(cfg))
-            score["num_layers"] = bench.dims().layers
-            score["hidden"] = bench.dims().hidden
-            write_json(path, score)
+            write_json(path, bench.lr(cfg))
             log(f"wrote LR {model.spec}/{corpus}: {path}")
             paths.append(path)
     return paths

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from dynslice.core.search import best_sb_key
-from dynslice.experiment.config import AUTO
+from dynslice.experiment.config import AUTO, RunConfig
 from dynslice.store.outputs import atomic_write
 
 COMPARISON = {"width": "equal mean width (paper)", "params": "equal parameters"}
@@ -479,13 +479,14 @@ def allocation_steps(lr_record: Any, sp: float, sb: float, hidden: int, round_in
     """
     import numpy as np
 
-    from dynslice.core.allocate import allocate, slice_fractions
+    from dynslice.core.allocate import slice_fractions
+    from dynslice.experiment.widths import allocation
     from dynslice.store.records import lr_input
 
     inp = lr_input(lr_record)
     r = np.asarray(lr_record["lr"] if isinstance(lr_record, Mapping) else lr_record, dtype=float)
     n = np.asarray(inp.redundancy, dtype=float)
-    alloc = allocate(n, sp, sb, hidden, round_interval=round_interval)
+    alloc = allocation(RunConfig(sp=sp, sb=sb, round_interval=round_interval, rounding="total"), hidden, inp)
     table = pd.DataFrame(
         {
             "layer": range(len(r)),

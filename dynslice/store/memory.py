@@ -159,7 +159,8 @@ class MemoryPlan:
         )
 
 
-def _round_down(x: float, interval: int) -> int:
+def round_down(x: float, interval: int) -> int:
+    """``x`` rounded down to a multiple of ``interval``, at least ``interval`` (a width is never 0)."""
     return max(interval, int(x // interval * interval))
 
 
@@ -300,7 +301,7 @@ def predict(
     gpu = device != "cpu"
     s, b = shapes, DTYPE_BYTES[dtype]
     d, v, inter = s.hidden, s.vocab, s.intermediate
-    widths = list(widths) if widths is not None else [_round_down(d * (1 - sp), 8)] * s.layers
+    widths = list(widths) if widths is not None else [round_down(d * (1 - sp), 8)] * s.layers
     outs = widths[1:] + [d]
     tokens, batch_tokens = nsamples * seqlen, min(batch_size, nsamples) * seqlen
 
@@ -453,3 +454,52 @@ def plan(
     if stream == "off" or not streamable or in_ram.peak_host_bytes <= headroom * host_bytes:
         return in_ram
     return predict(shapes, nsamples, seqlen, dtype, mode="stream", **kw)
+
+
+def plan_for_spec(
+    spec: str,
+    nsamples: int,
+    seqlen: int,
+    dtype: str = "bf16",
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    sp: float = 0.3,
+    stream: str = "auto",
+    host_gib: float | None = None,
+    gpu_gib: float | None = None,
+    weights_needed: bool = True,
+) -> MemoryPlan:
+    """:func:`plan` for a model spec, read from its config alone (a folder with only ``config.json`` will do when
+    ``weights_needed`` is false, as for ``dynslice plan``). ``host_gib``/``gpu_gib``: the memory to plan for
+    (default: what is available now)."""
+    import torch
+
+    from dynslice.store.models import config_of, resolve_spec
+    from dynslice.store.stream import is_streamable
+
+    try:
+        dev_type = torch.device(device).type  # a plan may be made for a GPU this machine does not have
+    except (RuntimeError, TypeError):
+        dev_type = None
+    if dev_type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not cpu or cuda[:N]")
+    r = resolve_spec(spec)
+    # a plan may be made from a bare config.json, before the weights are downloaded
+    streamable = r.kind == "hub" or (r.kind == "dir" and (not weights_needed or is_streamable(r.location)))
+    for name, v in (("host-gib", host_gib), ("gpu-gib", gpu_gib)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name}: {v} is outside {name} > 0")
+    return plan(
+        Shapes.from_config(config_of(spec)),
+        nsamples,
+        seqlen,
+        dtype,
+        device=str(device),
+        batch_size=batch_size,
+        sp=sp,
+        stream=stream,
+        streamable=streamable,
+        host_bytes=None if host_gib is None else int(host_gib * GIB),
+        gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB),
+    )

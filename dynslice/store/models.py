@@ -266,3 +266,32 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch
 def load(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` for a spec."""
     return load_model(spec, dtype, device), load_tokenizer(spec)
+
+
+def check_spec(command: str, model: str, dtype: str, device: str, *, dense: bool) -> None:
+    """Validate a model spec, dtype and device before any work; ``dense`` refuses sliced models (``command`` is
+    named in the message)."""
+    parse_dtype(dtype)
+    parse_device(device)
+    r = resolve_spec(model)
+    if dense and r.kind == "sliced":
+        from dynslice.store.io import read_sliced_meta
+
+        base = read_sliced_meta(r.location)["base_model"]
+        raise ValueError(
+            f"model: {model} is already sliced (from {base}); {command} needs a dense model, "
+            f"such as its base model {base}"
+        )
+
+
+def config_of(spec: str):
+    """The model config of a spec, read without the weights (a folder with just config.json is enough)."""
+    from transformers import AutoConfig
+
+    r = resolve_spec(spec)
+    if r.kind == "sliced":
+        raise ValueError(f"model: {spec} is already sliced; plan the slicing of its base model")
+    if r.kind == "tiny":
+        return tiny_random_model().config
+    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
+    return AutoConfig.from_pretrained(r.location, **kw)

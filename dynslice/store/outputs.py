@@ -218,6 +218,16 @@ def is_dynslice_record(path: Path) -> bool:
     return isinstance(obj, dict) and any(sig <= obj.keys() for sig in _RECORD_SIGNATURES)
 
 
+def holds_record(path: str | os.PathLike | None, config: dict) -> bool:
+    """True when ``path`` is a dynslice record whose ``config`` equals ``config`` (that run is done)."""
+    if path is None or not str(path).strip():
+        return False
+    path = Path(path)
+    if not is_dynslice_record(path):
+        return False
+    return json.loads(path.read_text()).get("config") == config
+
+
 def _link_text(p: Path) -> str:
     try:
         return f"{p} is a symbolic link (to {os.readlink(p)})"

@@ -1,8 +1,10 @@
-"""Reading what runs wrote: LR records (``dynslice lr``'s JSON, or a hand-written list of scores) and folders of
-run records. Validation happens here, once, so that the allocator and the tables receive clean values."""
+"""Reading what runs wrote: LR records (``dynslice lr``'s JSON, or a hand-written list of scores), widths files
+(``dynslice allocate``'s JSON, or a list) and folders of run records. Validation happens here, once, so that the
+allocator and the tables receive clean values."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -103,3 +105,34 @@ def load_records(runs_dir: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"runs_dir: {path} is not a run record (no 'config'/'ppl')")
         out.append({**rec, "path": str(path)})
     return out
+
+
+def read_widths(spec: str) -> list[int]:
+    """Widths given as a JSON list, or a file holding one (bare, or under ``"widths"`` as ``dynslice allocate``
+    writes it); each an integer in 1..MAX_HIDDEN. Only their count and range are checked here, not the model."""
+
+    text = spec.strip()
+    if text.startswith("["):
+        if len(text) > 1 << 20:
+            raise ValueError(f"widths: the --widths list is {len(text)} characters; at most {1 << 20} are allowed")
+        try:
+            obj = json.loads(text, parse_constant=lambda c: float(c))
+        except RecursionError:
+            raise ValueError("widths: the --widths list nests too deeply") from None
+        except ValueError as e:
+            raise ValueError(f"widths: {text[:60]!r} is not a JSON list of integers ({e})") from None
+        where = "the --widths list"
+    else:
+        obj = read_json(spec, max_bytes=MAX_LR_BYTES)
+        where = spec
+    if isinstance(obj, dict) and "widths" not in obj and "lr" in obj:
+        raise ValueError(f"widths: {where} holds LR scores, not widths; pass it as --lr")
+    widths = obj.get("widths") if isinstance(obj, dict) else obj
+    if not isinstance(widths, list) or not widths:
+        raise ValueError(f"widths: {where} holds no non-empty 'widths' list")
+    if len(widths) > MAX_LAYERS:
+        raise ValueError(f"widths: {where} has {len(widths)} widths; at most {MAX_LAYERS} layers are allowed")
+    for i, w in enumerate(widths):
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_HIDDEN:
+            raise ValueError(f"widths[{i}]: {w!r} in {where} is not an integer in 1..{MAX_HIDDEN}")
+    return widths

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dynslice.core.checks import check_int
+from dynslice.experiment.config import RunConfig
 
 SCORE_METHODS = ("lr", "first_layer", "shuffled", "inverted", "bi", "angular")
 METHODS = ("dense", "constant") + SCORE_METHODS + ("shortgpt",)
@@ -81,6 +82,30 @@ class AblationConfig:
         if unknown:
             raise ValueError(f"ablations: unknown key(s) {unknown}; allowed: {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj.items()})
+
+    def run_config(self, sp: float) -> RunConfig:
+        """The run configuration of this experiment's slicings at ``sp`` (SB = SP; each job passes its own SB and
+        budget to the run's steps), so that ablations go through the same allocation and slicing as every run."""
+        return RunConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            seed=self.window_seed,
+            sp=sp,
+            sb=sp,
+            round_interval=self.round_interval,
+            rounding="total",
+            cal_dataset=self.cal_dataset,
+            cal_nsamples=self.cal_nsamples,
+            cal_seqlen=self.cal_seqlen,
+            embedding_mean=False,
+            batch_size=self.batch_size,
+            ppl_datasets=self.ppl_datasets,
+            ppl_seqlen=self.ppl_seqlen,
+            ppl_max_chunks=self.ppl_max_chunks,
+            tasks=self.tasks,
+            task_limit=self.task_limit,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

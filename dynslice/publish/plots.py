@@ -72,7 +72,8 @@ STYLE: dict[str, Any] = {
     "legend.labelspacing": 0.3,
     "errorbar.capsize": 2.0,
 }
-FONT_KEYS = tuple(k for k in STYLE if k.endswith(("size", "fontsize")) and "marker" not in k and "tick.major" not in k)
+#: The font-size settings of :data:`STYLE` (each at least :data:`MIN_FONT_PT`).
+FONT_KEYS = tuple(k for k in STYLE if k == "font.size" or k.endswith(("labelsize", "titlesize", "fontsize")))
 
 BUDGET_COLORS = {"width": "tab:blue", "params": "tab:green"}
 CONSTANT_COLOR = "tab:red"

@@ -12,11 +12,18 @@
 #                                       # shard is done, ./run_all.sh --resume finishes the tables and the check)
 #   ./run_all.sh --plan [--shards N]    # list the runs and predict their hours (dynslice plan --profile); runs nothing
 #
-# A run writes <root>/<profile>/{RUN.json,lr,runs,tables,executed,*.json} (default root: results, gitignored) and
-# <figures>/<profile>/*.pdf (default: figures). The published reference is results/published/<profile>/ (figures
-# in its figures/); --published DIR compares with (or publishes to) another folder. The check exits 1 naming
-# every number out of tolerance; bad options exit 2. --only NN runs one notebook of the current run (no check).
-# A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs 01-05, ablations runs 06 alone.
+# Layout: results/published/<profile>/ is the published reference (JSON records, tables, executed notebooks) and
+# figures/<profile>/*.pdf its figures (tracked, for direct inclusion in a paper). A run writes
+# <root>/<profile>/{RUN.json,lr,runs,tables,executed,*.json} (default root: results, gitignored) and
+# <figures>/<profile>/*.pdf (default: figures/runs, gitignored), never the published ones. --publish copies the
+# finished run over results/published/<profile>/ and its figures over figures/<profile>/, replacing only what an
+# earlier --publish wrote (each holds a .dynslice-owned.json manifest); --published DIR compares with (or
+# publishes to) another folder, its figures then in DIR/figures unless --published-figures DIR names another.
+# The check exits 1 naming every number out of tolerance; bad options exit 2. --only NN runs one notebook of the
+# current run (no check). A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs
+# 01-05, ablations runs 06 alone. The executed notebooks are documents: progress bars and terminal codes removed,
+# the machine's folders shown relative to the repository (or as <root>, <figures>), and a first line stating the
+# commit, date, numerics and wall time.
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
 # A profile with `numerics: pinned` (cpu, ablations, smoke) runs with ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT
 # ONEDNN_MAX_CPU_ISA=AVX2 exported (dynslice/experiment/numerics.py): the same bits at any thread count on one CPU kind.
@@ -31,16 +38,17 @@ FORCE=0
 RESUME=0
 MODE=run
 PUBLISHED=""
+PUBLISHED_FIGURES=""
 ONLY=""
 TEST=0
 PYTEST_ARGS=()
 ROOT="${DYNSLICE_ROOT:-$HERE/results}"
-FIGURES="${DYNSLICE_FIGURES:-$HERE/figures}"
+FIGURES="${DYNSLICE_FIGURES:-$HERE/figures/runs}"
 TORCH_CPU_PIN="torch==2.13.0"
 SHARD=""
 SHARDS=1
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;
@@ -50,6 +58,7 @@ while [[ $# -gt 0 ]]; do
     --check-only) MODE=check; shift ;;
     --publish) MODE=publish; shift ;;
     --published) PUBLISHED="${2:?--published needs a folder}"; shift 2 ;;
+    --published-figures) PUBLISHED_FIGURES="${2:?--published-figures needs a folder}"; shift 2 ;;
     --only) ONLY="${2:?--only needs a notebook number, e.g. 03}"; shift 2 ;;
     --only=*) ONLY="${1#*=}"; shift ;;
     --root) ROOT="${2:?--root needs a folder}"; shift 2 ;;
@@ -87,12 +96,14 @@ for var in ROOT FIGURES; do
   printf -v "$var" '%s' "$(pwd -P)"
   cd "$CALLER_PWD"
 done
-if [[ -n "$PUBLISHED" ]]; then
-  if ! mkdir -p "$(dirname "$PUBLISHED")" 2>/dev/null; then
-    echo "run_all.sh: --published: the folder of '$PUBLISHED' cannot be created" >&2; exit 2
+for var in PUBLISHED PUBLISHED_FIGURES; do
+  if [[ -n "${!var}" ]]; then
+    if ! mkdir -p "$(dirname "${!var}")" 2>/dev/null; then
+      echo "run_all.sh: --${var,,}: the folder of '${!var}' cannot be created" >&2; exit 2
+    fi
+    printf -v "$var" '%s' "$(cd "$(dirname "${!var}")" && pwd -P)/$(basename "${!var}")"
   fi
-  PUBLISHED="$(cd "$(dirname "$PUBLISHED")" && pwd -P)/$(basename "$PUBLISHED")"
-fi
+done
 cd "$HERE"
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -158,6 +169,9 @@ if [[ -n "$PIN_ENV" && "$MODE" != check && "$MODE" != publish ]]; then
 fi
 RESULTS="$ROOT/$NAME"
 FIGS="$FIGURES/$NAME"
+if [[ -z "$PUBLISHED" && -z "$PUBLISHED_FIGURES" ]]; then
+  PUBLISHED_FIGURES="$HERE/figures/$NAME"  # the default reference's figures: tracked, beside the runs' figures/runs
+fi
 PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"
 repro() { "$PY" -m dynslice.publish.repro "$@"; }
 has_reference() { [[ -d "$1/runs" || -f "$1/ablations.json" ]]; }  # sweep records or notebook 06's record
@@ -169,7 +183,8 @@ if [[ "$MODE" == check ]]; then
   exec "$PY" -m dynslice.publish.repro check "$RESULTS" "$PUBLISHED"
 fi
 if [[ "$MODE" == publish ]]; then
-  exec "$PY" -m dynslice.publish.repro publish "$RESULTS" "$FIGS" "$PUBLISHED"
+  exec "$PY" -m dynslice.publish.repro publish "$RESULTS" "$FIGS" "$PUBLISHED" \
+    ${PUBLISHED_FIGURES:+--published-figures "$PUBLISHED_FIGURES"}
 fi
 # OpenMP threads that wait passively: with busy-waiting (the default), a multi-threaded eigh (SliceGPT's PCA) slows
 # down by 100x as soon as another process holds a core (measured: 10 eigh(576) took 63 s instead of 0.45 s).
@@ -248,7 +263,8 @@ import papermill as pm  # noqa: E402
 from papermill.exceptions import PapermillExecutionError  # noqa: E402
 
 from dynslice.store import ownership  # noqa: E402
-from dynslice.publish.notebook import tidy_streams  # noqa: E402
+from dynslice.publish.notebook import add_provenance, git_commit, provenance, tidy_streams  # noqa: E402
+from dynslice.experiment.numerics import describe  # noqa: E402
 from dynslice.experiment.profiles import load_profile  # noqa: E402
 
 profile, root, figures, only, results = sys.argv[1:6]
@@ -264,6 +280,23 @@ if only:
         sys.exit(2)
 executed = Path(results) / "executed"
 executed.mkdir(parents=True, exist_ok=True)
+# The executed copies are documents: the machine's folders appear relative to the repository, or as <root> and
+# <figures> when outside it; the first cell states the commit, date, numerics and wall time.
+here = Path.cwd()
+folders = {str(here) + "/": "", str(here.resolve()) + "/": "", str(here): ".", str(here.resolve()): "."}
+for folder, token in ((root, "<root>"), (figures, "<figures>")):
+    if not Path(folder).resolve().is_relative_to(here.resolve()):
+        folders[str(Path(folder)) + "/"], folders[str(Path(folder))] = token + "/", token
+        folders[str(Path(folder).resolve()) + "/"], folders[str(Path(folder).resolve())] = token + "/", token
+commit, numerics = git_commit(here), describe()
+
+
+def document(out: Path, seconds: float) -> None:
+    tidy_streams(out, replace=folders)
+    add_provenance(out, provenance(commit, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), numerics, seconds))
+    if ledger is not None:
+        ledger.record(out)
+
 t0 = time.perf_counter()
 for nb in notebooks:
     out = executed / nb.name
@@ -284,7 +317,7 @@ for nb in notebooks:
             if ledger is not None and out.is_file():
                 ledger.record(out)  # papermill writes the executed copy itself: list it as the run's
     except PapermillExecutionError as e:
-        tidy_streams(out)
+        document(out, time.perf_counter() - t)
         print(f"\nrun_all.sh: FAILED in {nb.name}, cell [{e.exec_count}] (executed copy: {out})", file=sys.stderr)
         print("---- cell source ----\n" + e.source + "\n---- error ----", file=sys.stderr)
         print(f"{e.ename}: {e.evalue}", file=sys.stderr)
@@ -292,7 +325,7 @@ for nb in notebooks:
     except Exception as e:  # the kernel died (killed, out of memory) or could not start
         print(f"\nrun_all.sh: FAILED in {nb.name}: {type(e).__name__}: {e} (executed copy: {out})", file=sys.stderr)
         sys.exit(1)
-    tidy_streams(out)
+    document(out, time.perf_counter() - t)
     print(f"== {nb.name} done in {time.perf_counter() - t:.0f} s", flush=True)
 print(f"\n== written ({results}):")
 for folder in (Path(results) / "tables", Path(figures) / Path(results).name):

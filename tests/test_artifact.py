@@ -66,7 +66,7 @@ def test_sources_have_parameters_and_no_outputs():
         nb = nbformat.read(PROJECT_ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, name
-        for var in ('profile = "cpu"', 'root = "results"', 'figures = "figures"', "force = False"):
+        for var in ('profile = "cpu"', 'root = "results"', 'figures = "figures/runs"', "force = False"):
             assert var in tagged[0].source, (name, var)
         assert nb.cells[0].cell_type == "markdown"
         for c in nb.cells:

@@ -229,47 +229,66 @@ def figure_note(record: dict[str, Any], dataset: str | None = None) -> str:
 
 
 def figure(record: dict[str, Any], dataset: str | None = None):
-    """Per SP, two panels. Left: perplexity (log scale) vs parameters, one marker per method (filled: params
-    budget, hollow: width budget), error bars = sd over seeds or permutations. Right: the equal-parameter
-    methods side by side, sorted, on a linear scale (off-scale failures such as inverted LR are named in the
-    title instead)."""
-    import matplotlib.pyplot as plt
+    """Per SP, two panels at the full text width. Left: perplexity vs parameters, one marker per method (filled:
+    params budget, hollow: width budget), error bars = sd over seeds or permutations; markers within 0.6 M
+    parameters of each other are spread horizontally (the exact counts are in the table). Right: the
+    equal-parameter methods side by side, sorted. Both on a linear scale up to 3x constant slicing's perplexity:
+    failures beyond it (inverted LR) are named in the panel instead. One legend below the panels."""
+    from dynslice.publish.plots import TEXT, dodge, new_figure, style
 
     cfg = AblationConfig.from_dict(record["config"])
     d = dataset or cfg.ppl_datasets[0]
-    fig, axes = plt.subplots(
-        len(cfg.sp), 2, figsize=(12.0, 4.2 * len(cfg.sp)), squeeze=False, gridspec_kw={"width_ratios": [1.25, 1.0]}
-    )
+    fig, axes = new_figure(TEXT, 3.1 * len(cfg.sp) + 0.5, len(cfg.sp), 2, gridspec_kw={"width_ratios": [1.0, 1.0]})
     dense = _find(record["summary"], None, None, "dense")
-    for (ax, bars), sp in zip(axes, cfg.sp, strict=True):
-        seen = set()
-        for s in record["summary"]:
-            if s["sp"] not in (sp, None):  # None: the dense model, shown in every panel
-                continue
-            m, v = s["method"], s["ppl"][d]
-            hollow = s["budget"] == "width"
-            color = f"C{list(MARKERS).index(m)}"
-            label = LABELS[m] if m not in seen else None
-            seen.add(m)
-            ax.errorbar(
-                s["params"] / 1e6,
-                v["mean"],
-                yerr=v["sd"] or 0.0,
-                fmt=MARKERS[m],
-                color=color,
-                mfc="none" if hollow else color,
-                ms=8,
-                capsize=3,
-                label=label,
-            )
-        ax.set_title(f"SP = {sp}  (filled: equal params, hollow: equal mean width)", fontsize=9)
-        ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(f"{d} perplexity (log scale)")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7, loc="best")
-        _bars(bars, record, sp, d, dense)
-    fig.tight_layout()
+    with style():
+        for (ax, bars), sp in zip(axes, cfg.sp, strict=True):
+            rows = [s for s in record["summary"] if s["sp"] in (sp, None)]  # None: the dense model, in every panel
+            rows.sort(key=lambda s: (list(MARKERS).index(s["method"]), s["budget"] or ""))
+            const = next((s["ppl"][d]["mean"] for s in rows if s["method"] == "constant"), None)
+            cap = 3 * const if const else float("inf")
+            off = [s for s in rows if s["ppl"][d]["mean"] > cap]
+            rows = [s for s in rows if s["ppl"][d]["mean"] <= cap]
+            x = [s["params"] / 1e6 for s in rows]
+            xs = [a + b for a, b in zip(x, dodge(x, within=0.6, step=0.6), strict=True)]
+            seen = set()
+            for s, xi in zip(rows, xs, strict=True):
+                m, v = s["method"], s["ppl"][d]
+                color = f"C{list(MARKERS).index(m)}"
+                ax.errorbar(
+                    xi,
+                    v["mean"],
+                    yerr=v["sd"] or 0.0,
+                    fmt=MARKERS[m],
+                    color=color,
+                    mfc="none" if s["budget"] == "width" else color,
+                    mew=1.0,
+                    ms=5,
+                    capsize=2,
+                    elinewidth=0.8,
+                    label=LABELS[m] if m not in seen else None,
+                )
+                seen.add(m)
+            _off_note(ax, [f"{LABELS[s['method']]} ({s['budget']}): {s['ppl'][d]['mean']:.0f}" for s in off])
+            ax.set_title(f"(a) SP = {sp:g}: filled equal params, hollow equal mean width")
+            ax.set_xlabel("parameters (millions; points < 0.6 M apart spread out)")
+            ax.set_ylabel(f"{d} perplexity (mean ± sd)")
+            ax.set_ylim(0, None)
+            _bars(bars, record, sp, d, dense)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        h2, l2 = axes[0][1].get_legend_handles_labels()
+        fig.legend(handles + h2, labels + l2, loc="outside lower center", ncols=5)
     return fig
+
+
+def _off_note(ax, off: list[str]) -> None:
+    """Name the points too far off scale to draw (inverted LR's perplexity is in the thousands)."""
+    from dynslice.publish.plots import FONT
+
+    if off:
+        ax.text(
+            0.98, 0.98, "off scale:\n" + "\n".join(off), transform=ax.transAxes, ha="right", va="top",
+            fontsize=FONT["small"], bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.8"},
+        )  # fmt: skip
 
 
 def _bars(ax, record: dict[str, Any], sp: float, d: str, dense: dict | None) -> None:
@@ -280,19 +299,21 @@ def _bars(ax, record: dict[str, Any], sp: float, d: str, dense: dict | None) -> 
     const = next((s["ppl"][d]["mean"] for s in rows if s["method"] == "constant"), None)
     cap = 3 * const if const else float("inf")
     shown = [s for s in rows if s["ppl"][d]["mean"] <= cap]
-    off = [f"{LABELS[s['method']]} {s['ppl'][d]['mean']:.0f}" for s in rows if s["ppl"][d]["mean"] > cap]
+    off = [f"{LABELS[s['method']]}: {s['ppl'][d]['mean']:.0f}" for s in rows if s["ppl"][d]["mean"] > cap]
     ys = range(len(shown))
     ax.barh(
         list(ys),
         [s["ppl"][d]["mean"] for s in shown],
         xerr=[s["ppl"][d]["sd"] or 0.0 for s in shown],
         color=[f"C{list(MARKERS).index(s['method'])}" for s in shown],
-        capsize=3,
+        capsize=2,
+        error_kw={"elinewidth": 0.8},
     )
-    ax.set_yticks(list(ys), [LABELS[s["method"]] + (f" (n={s['n']})" if s["n"] > 1 else "") for s in shown], fontsize=8)
+    ax.set_yticks(list(ys), [LABELS[s["method"]] + (f" (n={s['n']})" if s["n"] > 1 else "") for s in shown])
     ax.invert_yaxis()
+    ax.grid(axis="y", visible=False)
     if dense:
-        ax.axvline(dense["ppl"][d]["mean"], color="k", lw=0.8, ls="--", label="dense")
-        ax.legend(fontsize=7, loc="upper right")
-    ax.set_xlabel(f"{d} perplexity (mean ± sd)")
-    ax.set_title(f"SP = {sp}, equal parameters" + (f"; off scale: {', '.join(off)}" if off else ""), fontsize=9)
+        ax.axvline(dense["ppl"][d]["mean"], color="k", lw=0.8, ls="--", label="dense model")
+    _off_note(ax, off)
+    ax.set_xlabel(f"{d} perplexity (mean ± sd over n runs)")
+    ax.set_title(f"(b) SP = {sp:g}, equal parameters, sorted")

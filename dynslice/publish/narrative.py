@@ -108,27 +108,51 @@ def auto_text(auto: pd.DataFrame) -> str:
     return "The automatic search sees only held-out calibration text, never the test split:\n\n" + "\n".join(lines)
 
 
-def zero_shot_text(head: pd.DataFrame) -> str:
-    """Average accuracy of the best dynamic SB vs constant, against the paper's up to 5 points."""
+def _delta_se(acc: pd.DataFrame | None, r: pd.Series) -> float | None:
+    """The standard error (points) of the zero-shot row of ``acc`` matching headline row ``r``, if known."""
+    if acc is None or acc.empty or "se_delta_points" not in acc.columns:
+        return None
+    m = acc[
+        (acc["model"] == r["model"])
+        & (acc["cal_dataset"] == r["cal_dataset"])
+        & (acc["sp"] == r["sp"])
+        & (acc["method"] == f"dynamic ({r['comparison']})")
+    ]
+    v = m["se_delta_points"].iloc[0] if len(m) else None
+    return None if v is None or pd.isna(v) else float(v)
+
+
+def zero_shot_text(head: pd.DataFrame, acc: pd.DataFrame | None = None) -> str:
+    """Average accuracy of the best dynamic SB vs constant, each difference with its standard error (from ``acc``,
+    :func:`dynslice.publish.report.zero_shot_table`): a difference within two standard errors of zero is called
+    no measurable difference, never a gain; only one beyond is set against the paper's up to 5 points."""
     if head.empty or "acc_delta_points" not in head.columns or head["acc_delta_points"].isna().all():
         return "No zero-shot comparison in these runs."
     lines = []
     for _, r in head[head["acc_delta_points"].notna()].iterrows():
         d = r["acc_delta_points"]
-        rel = "more than" if d > PAPER_ACC_GAIN_POINTS else "within" if d > 0 else "against"
-        lines.append(
-            f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs "
-            f"{r['acc_constant']:.3f} "
-            f"({d:+.1f} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g})."
+        se = _delta_se(acc, r)
+        head_ = (
+            f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs {r['acc_constant']:.3f} "
         )
+        if se is not None and abs(d) <= 2 * se:
+            lines.append(
+                head_ + f"({d:+.1f} ± {se:.1f} points, ±1 standard error): within two standard errors of zero, "
+                "so no measurable difference at this sample size."
+            )
+            continue
+        rel = "more than" if d > PAPER_ACC_GAIN_POINTS else "within" if d > 0 else "against"
+        err = "" if se is None else f" ± {se:.1f}"
+        lines.append(head_ + f"({d:+.1f}{err} points, {rel} the paper's up to {PAPER_ACC_GAIN_POINTS:g}).")
     return (
         "Average zero-shot accuracy, best dynamic SB (by perplexity, never by accuracy) against constant "
-        "slicing:\n\n" + "\n".join(lines)
+        "slicing; error bars and ± are lm-eval's standard errors, combined over the tasks:\n\n" + "\n".join(lines)
     )
 
 
-def headline_text(head: pd.DataFrame, dataset: str) -> str:
-    """The headline in two sentences: the largest gains found, per comparison."""
+def headline_text(head: pd.DataFrame, dataset: str, acc: pd.DataFrame | None = None) -> str:
+    """The headline in two sentences: the largest gains found, per comparison. With ``acc`` (the zero-shot
+    table), accuracy differences within two standard errors are not called a gain."""
     if head.empty:
         return "No headline comparison in these runs."
     col = f"ppl_{dataset}_change_pct"
@@ -143,15 +167,25 @@ def headline_text(head: pd.DataFrame, dataset: str) -> str:
                 f"At **{comparison}**, dynamic slicing gains nothing: at best {best[col]:+.1f}% {dataset} "
                 f"perplexity {where}."
             )
-    if "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
+    has_acc = "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any()
+    noisy = False
+    if has_acc:
+        rows = head[head["acc_delta_points"].notna()]
+        ses = [_delta_se(acc, r) for _, r in rows.iterrows()]
+        noisy = all(se is not None and abs(r["acc_delta_points"]) <= 2 * se for (_, r), se in zip(rows.iterrows(), ses))
         parts.append(
             f"Average accuracy moves by {head['acc_delta_points'].min():+.1f} to "
-            f"{head['acc_delta_points'].max():+.1f} points."
+            f"{head['acc_delta_points'].max():+.1f} points"
+            + (
+                f", each within two standard errors (up to {max(ses):.1f} points) of zero: no measurable change."
+                if noisy
+                else "."
+            )
         )
     top = -float(head[col].min())
     rel = "more than" if top > PAPER_PPL_GAIN_PCT else "within" if top > 0 else "against"
     claim = f"The perplexity gain is {rel} the paper's up to {PAPER_PPL_GAIN_PCT:g}% over SliceGPT"
-    if "acc_delta_points" in head.columns and head["acc_delta_points"].notna().any():
+    if has_acc and not noisy:
         pts = float(head["acc_delta_points"].max())
         acc_rel = "more than" if pts > PAPER_ACC_GAIN_POINTS else "within" if pts > 0 else "against"
         claim += f", the accuracy gain {acc_rel} its up to {PAPER_ACC_GAIN_POINTS:g} points"

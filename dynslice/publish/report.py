@@ -64,6 +64,9 @@ def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             row[f"ppl_{ds}"] = value
         for task, res in (rec.get("tasks") or {}).items():
             row[f"acc_{task}"] = res["value"]
+            row[f"se_{task}"] = res.get("stderr")
+        if row.get("se_average") is None and rec.get("tasks"):
+            row["se_average"] = average_stderr(rec["tasks"])
         if "auto_sb" in rec:
             row.update(
                 auto_n_evals=rec["auto_sb"]["n_evals"],
@@ -77,6 +80,15 @@ def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             ["model", "cal_dataset", "sp", "budget", "sb"], ascending=[True, True, True, True, False]
         )
     return frame.reset_index(drop=True)
+
+
+def average_stderr(tasks: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The standard error of the unweighted average accuracy over ``tasks`` (lm-eval's per-task ``stderr``,
+    tasks independent): sqrt(sum se_i^2) / k. ``None`` when a task has none."""
+    ses = [res.get("stderr") for task, res in tasks.items() if task != "average"]
+    if not ses or any(se is None for se in ses):
+        return None
+    return math.sqrt(sum(float(se) ** 2 for se in ses)) / len(ses)
 
 
 def ppl_columns(frame: pd.DataFrame) -> list[str]:
@@ -157,11 +169,24 @@ def best_vs_constant(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _se(row: Mapping[str, Any]) -> dict[str, float | None]:
+    """``se_average`` of a frame row (``None`` when the record has no standard errors)."""
+    v = row.get("se_average")
+    return {"se_average": None if v is None or pd.isna(v) else float(v)}
+
+
+def _se_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float | None:
+    """The standard error of 100·(average accuracy of ``a`` − of ``b``) in points (independent samples)."""
+    sa, sb = _se(a)["se_average"], _se(b)["se_average"]
+    return None if sa is None or sb is None else 100.0 * math.sqrt(sa**2 + sb**2)
+
+
 def zero_shot_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Accuracy rows: dense, then per (model, cal_dataset, sp) constant and the zero-shot run(s) of the best SB.
 
     ``method`` is ``dense``, ``constant`` or ``dynamic (<comparison>)``; ``delta_points`` is the average accuracy
-    minus constant's, in percentage points (100·Δacc).
+    minus constant's, in percentage points (100·Δacc); ``se_average`` is the average accuracy's standard error
+    (:func:`average_stderr`) and ``se_delta_points`` that of ``delta_points``.
     """
     acc = acc_columns(frame)
     if not acc:
@@ -179,12 +204,22 @@ def zero_shot_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
                 "sb": None,
                 "params": int(row["params"]),
                 **{c: row[c] for c in acc},
+                **_se(row),
             }
         )
     consts = zs[zs["kind"] == "constant"]
     for _, c in consts.iterrows():
         base = {"model": c["model"], "cal_dataset": c["cal_dataset"], "sp": c["sp"]}
-        rows.append({**base, "method": "constant", "sb": c["sp"], "params": int(c["params"]), **{a: c[a] for a in acc}})
+        rows.append(
+            {
+                **base,
+                "method": "constant",
+                "sb": c["sp"],
+                "params": int(c["params"]),
+                **{a: c[a] for a in acc},
+                **_se(c),
+            }
+        )
         for _, b in (
             best[
                 (best["model"] == c["model"]) & (best["cal_dataset"] == c["cal_dataset"]) & (best["sp"] == c["sp"])
@@ -211,6 +246,8 @@ def zero_shot_table(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
                     "params": int(d["params"]),
                     **{a: d[a] for a in acc},
                     "delta_points": 100.0 * (d["acc_average"] - c["acc_average"]) if "acc_average" in acc else None,
+                    **_se(d),
+                    "se_delta_points": _se_diff(d, c),
                 }
             )
     return pd.DataFrame(rows)
@@ -424,7 +461,7 @@ def write_tables(frame: pd.DataFrame, results: str | Path, dataset: str) -> dict
         "auto_sb": auto_vs_sweep(frame, dataset),
         "zero_shot": zero_shot_table(frame, dataset),
     }
-    acc4 = {c: 4 for c in frame.columns if c.startswith("acc_")} | {"acc_constant": 4, "acc_dynamic": 4}
+    acc4 = {c: 4 for c in frame.columns if c.startswith(("acc_", "se_"))} | {"acc_constant": 4, "acc_dynamic": 4}
     specs = {
         "sweep": ("Perplexity of every sweep run (constant: SB = SP)", {"fraction_removed": 4, "mean_slice": 4}),
         "headline": (

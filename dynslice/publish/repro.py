@@ -17,8 +17,8 @@ sides ran the same arithmetic (:mod:`dynslice.experiment.numerics`, recorded in 
   largest deviation measured across thread counts, SIMD levels and another machine (``dynslice/measured/
   numerics_noise.json``). Parameter counts stay exact (they are functions of the widths).
 
-``publish`` copies a finished results folder (and its figures) over the published reference, which is how the
-reference is regenerated.
+``publish`` copies a finished results folder over the published reference (``results/published/<profile>/``) and
+its figures over the published figures (``figures/<profile>/``), which is how the reference is regenerated.
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ from dynslice.store.paths import PROJECT_ROOT
 #: Where the published reference of each profile lives: ``results/published/<profile>/`` of the checkout (``None``
 #: for an installed package, which carries no results).
 PUBLISHED_ROOT = None if PROJECT_ROOT is None else PROJECT_ROOT / "results" / "published"
+#: Where the published figures of each profile live: ``figures/<profile>/`` of the checkout, tracked in git so that
+#: a paper can include them directly; a run of run_all.sh writes its own under ``figures/runs/<profile>/``.
+FIGURES_ROOT = None if PROJECT_ROOT is None else PROJECT_ROOT / "figures"
+#: The manifest kinds of a published reference and of its published figures folder.
+PUBLISHED_KIND = "published"
+FIGURES_KIND = "published-figures"
 MARKER = "RUN.json"
 #: What a results folder holds (everything a run writes there); ``publish`` copies these.
 RESULT_ITEMS = (
@@ -360,6 +366,27 @@ def _check_not_published(results: Path) -> None:
             )
 
 
+def published_figure_folders() -> list[Path]:
+    """The published figures folders of the checkout (``figures/<profile>/`` holding a manifest of kind
+    :data:`FIGURES_KIND`)."""
+    if FIGURES_ROOT is None or not FIGURES_ROOT.is_dir():
+        return []
+    return sorted(
+        d
+        for d in FIGURES_ROOT.iterdir()
+        if d.is_dir() and not d.is_symlink() and ownership.read_manifest(d, FIGURES_KIND) is not None
+    )
+
+
+def _check_not_published_figures(figures: Path) -> None:
+    for ref in published_figure_folders():
+        if ownership.inside(figures, ref) or ownership.inside(ref, figures):
+            raise ValueError(
+                f"figures: {figures} is (or holds) the published figures {ref.resolve()} once links are resolved; "
+                "runs write their figures elsewhere (default: figures/runs/)"
+            )
+
+
 def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
@@ -381,6 +408,8 @@ def start_run(results: str | Path, profile: str, *, resume: bool, figures: str |
     results = Path(results)
     figures = Path(figures) if figures is not None else None
     _check_not_published(results)
+    if figures is not None:
+        _check_not_published_figures(figures)
     marker = results / MARKER
     info = run_info(results)
     if info is None and os.path.lexists(marker):
@@ -467,6 +496,7 @@ def clear_run(results: str | Path, figures: str | Path) -> None:
     """
     results, figures = Path(results), Path(figures)
     _check_not_published(results)
+    _check_not_published_figures(figures)
     if not _entries(results) and not _entries(figures):
         return
     info = run_info(results)
@@ -500,12 +530,14 @@ def clear_run(results: str | Path, figures: str | Path) -> None:
         (results / name).unlink(missing_ok=True)
 
 
-def _published_listing(dest: Path) -> dict[str, list[ownership.Entry]] | None:
-    """What a published reference at ``dest`` holds, when dynslice can prove it wrote it: its manifest, or (for a
-    reference published before manifests) a finished run's ``RUN.json`` and nothing but result items."""
-    listing = ownership.read_manifest(dest, "published")
+def _published_listing(dest: Path, kind: str = PUBLISHED_KIND) -> dict[str, list[ownership.Entry]] | None:
+    """What a published folder at ``dest`` holds, when dynslice can prove it wrote it: its manifest (of ``kind``),
+    or (for a reference published before manifests) a finished run's ``RUN.json`` and nothing but result items."""
+    listing = ownership.read_manifest(dest, kind)
     if listing is not None:
         return None if ownership.foreign(dest, listing, ignore=(ownership.MANIFEST,)) else listing
+    if kind != PUBLISHED_KIND:
+        return None
     info = run_info(dest)
     if info is None or info.get("status") != "finished":
         return None
@@ -517,54 +549,93 @@ def _published_listing(dest: Path) -> dict[str, list[ownership.Entry]] | None:
     return {rel: [ownership.fingerprint(dest / rel)] for rel in files}
 
 
-def publish(results: str | Path, figures: str | Path, dest: str | Path) -> Path:
-    """Replace the published reference ``dest`` by a finished run: ``results`` items plus ``figures/*.pdf``.
-
-    The copy is assembled in a private folder beside ``dest`` (with a manifest of every file) and renamed into
-    place. ``dest`` must be missing, empty or a reference dynslice published (checked before and again after it is
-    moved aside); anything else is refused and left as it is. Of the old reference only its listed files are
-    deleted.
-    """
-    results, figures, dest = Path(results), Path(figures), Path(dest)
-    info = run_info(results)
-    if info is None or info.get("status") != "finished":
-        raise ValueError(f"results: {results} holds no finished run (see {MARKER}); finish it before publishing")
-    for name, folder in (("results", results), ("figures", figures)):
-        if ownership.inside(dest, folder) or ownership.inside(folder, dest):
-            raise ValueError(
-                f"published: {dest} and the {name} folder {folder} contain one another (links "
-                "resolved); publish to a folder of its own"
-            )
+def _replaceable(dest: Path, kind: str, what: str) -> dict[str, list[ownership.Entry]]:
+    """The listing that proves ``dest`` dynslice's to replace (empty for a missing or empty folder);
+    ``ValueError`` for anything else."""
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise ValueError(f"published: {dest} is a file or a link, not a folder; refusing to replace it")
-    listing: dict[str, list[ownership.Entry]] | None = {}
-    if _entries(dest):
-        listing = _published_listing(dest)
-        if listing is None:
-            raise ValueError(
-                f"published: {dest} is not a reference dynslice published (it holds "
-                f"{ownership.describe(_entries(dest))}); refusing to replace it: choose another "
-                "--published"
-            )
+        raise ValueError(f"{what}: {dest} is a file or a link, not a folder; refusing to replace it")
+    if not _entries(dest):
+        return {}
+    listing = _published_listing(dest, kind)
+    if listing is None:
+        raise ValueError(
+            f"{what}: {dest} is not a {'reference' if kind == PUBLISHED_KIND else 'figures folder'} dynslice "
+            f"published (it holds {ownership.describe(_entries(dest))}); refusing to replace it: choose another "
+            f"--{what}"
+        )
+    return listing
+
+
+def _stage(dest: Path, fill, kind: str) -> Path:
+    """A private folder beside ``dest``, filled by ``fill(folder)``, with a manifest of ``kind`` listing it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name[:100]}.new-", dir=dest.parent))
     try:
+        fill(tmp)
+        atomic_write(tmp / ownership.MANIFEST, ownership.make_manifest(tmp, kind))
+        os.chmod(tmp, dir_mode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def publish(results: str | Path, figures: str | Path, dest: str | Path, figures_dest: str | Path | None = None) -> Path:
+    """Replace the published reference ``dest`` by a finished run: ``results`` items, and ``figures/*.pdf`` into
+    ``figures_dest`` (a folder of its own, e.g. ``figures/<profile>`` of the checkout) or, when it is ``None``, into
+    ``dest/figures``.
+
+    Each copy is assembled in a private folder beside its destination (with a manifest of every file) and renamed
+    into place. A destination must be missing, empty or a folder dynslice published (its manifest: kind
+    ``published`` for ``dest``, ``published-figures`` for ``figures_dest``); both are checked before either is
+    replaced, and again after each is moved aside; anything else is refused and left as it is. Of an old folder
+    only its listed files are deleted.
+    """
+    results, figures, dest = Path(results), Path(figures), Path(dest)
+    fig_dest = None if figures_dest is None else Path(figures_dest)
+    info = run_info(results)
+    if info is None or info.get("status") != "finished":
+        raise ValueError(f"results: {results} holds no finished run (see {MARKER}); finish it before publishing")
+    places = [("published", dest)] + ([("published-figures", fig_dest)] if fig_dest is not None else [])
+    for what, place in places:
+        for name, folder in (("results", results), ("figures", figures)):
+            if ownership.inside(place, folder) or ownership.inside(folder, place):
+                raise ValueError(
+                    f"{what}: {place} and the {name} folder {folder} contain one another (links "
+                    "resolved); publish to a folder of its own"
+                )
+    if fig_dest is not None and (ownership.inside(fig_dest, dest) or ownership.inside(dest, fig_dest)):
+        raise ValueError(f"published-figures: {fig_dest} and the published reference {dest} contain one another")
+    listing = _replaceable(dest, PUBLISHED_KIND, "published")
+    fig_listing = _replaceable(fig_dest, FIGURES_KIND, "published-figures") if fig_dest is not None else {}
+
+    def copy_pdfs(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        for pdf in sorted(figures.glob("*.pdf")):
+            if pdf.is_file() and not pdf.is_symlink():
+                shutil.copy2(pdf, folder / pdf.name)
+
+    def fill_results(tmp: Path) -> None:
         for item in RESULT_ITEMS:
             src = results / item
             if src.is_dir() and not src.is_symlink():
                 shutil.copytree(src, tmp / item, symlinks=True)
             elif src.is_file() and not src.is_symlink():
                 shutil.copy2(src, tmp / item)
-        (tmp / "figures").mkdir()
-        for pdf in sorted(figures.glob("*.pdf")):
-            if pdf.is_file() and not pdf.is_symlink():
-                shutil.copy2(pdf, tmp / "figures" / pdf.name)
-        atomic_write(tmp / ownership.MANIFEST, ownership.make_manifest(tmp, "published"))
-        os.chmod(tmp, dir_mode())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if fig_dest is None:
+            copy_pdfs(tmp / "figures")
+
+    tmp = _stage(dest, fill_results, PUBLISHED_KIND)
+    fig_tmp = None
+    if fig_dest is not None:
+        try:
+            fig_tmp = _stage(fig_dest, copy_pdfs, FIGURES_KIND)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _swap_in(tmp, dest, listing)
+    if fig_dest is not None and fig_tmp is not None:
+        _swap_in(fig_tmp, fig_dest, fig_listing)
     return dest
 
 
@@ -618,6 +689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results")
     p.add_argument("figures")
     p.add_argument("published")
+    p.add_argument(
+        "--published-figures",
+        default=None,
+        help="the published figures folder (e.g. figures/<profile>); default: <published>/figures",
+    )
     args = ap.parse_args(argv)
     try:
         if args.cmd == "check":
@@ -637,7 +713,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "clear":
             clear_run(args.results, args.figures)
         else:
-            print(f"== published {publish(args.results, args.figures, args.published)}")
+            dest = publish(args.results, args.figures, args.published, args.published_figures)
+            figs = args.published_figures or Path(dest) / "figures"
+            print(f"== published {dest} (figures: {figs})")
     except (ValueError, FileNotFoundError) as e:
         print(f"run_all.sh: {e}", file=sys.stderr)
         return 2

@@ -41,17 +41,18 @@ PLANTS = ("none", "width", "sb", "lr", "seed")
 @contextlib.contextmanager
 def planted(plant: str, sb_step: float) -> Iterator[None]:
     """Patch the pipeline's allocation, LR or calibration step with ``plant`` for the duration of the block."""
-    allocate, lr, calibration = pipeline._allocate, pipeline.Workbench.lr, pipeline.Workbench.calibration
+    allocation, lr, calibration = pipeline.allocation, pipeline.Workbench.lr, pipeline.Workbench.calibration
 
-    def narrower(bench, cfg, sb, score):
-        alloc = allocate(bench, cfg, sb, score)
+    def narrower(cfg, dims, score=None, *, sb=None):
+        alloc = allocation(cfg, dims, score, sb=sb)
         widths = list(alloc.widths)
         mid = len(widths) // 2
         widths[mid] -= cfg.round_interval
         return dataclasses.replace(alloc, widths=tuple(widths))
 
-    def lower_sb(bench, cfg, sb, score):
-        return allocate(bench, cfg, max(0.0, sb - sb_step) if sb < cfg.sp else sb, score)
+    def lower_sb(cfg, dims, score=None, *, sb=None):
+        sb = cfg.sb if sb is None else sb
+        return allocation(cfg, dims, score, sb=max(0.0, sb - sb_step) if sb < cfg.sp else sb)
 
     def raised_lr(self, cfg):
         score = dict(lr(self, cfg))
@@ -64,8 +65,8 @@ def planted(plant: str, sb_step: float) -> Iterator[None]:
         return calibration(self, cfg.replace(seed=cfg.seed + 1))
 
     patches = {
-        "width": ("_allocate", pipeline, narrower),
-        "sb": ("_allocate", pipeline, lower_sb),
+        "width": ("allocation", pipeline, narrower),  # the name the pipeline's run looks up
+        "sb": ("allocation", pipeline, lower_sb),
         "lr": ("lr", pipeline.Workbench, raised_lr),
         "seed": ("calibration", pipeline.Workbench, other_seed),
     }

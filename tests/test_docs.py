@@ -10,7 +10,8 @@ them (GitHub does not render it)::
   ``<!-- from-alias: $name = path -->``.
 - After ``#`` comes the key path, separated by dots: a dict key, a list index, a slice (``1:``) or a selector
   ``[key=value,...]`` that picks the one list item whose fields match.
-- Then any operations, applied in order: ``/X``, ``*X``, ``abs``, ``sum``, ``min``, ``max``, ``div:KEYPATH`` (divide
+- Then any operations, applied in order: ``/X``, ``*X``, ``abs``, ``values`` (a dict's values), ``sum``, ``min``,
+  ``max``, ``div:KEYPATH`` (divide
   by another value of the same file), ``avg_se`` (the standard error of the mean of a ``tasks`` dict's accuracies).
 - The number before the comment (only units between them, no digits) must equal the value rounded to as many
   decimals as the text shows.
@@ -141,7 +142,9 @@ def _resolve(spec: str, aliases: dict[str, str]) -> float | str:
     doc = docs[0]
     value = [_walk(d, key) for d in docs] if len(docs) > 1 else _walk(doc, key)
     for op in ops:
-        if op in ("sum", "min", "max"):
+        if op == "values":  # a dict's values, or every value of a list of dicts, as one list
+            value = [v for d in (value if isinstance(value, list) else [value]) for v in d.values()]
+        elif op in ("sum", "min", "max"):
             value = {"sum": sum, "min": min, "max": max}[op](value)
         elif op == "abs":
             value = abs(value)

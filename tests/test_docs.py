@@ -11,8 +11,8 @@ them (GitHub does not render it)::
 - After ``#`` comes the key path, separated by dots: a dict key, a list index, a slice (``1:``) or a selector
   ``[key=value,...]`` that picks the one list item whose fields match.
 - Then any operations, applied in order: ``/X``, ``*X``, ``abs``, ``values`` (a dict's values), ``sum``, ``min``,
-  ``max``, ``div:KEYPATH`` (divide
-  by another value of the same file), ``avg_se`` (the standard error of the mean of a ``tasks`` dict's accuracies).
+  ``max``, ``div:KEYPATH`` (divide by another value of the same file), ``avg_se`` (the standard error of the mean
+  of a ``tasks`` dict's accuracies).
 - The number before the comment (only units between them, no digits) must equal the value rounded to as many
   decimals as the text shows.
 

@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that wait passively, as run_all.sh sets for its runs: with busy-waiting (the default) torch's
+# multi-threaded eigh slows down many times over as soon as another process holds a core. Before torch starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 
@@ -157,6 +160,30 @@ def smol_tokenizer():
     from dynslice.store.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_tokenizer_read_once():
+    """The embedded SmolLM2 tokenizer (also tiny-random's) is read from its GGUF file once per session, not once per
+    command: converting the GGUF vocabulary takes seconds each time, and the CLI tests load it dozens of times.
+    Every call still goes through :func:`dynslice.store.models.load_tokenizer` and gets its own copy."""
+    import copy
+
+    from dynslice.store import models
+
+    real = models.load_tokenizer
+    cache: dict[str, object] = {}
+
+    def load_tokenizer(spec: str):
+        if spec != models.EMBEDDED_DEFAULT:
+            return real(spec)
+        if spec not in cache:
+            cache[spec] = real(spec)
+        return copy.deepcopy(cache[spec])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_tokenizer", load_tokenizer)
+        yield
 
 
 # ------------------------------------------------------------------------------------ the smoke profile, once

@@ -126,3 +126,43 @@ def test_check_of_the_published_cpu_results_in_process(tmp_path, capsys):
     assert repro.main(["check", str(fresh), str(pub)]) == 1
     out = capsys.readouterr().out
     assert "reproduction check FAILED: 1 of" in out and "smollm2-135m/sp0.30-sb0.10-width-calwiki ppl wiki" in out
+
+
+def test_eval_of_a_sliced_folder(tmp_path):
+    """``dynslice slice`` then ``dynslice eval`` of the saved folder (no tokenizer of its own: its base model's)."""
+    import json
+
+    model = tmp_path / "m"
+    cal = ["--cal-nsamples", "2", "--cal-seqlen", "16"]
+    assert main(["slice", "--model", "tiny-random", "--sp", "0.3", *cal, "--out", str(model)]) == 0
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", str(model), "--ppl", "wiki", "--ppl-seqlen", "32", "--ppl-max-chunks", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["model"] == str(model) and rec["ppl"]["wiki"] > 1 and rec["tasks"] == {}
+    assert rec["widths"] == json.loads((model / "dynslice.json").read_text())["widths"]
+    assert 0 < rec["params"]["total"]
+
+
+def test_tidy_streams_folds_progress_bars(tmp_path):
+    """run_all.sh's clean-up of an executed notebook: consecutive stream outputs merged, each line redrawn with
+    carriage returns kept in its final state, other outputs untouched."""
+    import nbformat
+
+    from dynslice.publish.notebook import tidy_streams
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="bar  10%\rbar  50%"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%\ndone\n"),
+        nbformat.v4.new_output("display_data", data={"text/plain": "x"}),
+        nbformat.v4.new_output("stream", name="stdout", text="after\n"),
+    ]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert tidy_streams(path) == 1
+    outs = nbformat.read(path, as_version=4).cells[1].outputs
+    assert [o.output_type for o in outs] == ["stream", "display_data", "stream"]
+    assert outs[0].text == "bar 100%\ndone\n" and outs[2].text == "after\n"

@@ -7,7 +7,8 @@
 #   ./run_all.sh --force                # delete the previous run's own files (its ledger), then a new run
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
 #   ./run_all.sh --publish              # make the finished run in <root>/<profile> the published reference
-#   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then run the tests
+#   ./run_all.sh --test [PYTEST ARGS...]  # set up the environment the same way, then the fast tier of the tests
+#   ./run_all.sh --test --all [ARGS...]   # both tiers (-m "not bench"): subprocesses, papermill, venv, SmolLM2
 #   ./run_all.sh --shard K/N            # only shard K (from 0) of N of the runs (resumes; no check: when every
 #                                       # shard is done, ./run_all.sh --resume finishes the tables and the check)
 #   ./run_all.sh --plan [--shards N]    # list the runs and predict their hours (dynslice plan --profile); runs nothing
@@ -48,7 +49,7 @@ TORCH_CPU_PIN="torch==2.13.0"
 SHARD=""
 SHARDS=1
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) PROFILE="${2:?--profile needs a value}"; shift 2 ;;
@@ -63,7 +64,10 @@ while [[ $# -gt 0 ]]; do
     --only=*) ONLY="${1#*=}"; shift ;;
     --root) ROOT="${2:?--root needs a folder}"; shift 2 ;;
     --figures) FIGURES="${2:?--figures needs a folder}"; shift 2 ;;
-    --test) TEST=1; shift; PYTEST_ARGS=("$@"); break ;;
+    --test)
+      TEST=1; shift
+      if [[ "${1:-}" == --all ]]; then shift; PYTEST_ARGS=(-m "not bench"); fi  # a later -m still replaces it
+      PYTEST_ARGS+=("$@"); break ;;
     --shard) SHARD="${2:?--shard needs K/N, e.g. 0/4}"; shift 2 ;;
     --shard=*) SHARD="${1#*=}"; shift ;;
     --plan) MODE=plan; shift ;;

@@ -19,7 +19,7 @@ from dynslice.core.slicing import slice_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dynslice"
 #: Modules that reach a model only through its adapter.
-ENGINE_FILES = ("core/slicing.py", "core/lr.py", "core/shortgpt.py", "stream.py")
+ENGINE_FILES = ("core/slicing.py", "core/lr.py", "core/shortgpt.py", "store/stream.py")
 #: Module attributes (and checkpoint key parts) of transformers' Llama-like models.
 TRANSFORMERS_NAMES = {
     "model",

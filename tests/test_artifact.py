@@ -45,6 +45,7 @@ def run_all(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke profile through ./run_all.sh (papermill, pinned): the slow tier's tests of the artifact itself."""
     base = tmp_path_factory.mktemp("artifact")
     root, figures = base / "results", base / "figures"
     proc = run_all("--profile", "smoke", "--root", str(root), "--figures", str(figures))
@@ -52,6 +53,15 @@ def smoke(tmp_path_factory):
     return root / "smoke", figures / "smoke", proc
 
 
+@pytest.fixture(params=["in_process", pytest.param("run_all", marks=pytest.mark.slow)])
+def smoke_results(request) -> Path:
+    """The results folder of a smoke run: the session's in-process run (fast tier), or run_all.sh's (slow tier)."""
+    if request.param == "in_process":
+        return request.getfixturevalue("smoke_run")[0]
+    return request.getfixturevalue("smoke")[0]
+
+
+@pytest.mark.slow
 def test_run_all_pins_the_arithmetic_of_a_pinned_profile(smoke):
     """smoke declares ``numerics: pinned``: run_all.sh exports the pins, and every record says it ran pinned."""
     results, _, proc = smoke
@@ -129,9 +139,8 @@ def test_every_notebook_executes(smoke):
     )
 
 
-@pytest.mark.slow
-def test_records_validate_against_schema(smoke):
-    results, _, _ = smoke
+def test_records_validate_against_schema(smoke_results):
+    results = smoke_results
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
     records = sorted((results / "runs").rglob("*.json"))
     assert len(records) >= 10
@@ -143,10 +152,9 @@ def test_records_validate_against_schema(smoke):
     assert list(validator.iter_errors(broken))
 
 
-@pytest.mark.slow
-def test_headline_matches_records(smoke):
+def test_headline_matches_records(smoke_results):
     """The headline's % change recomputed directly from the run JSON files."""
-    results, _, _ = smoke
+    results = smoke_results
     recs = [read_json(p) for p in (results / "runs").rglob("*.json")]
     const = next(r for r in recs if r["config"]["sp"] == 0.3 and r["config"]["sb"] == 0.3)
     for row in read_json(results / "headline.json"):
@@ -163,6 +171,48 @@ def test_headline_matches_records(smoke):
         assert row["best_sb"] == best["config"]["sb"]
         assert row["ppl_wiki_change_pct"] == pytest.approx(100 * (best["ppl"]["wiki"] / const["ppl"]["wiki"] - 1))
         assert row["params_dynamic"] == best["params"]["total"]
+
+
+def test_in_process_run_writes_every_table_figure_and_record(smoke_run):
+    """The notebooks' code run in process (conftest.smoke_run): every figure as a PDF with TrueType fonts, every
+    table as Markdown and LaTeX, the ablation answer, a finished run marker and a ledger listing what it wrote."""
+    from dynslice.publish import repro
+    from dynslice.publish.ablations import answer
+    from dynslice.store import ownership
+
+    results, figures = smoke_run
+    for name in FIGURES:
+        pdf = (figures / f"{name}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF") and b"/FontFile2" in pdf, name  # TrueType fonts embedded (fonttype 42)
+    for name in TABLES:
+        assert (results / "tables" / f"{name}.md").read_text().count("|") > 10, name
+        assert (results / "tables" / f"{name}.tex").read_text().startswith(r"\begin{table}"), name
+    assert "ShortGPT" in answer(read_json(results / "ablations.json"))
+    summary = read_json(results / "summary.json")
+    assert summary["profile"] == "smoke" and summary["runs"] == len(list((results / "runs").rglob("*.json")))
+    assert json.loads((results / "RUN.json").read_text())["status"] == "finished"
+    listed = ownership.Ledger.open(repro.ledger_of(results)).listing()["results"]
+    assert "headline.json" in listed and "tables/sweep.md" in listed
+
+
+def test_publish_and_check_in_process(smoke_run, tmp_path, capsys):
+    """What ./run_all.sh --publish and --check-only call (``python -m dynslice.publish.repro``), in process."""
+    from dynslice.publish import repro
+
+    results, figures = smoke_run
+    pub = tmp_path / "published" / "smoke"
+    assert repro.main(["publish", str(results), str(figures), str(pub)]) == 0
+    assert sorted(p.name for p in (pub / "figures").glob("*.pdf")) == sorted(p.name for p in figures.glob("*.pdf"))
+    assert repro.main(["check", str(results), str(pub)]) == 0
+    assert "reproduction check passed" in capsys.readouterr().out
+    auto = next((pub / "runs").rglob("sp0.30-sbauto-width-*.json"))
+    rec = read_json(auto)
+    rec["sb"] = 0.1 if rec["sb"] != 0.1 else 0.2
+    auto.write_text(json.dumps(rec))
+    assert repro.main(["check", str(results), str(pub)]) == 1
+    assert "tiny-random/sp0.30-sbauto-width-calwiki chosen SB: published" in capsys.readouterr().out
+    assert repro.main(["check", str(tmp_path / "nothing"), str(pub)]) == 2
+    assert "is not a results folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -226,6 +276,7 @@ def test_failing_notebook_is_named(tmp_path):
     assert (tmp_path / "r" / "broken" / "executed" / "01_layer_redundancy.ipynb").is_file()
 
 
+@pytest.mark.slow  # run_all.sh and a Python process
 def test_unknown_option_and_profile(tmp_path):
     proc = run_all("--bogus")
     assert proc.returncode == 2 and "unknown option '--bogus'" in proc.stderr
@@ -253,6 +304,7 @@ def _check_published_copy(tmp_path: Path, flip) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # run_all.sh and a Python process
 def test_check_passes_on_the_published_cpu_results(tmp_path):
     proc = _check_published_copy(tmp_path, lambda pub: None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -261,6 +313,7 @@ def test_check_passes_on_the_published_cpu_results(tmp_path):
     assert "reproduction check passed: all" in proc.stdout
 
 
+@pytest.mark.slow  # run_all.sh and a Python process
 def test_check_fails_naming_a_flipped_published_number(tmp_path):
     def flip(pub: Path) -> None:
         path = next((pub / "runs").rglob("sp0.30-sb0.10-width-calwiki-*.json"))
@@ -274,6 +327,7 @@ def test_check_fails_naming_a_flipped_published_number(tmp_path):
     assert "  smollm2-135m/sp0.30-sb0.10-width-calwiki ppl wiki: published" in proc.stdout
 
 
+@pytest.mark.slow  # run_all.sh and a Python process
 def test_check_fails_naming_a_flipped_headline(tmp_path):
     def flip(pub: Path) -> None:
         rows = read_json(pub / "headline.json")
@@ -285,6 +339,7 @@ def test_check_fails_naming_a_flipped_headline(tmp_path):
     assert "headline smollm2-135m cal wiki SP 0.2 equal mean width (paper) acc points: published" in proc.stdout
 
 
+@pytest.mark.slow  # run_all.sh and a Python process
 def test_check_only_and_root_errors(tmp_path):
     proc = run_all(
         "--profile",

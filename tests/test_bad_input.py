@@ -584,6 +584,7 @@ def _has_loaded(pid: int, library: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # subprocesses; the "imports" case depends on timing and is flaky under load
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see when the work has started")
 @pytest.mark.parametrize("when", ["imports", "lr"])
 def test_ctrl_c_exits_130_with_one_line(tmp_path, when):
@@ -637,6 +638,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, when):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a subprocess killed while it saves
 def test_killed_save_leaves_old_or_new_and_is_cleaned_up(tmp_path):
     """SIGKILL while a model is being saved: the target holds a complete model or none, and the next save cleans up."""
     from dynslice.store.models import load_model, resolve_spec
@@ -662,6 +664,7 @@ def test_killed_save_leaves_old_or_new_and_is_cleaned_up(tmp_path):
     assert torch.equal(load_model(str(out)).model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow  # a subprocess with the hub's environment unset
 def test_unreachable_hub_gives_one_line_at_once(tmp_path):
     """A hub id with HF_HUB_OFFLINE unset and the hub unreachable (here: a closed loopback port): one line, exit 2,
     none of the hub client's retry lines, no waiting for its back-off."""

@@ -124,6 +124,7 @@ def test_run_end_to_end_on_tiny_random(tmp_path):
     assert main(argv) == 0 and out.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "dynslice", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "allocate" in res.stdout

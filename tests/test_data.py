@@ -101,6 +101,7 @@ def test_assign_splits_rule():
         data.assign_splits(["a", "a"], [1, 1])
 
 
+@pytest.mark.slow  # a second Python process
 def test_splits_identical_in_another_process(splits):
     code = (
         "import hashlib; from dynslice.measure import data\n"

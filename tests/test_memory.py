@@ -123,6 +123,7 @@ def test_weights_kind_follows_the_load(tmp_path):
         predict(shapes, 8, 256, weights="copied")
 
 
+@pytest.mark.bench  # measured peaks vary with the machine's load: not gated by CI (-m bench runs it)
 @pytest.mark.parametrize("name", ["llama3-8b-1l/4", "mistral-7b-1l/4"])
 def test_predicted_peaks_within_15_percent(tmp_path, name):
     """Reduced 8B/7B shapes (real head counts, widths / 4, one layer), bf16, measured in fresh processes.

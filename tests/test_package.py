@@ -16,6 +16,8 @@ from dynslice.experiment.numerics import is_pinned
 from dynslice.experiment.profiles import load_profile, sweep_configs
 from dynslice.store.paths import PROJECT_ROOT, cache_dir
 
+pytestmark = pytest.mark.slow  # a venv, a pip install and the installed command in subprocesses
+
 #: What a wheel is built from: the package and the files pyproject.toml names.
 SOURCES = ("dynslice", "pyproject.toml", "README.md", "LICENSE")
 

@@ -63,6 +63,7 @@ def _records(folder: Path) -> dict[str, dict]:
     return {p.name: read_json(p) for p in sorted((folder / "runs").rglob("*.json"))}
 
 
+@pytest.mark.slow  # the planted runs: bench/plants.py in two subprocesses
 def test_pinned_runs_are_bit_identical_across_thread_counts_and_checked_exactly(planted):
     root, again = planted
     ref, rerun = root / "none" / "smoke", again / "none" / "smoke"
@@ -79,6 +80,7 @@ def test_pinned_runs_are_bit_identical_across_thread_counts_and_checked_exactly(
 
 
 @pytest.mark.parametrize("plant", PLANTS)
+@pytest.mark.slow  # the planted runs: bench/plants.py in two subprocesses
 def test_every_planted_regression_fails_the_exact_check(planted, plant):
     root, _ = planted
     ref, bad = root / "none" / "smoke", root / plant / "smoke"
@@ -106,6 +108,7 @@ def _unpinned_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # the planted runs: bench/plants.py in two subprocesses
 def test_different_arithmetic_uses_the_measured_tolerances(planted, tmp_path):
     root, _ = planted
     ref = root / "none" / "smoke"

@@ -7,7 +7,7 @@ import json
 import random
 import shutil
 import subprocess
-import sys
+import tempfile
 
 import pandas as pd
 import pytest
@@ -100,8 +100,10 @@ def test_plan_bad_input(capsys):
 
 # --------------------------------------------------------------------------------- running shards for real
 def tables_of(results) -> dict[str, pd.DataFrame]:
+    """The tables of a results folder's records, written into a scratch folder (the shared run is only read)."""
     frame = report.records_frame(load_records(results / "runs"))
-    tables = report.write_tables(frame, results, "wiki")
+    with tempfile.TemporaryDirectory() as scratch:
+        tables = report.write_tables(frame, scratch, "wiki")
     return {
         k: t.drop(columns=[c for c in t.columns if c.endswith("time_s")]).reset_index(drop=True)
         for k, t in tables.items()
@@ -114,15 +116,15 @@ def assert_same_tables(a, b):
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def unsharded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("unsharded")
-    profile = profiles.load_profile("smoke")
-    sweep.run_phase(profile, root, "all")
-    assert sweep.profile_missing(profile, root)[0] == []
+@pytest.fixture
+def unsharded(smoke_run):
+    """The root of the session's one unsharded smoke run (conftest.smoke_run): every run in one process."""
+    root = smoke_run[0].parent
+    assert sweep.profile_missing(profiles.load_profile("smoke"), root)[0] == []
     return root
 
 
+@pytest.mark.slow
 def test_two_processes_merge_into_the_same_tables(unsharded, tmp_path):
     from dynslice.scale.launch import launch
 
@@ -172,6 +174,7 @@ def test_cli_sweep_missing_lists_runs(unsharded, capsys):
     assert "All 12 runs" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
     pytest.importorskip("submitit")
     from dynslice.scale.cluster import submit
@@ -186,14 +189,10 @@ def test_submitit_local_executor_completes_smoke(unsharded, tmp_path):
     assert sum(j.result()["ran"] for j in again) == 0
 
 
-def test_cli_launch_bad_input(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "dynslice", "launch", "--profile", "smoke", "--root", str(tmp_path), "--processes", "0"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 2 and "processes" in res.stderr
+def test_cli_launch_bad_input(tmp_path, capsys):
+    assert cli(["launch", "--profile", "smoke", "--root", str(tmp_path), "--processes", "0"]) == 2
+    assert "processes" in capsys.readouterr().err
+    assert not (tmp_path / "smoke").exists()
 
 
 def test_infeasible_runs_are_noted_and_not_retried(tmp_path):

@@ -311,27 +311,29 @@ def save(
 
 
 # ------------------------------------------------------------------------------------------- dynslice slice
-def placement(cfg: RunConfig, stream: str = "auto"):
-    """The memory plan of slicing ``cfg``'s model (in RAM or streamed), or ``None`` for a model whose architecture
-    cannot be sliced (loading it names the reason)."""
+def placement(cfg: RunConfig, stream: str = "auto") -> tuple[Any, Any]:
+    """``(plan, config)``: the memory plan of slicing ``cfg``'s model (in RAM or streamed) and the model config it
+    was read from (once: a GGUF's takes seconds), or ``(None, None)`` for a model whose architecture cannot be
+    sliced or whose config cannot be read (loading it names the reason)."""
     from dynslice.core.adapters import supported_architectures
     from dynslice.store.memory import plan_for_spec
     from dynslice.store.models import config_of
 
     try:
-        archs = getattr(config_of(cfg.model), "architectures", None) or []
+        config = config_of(cfg.model)
     except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem
         if stream == "on":
             raise
-        return None
+        return None, None
+    archs = getattr(config, "architectures", None) or []
     if archs and not any(name in supported_architectures() for name in archs):
         if stream == "on":
             raise ValueError(
                 f"stream: {cfg.model} is not a supported architecture "
                 f"({', '.join(supported_architectures())}); it cannot be streamed"
             )
-        return None
-    return plan_for_spec(
+        return None, None
+    plan = plan_for_spec(
         cfg.model,
         cfg.cal_nsamples,
         cfg.cal_seqlen,
@@ -340,7 +342,9 @@ def placement(cfg: RunConfig, stream: str = "auto"):
         batch_size=cfg.batch_size,
         sp=cfg.sp,
         stream=stream,
+        config=config,
     )
+    return plan, config
 
 
 def slice_to_folder(
@@ -360,12 +364,13 @@ def slice_to_folder(
     computed on ``cfg``'s LR data, as :func:`run` does (constant slicing needs none). Every input is checked
     before the model is loaded.
     """
-    from dynslice.store.models import config_of, resolve_spec
+    from dynslice.store.models import resolve_spec
 
     check_run(cfg, "slice")
-    plan = placement(cfg, stream)  # printed once every input has been checked, just before the work starts
+    plan, config = placement(cfg, stream)  # printed once every input has been checked, just before the work starts
     bench = Workbench.of(cfg)
-    config = config_of(cfg.model) if plan is not None else bench.model.config  # loading names an unsupported model
+    if config is None:
+        config = bench.model.config  # loading names why the model cannot be planned or sliced
     check_context(config, cfg, "cal_seqlen")
     dims = ArchDims.from_config(config)
     extra: dict[str, Any] = {}

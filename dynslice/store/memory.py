@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from dynslice.core.checks import check_choice, check_int, check_real
 from dynslice.core.slicing import EMBEDDING_CHUNK_ROWS, forms_in_input_basis
@@ -469,10 +470,12 @@ def plan_for_spec(
     host_gib: float | None = None,
     gpu_gib: float | None = None,
     weights_needed: bool = True,
+    config: Any = None,
 ) -> MemoryPlan:
     """:func:`plan` for a model spec, read from its config alone (a folder with only ``config.json`` will do when
     ``weights_needed`` is false, as for ``dynslice plan``). ``host_gib``/``gpu_gib``: the memory to plan for
-    (default: what is available now)."""
+    (default: what is available now). ``config``: the spec's model config when the caller has read it already
+    (reading a GGUF's takes seconds)."""
     import torch
 
     from dynslice.store.models import config_of, resolve_spec
@@ -491,7 +494,7 @@ def plan_for_spec(
         if v is not None and not v > 0:
             raise ValueError(f"{name}: {v} is outside {name} > 0")
     return plan(
-        Shapes.from_config(config_of(spec)),
+        Shapes.from_config(config if config is not None else config_of(spec)),
         nsamples,
         seqlen,
         dtype,

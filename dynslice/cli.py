@@ -245,7 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     _run_args(rn)
 
     pl = sub.add_parser(
-        "plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a profile (--profile)"
+        "plan",
+        help="predict peak memory of a slicing (--model), or the runs, GPU-hours and peak memory of a profile's "
+        "sweep (--profile)",
     )
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model spec, or a folder holding only config.json")
@@ -337,7 +339,7 @@ def _cmd_lr(a: argparse.Namespace) -> None:
     cfg = _config_from(a)
     pipeline.check_run(cfg, a.command)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "lr_seqlen")
+    pipeline.check_context(bench.config, cfg, "lr_seqlen")
     write_json(out, pipeline.lr_record(bench, cfg))
 
 
@@ -385,8 +387,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     cfg = _config_from(a, sp=0.0, sb=0.0)
     pipeline.check_run(cfg, a.command, dense_only=False)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "ppl_seqlen")
-    write_json(out, pipeline.evaluation_record(bench.model, bench.tokenizer, cfg))
+    pipeline.check_context(bench.config, cfg, "ppl_seqlen")
+    write_json(out, pipeline.evaluation_record(bench.load(), bench.tokenizer, cfg))
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -415,7 +417,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
         check_model_out(cfg.save_dir, overwrite=a.overwrite, param="save_model")
     pipeline.check_run(cfg, a.command)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "lr_seqlen", "cal_seqlen", "ppl_seqlen")
+    pipeline.check_context(bench.config, cfg, "lr_seqlen", "cal_seqlen", "ppl_seqlen")
     pipeline.run(cfg, out, bench=bench, force=True)
 
 
@@ -429,7 +431,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     if a.profile is not None:
         from dynslice.scale.cost import describe, profile_plan
 
-        plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops)
+        plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops, host_gib=a.host_gib, gpu_gib=a.gpu_gib)
         print(describe(plan, list_runs=a.list))
         if a.out:
             write_json(a.out, plan)

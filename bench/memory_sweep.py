@@ -32,7 +32,7 @@ SMOLLM2_VOCAB = 49152
 #: peak keeps growing after the first runs
 SPS = {"sp": 0.3, "sbs": [0.3, 0.2, 0.1, 0.3, 0.2, 0.1]}
 
-_CHILD = r'''
+_CHILD = r"""
 import json, os, sys, threading, time
 import torch
 a = json.loads(sys.argv[1])
@@ -99,16 +99,20 @@ rp = plan_run(Shapes.from_config(bench.config), slicing, lr_batch_tokens=a["batc
               eval_batch_tokens=a["batch_size"] * a["seqlen"], eval_seqlen=a["seqlen"])
 out["plan"] = rp.to_json()
 print(json.dumps(out))
-'''
+"""
 
 
-def measure_sweep(name: str, dtype: str, nsamples: int, seqlen: int, batch_size: int, chunks: int, threads: int) -> dict:
+def measure_sweep(
+    name: str, dtype: str, nsamples: int, seqlen: int, batch_size: int, chunks: int, threads: int
+) -> dict:
     """Build ``name``'s model and measure its three-run sweep in a fresh process."""
     from dynslice.store.models import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="dynslice-sweep-bench-") as tmp:
         # the calibration text is tokenised with SmolLM2's tokenizer: the vocabulary must hold its 49152 ids
-        cfg = dict(CONFIGS[name], vocab_size=max(CONFIGS[name]["vocab_size"], SMOLLM2_VOCAB), bos_token_id=1, eos_token_id=2)
+        cfg = dict(
+            CONFIGS[name], vocab_size=max(CONFIGS[name]["vocab_size"], SMOLLM2_VOCAB), bos_token_id=1, eos_token_id=2
+        )
         src = build_model(cfg, Path(tmp) / "model", dtype)
         load_tokenizer("smollm2-135m").save_pretrained(src)
         arg = {

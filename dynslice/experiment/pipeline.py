@@ -97,10 +97,15 @@ class Workbench:
     def config(self) -> Any:
         """The model's config, read once (without the weights)."""
         if self._config is None:
+            from dynslice.core.adapters import supported_architectures
+
             try:
-                self._config = model_config(self.model_spec)
+                config = model_config(self.model_spec)
             except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem in one line
-                self._config = self.load().config
+                config = None
+            if config is None or architecture_of(config) not in supported_architectures():
+                config = self.load().config  # loading names the problem (or the architecture's) in one line
+            self._config = config
         return self._config
 
     @property

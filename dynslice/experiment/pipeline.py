@@ -151,6 +151,7 @@ class Workbench:
             cfg.lr_seqlen,
             cfg.lr_stride,
             cfg.lr_last_layer,
+            cfg.lr_precision,
             cfg.lr_metric,
             cfg.seed,
         )
@@ -231,7 +232,12 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
     batch = bench.lr_batch(cfg)
     model = bench.load()  # a fresh dense copy, dropped once scored
     score = layer_redundancy(
-        model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size, last_layer=cfg.lr_last_layer
+        model,
+        batch,
+        metric=cfg.lr_metric,
+        batch_size=cfg.batch_size,
+        last_layer=cfg.lr_last_layer,
+        precision=cfg.lr_precision,
     )
     del model
     dims = bench.dims()
@@ -248,6 +254,7 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
         "seqlen": cfg.lr_seqlen,
         "stride": cfg.lr_stride,
         "last_layer": cfg.lr_last_layer,
+        "precision": cfg.lr_precision,
         "seed": cfg.seed,
         "time_s": time.perf_counter() - t,
     }

@@ -552,7 +552,18 @@ def run(
         t = time.perf_counter()
         eval_model = bench.sliced(cfg, widths)
         timings["slice"] = time.perf_counter() - t
-        keep = ("metric", "lr", "normalized", "dataset", "tokens", "split", "sampler", "windows", "last_layer")
+        keep = (
+            "metric",
+            "lr",
+            "normalized",
+            "dataset",
+            "tokens",
+            "split",
+            "sampler",
+            "windows",
+            "last_layer",
+            "precision",
+        )
         record.update(
             sb=sb,
             widths=widths,

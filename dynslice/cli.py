@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     _field_arg(lr, "lr_seqlen", "--seqlen", "--lr-seqlen", dest="lr_seqlen", default=keep)
     _field_arg(lr, "lr_stride", "--stride", "--lr-stride", dest="lr_stride", default=keep)
     _field_arg(lr, "lr_last_layer", "--last-layer", "--lr-last-layer", dest="lr_last_layer", default=keep)
+    _field_arg(lr, "lr_precision", "--precision", "--lr-precision", dest="lr_precision", default=keep)
     _field_arg(lr, "lr_metric", "--metric", "--lr-metric", dest="lr_metric", default=keep)
     lr.add_argument("--out", required=True)
 
@@ -227,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen", "lr_dataset", "lr_nsamples"):
         _field_arg(sl, name, f"--{name.replace('_', '-')}")
     _field_arg(sl, "lr_seqlen", "--lr-seqlen")
+    _field_arg(sl, "lr_precision", "--lr-precision")
     sl.add_argument("--out", required=True, help="folder for the sliced model")
     sl.add_argument(
         "--stream",

@@ -156,6 +156,7 @@ class Workbench:
             cfg.lr_seqlen,
             cfg.lr_stride,
             cfg.lr_last_layer,
+            cfg.lr_precision,
             cfg.lr_metric,
             cfg.seed,
         )
@@ -236,7 +237,12 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
     batch = bench.lr_batch(cfg)
     model = bench.load()  # a fresh dense copy, dropped once scored
     score = layer_redundancy(
-        model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size, last_layer=cfg.lr_last_layer
+        model,
+        batch,
+        metric=cfg.lr_metric,
+        batch_size=cfg.batch_size,
+        last_layer=cfg.lr_last_layer,
+        precision=cfg.lr_precision,
     )
     del model
     dims = bench.dims()
@@ -253,6 +259,7 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
         "seqlen": cfg.lr_seqlen,
         "stride": cfg.lr_stride,
         "last_layer": cfg.lr_last_layer,
+        "precision": cfg.lr_precision,
         "seed": cfg.seed,
         "time_s": time.perf_counter() - t,
     }
@@ -550,7 +557,18 @@ def run(
         t = time.perf_counter()
         eval_model = bench.sliced(cfg, widths)
         timings["slice"] = time.perf_counter() - t
-        keep = ("metric", "lr", "normalized", "dataset", "tokens", "split", "sampler", "windows", "last_layer")
+        keep = (
+            "metric",
+            "lr",
+            "normalized",
+            "dataset",
+            "tokens",
+            "split",
+            "sampler",
+            "windows",
+            "last_layer",
+            "precision",
+        )
         record.update(
             sb=sb,
             widths=widths,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dynslice.experiment.config import RunConfig
-from dynslice.experiment.profiles import Profile, load_profile, run_name, sweep_configs
+from dynslice.experiment.profiles import Profile, dynamic_sbs, load_profile, run_name, sweep_configs
 from dynslice.store.memory import Shapes
 
 #: The measured CPU throughput: a copy of ``bench/results/slicing_cpu.json`` in the package (``dynslice.measured``).
@@ -234,18 +234,20 @@ def kind_of(cfg: RunConfig) -> str:
 
 
 def predicted_zero_shot(profile: Profile) -> list[RunConfig]:
-    """The best-SB zero-shot runs the profile will have (their SB is not known before the sweep: SP/2 stands in)."""
+    """The zero-shot runs the profile will have: one per dynamic SB with ``zero_shot.every_sb``, else the best SB's
+    (not known before the sweep: SP/2 stands in)."""
     if not profile.tasks:
         return []
     return [
         profile.base_config(
-            m, sp=sp, sb=round(sp / 2, 4), budget=b, cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit
+            m, sp=sp, sb=sb, budget=b, cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit
         )
         for m in profile.models
         for cal in profile.cal_datasets
         for sp in profile.sp
         for b in profile.zero_shot_budgets
         if b in profile.budgets
+        for sb in (dynamic_sbs(sp, profile.sb_step) if profile.zero_shot_every_sb else [round(sp / 2, 4)])
     ]
 
 
@@ -397,7 +399,7 @@ def describe(plan: Mapping[str, Any], list_runs: bool = False) -> str:
     lines = [
         (
             f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
-            f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)"
+            f"{plan['zero_shot_runs']} zero-shot, predicted)"
         )
     ]
     for m in plan["models"]:

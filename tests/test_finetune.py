@@ -248,15 +248,18 @@ def test_config_from_a_profile_mapping_checks_like_the_cli():
 
 
 @pytest.mark.slow
-def test_rft_recovers_perplexity_of_sliced_smollm2(tmp_path):
-    """SmolLM2-135M sliced at SP 0.3, then 16 steps of the default RFT: the held-out wiki perplexity falls."""
+def test_rft_recovers_perplexity_of_sliced_smollm2():
+    """SmolLM2-135M sliced at SP 0.3 (constant widths), then 8 steps of RFT on 128-token windows: the held-out wiki
+    perplexity falls by more than 10% (measured on 2 loaded cores: a run of 2 steps took the training loss from
+    4.90 to 4.38 at 256 tokens)."""
     from dynslice.measure.evaluate import perplexity
     from dynslice.store.models import load
 
     model, tok = load("smollm2-135m")
-    slice_model(model, data.calibration_batch("wiki", tok, 16, 256), [404] * 30, progress=False)
-    chunks = data.eval_chunks("wiki", tok, 256, max_chunks=8)
+    slice_model(model, data.calibration_batch("wiki", tok, 8, 256), [404] * 30, progress=False)
+    chunks = data.eval_chunks("wiki", tok, 128, max_chunks=8)
     before = perplexity(model, chunks)
-    result = finetune(model, tok, FinetuneConfig(steps=16, eval_steps=0), progress=False)
+    cfg = FinetuneConfig(nsamples=32, seqlen=128, steps=8, eval_steps=0)
+    result = finetune(model, tok, cfg, progress=False)
     after = perplexity(model, chunks)
     assert after < 0.9 * before, (before, after, result["history"])

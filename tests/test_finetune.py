@@ -43,8 +43,10 @@ def _ids(tok, n: int = 2, seqlen: int = 32) -> torch.Tensor:
     return data.random_chunks("wiki", tok, n, seqlen, seed=7, split="test")
 
 
-def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok):
-    """One batch of 2 windows seen at every step (nsamples = batch size), no dropout: the loss falls."""
+def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok, tmp_path, monkeypatch):
+    """One batch of 2 windows seen at every step (nsamples = batch size), no dropout: the loss falls. Without a
+    checkpoint folder nothing is written to the working directory."""
+    monkeypatch.chdir(tmp_path)
     model = load_sliced(sliced_dir)
     cfg = FinetuneConfig(
         nsamples=2, seqlen=32, steps=8, batch_size=2, grad_accum=1, learning_rate=1e-2, lora_dropout=0.0, eval_steps=0
@@ -58,6 +60,7 @@ def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok):
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]  # the caller's RNGs untouched
     assert (np.random.get_state()[1] == rng[2]).all()
     losses = [e["loss"] for e in result["history"] if "loss" in e]
+    assert list(tmp_path.iterdir()) == []
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.05, losses
     assert result["final_loss"] == losses[-1] and result["trainable_parameters"] > 0

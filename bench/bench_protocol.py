@@ -24,7 +24,6 @@ Run: ``PYTHONPATH=. python bench/bench_protocol.py`` (about 10 minutes on a busy
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -215,7 +214,7 @@ def main() -> int:
     for i, r in enumerate(theirs):
         ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     model = slice_dense(
-        copy.deepcopy(bench.model),
+        bench.load(),
         cfg,
         {"input_ids": ids, "attention_mask": mask},
         records["cal_sampler"]["widths"],

@@ -45,13 +45,12 @@ the predictions against measured peaks.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from dynslice.core.checks import check_choice, check_int, check_real
 from dynslice.core.slicing import EMBEDDING_CHUNK_ROWS, forms_in_input_basis
+from dynslice.store.placement import available_gpu_bytes, available_host_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1 << 30
@@ -388,27 +387,6 @@ def predict(
         phase_host_bytes=phases,
         weights=weights,
     )
-
-
-def available_host_bytes() -> int:
-    """``MemAvailable`` from ``/proc/meminfo`` (the physical memory when that is unreadable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def available_gpu_bytes(device: str) -> int:
-    """Free memory of a CUDA device (0 for the CPU)."""
-    import torch
-
-    if device == "cpu" or not torch.cuda.is_available():
-        return 0
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return int(free)
 
 
 def plan(

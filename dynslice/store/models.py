@@ -296,8 +296,7 @@ def load_model(
         return load_sliced(r.location, dtype=torch_dtype, device=dev, gpu_bytes=gpu_bytes)
     max_memory = None
     if dev.type == "cuda" and gpu_bytes is not None and r.kind in ("dir", "hub"):
-        from dynslice.store.memory import available_host_bytes
-        from dynslice.store.placement import FORWARD_RESERVE, HEADROOM, dense_bytes, fits
+        from dynslice.store.placement import FORWARD_RESERVE, HEADROOM, available_host_bytes, dense_bytes, fits
 
         if not fits(
             dense_bytes(config_of(spec), str(dtype) if isinstance(dtype, str) else _name(torch_dtype)),

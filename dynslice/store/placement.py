@@ -8,13 +8,18 @@ computed on the GPU at a time, or streamed from disk.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from dynslice.core.adapters import get_adapter
-from dynslice.store.memory import DTYPE_BYTES, GIB, Shapes, available_gpu_bytes
+from dynslice.core.params import ArchDims, dense_params
+
+GIB = 1 << 30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: The share of the free GPU memory a placement may fill.
 HEADROOM = 0.9
@@ -29,11 +34,28 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def available_host_bytes() -> int:
+    """``MemAvailable`` from ``/proc/meminfo`` (the physical memory when that is unreadable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_gpu_bytes(device: str) -> int:
+    """Free memory of a CUDA device (0 for the CPU)."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
 def dense_bytes(config: Any, dtype: str) -> int:
     """Bytes of a dense model's weights, from its config."""
-    s = Shapes.from_config(config)
-    params = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden + s.layers * s.layer_params()
-    return params * DTYPE_BYTES[dtype]
+    return dense_params(ArchDims.from_config(config)) * DTYPE_BYTES[dtype]
 
 
 def fits(n_bytes: int, device: str, gpu_bytes: int | None = None) -> bool:

@@ -4,7 +4,8 @@ Two kinds of dataset:
 
 - **hub** (:data:`ONLINE_DATASETS`), loaded with ``datasets`` from the Hugging Face hub: ``wikitext2``, ``ptb``,
   ``c4`` and ``alpaca`` exactly as SliceGPT uses them, and ``pg19``, on which the paper computes Layer
-  Redundancy. :data:`HUB_SOURCES` records where each lives and which field holds its text.
+  Redundancy. :data:`HUB_SOURCES` records where each lives and which field holds its text. With
+  ``DYNSLICE_HUB_MIRROR`` set, the same calls read a local copy in the hub's format (:mod:`dynslice.measure.mirror`).
 - **offline** (:data:`OFFLINE_DATASETS`), built from text files inside the ``gensim`` wheel, so they work with no
   network: ``wiki`` (a real English Wikipedia dump, cleaned to prose) and ``news`` (Lee's corpus of Australian
   news articles). Both are split by article into train/validation/test, deterministically.

@@ -424,7 +424,7 @@ def dryrun_profile(model: str | Path, name: str = "paper-dryrun") -> dict[str, A
 
     raw = yaml.safe_load(resources.files("dynslice.experiment.profiles").joinpath("paper.yaml").read_text())
     raw["name"] = name
-    raw["description"] = f"dry run of the paper profile on CPU: {raw.get('description', '')}"
+    raw["description"] = "the paper profile on CPU at dry-run sizes (tests/paper_dryrun.py); numbers mean nothing"
     raw["models"] = [{"spec": str(model), "dtype": "fp32", "device": "cpu"}]
     raw["base"] = {**(raw.get("base") or {}), **DRYRUN_BASE}
     raw["sp"] = raw["sp"][:1]

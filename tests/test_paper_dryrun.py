@@ -19,6 +19,7 @@ import pytest
 from paper_dryrun import DRYRUN_BASE, LAYERS, write_dryrun
 
 from dynslice.experiment.profiles import (
+    best_dynamic,
     is_done,
     load_profile,
     lr_path,
@@ -26,6 +27,7 @@ from dynslice.experiment.profiles import (
     sweep_configs,
     zero_shot_configs,
 )
+from dynslice.experiment.protocol import best_sb_dataset
 from dynslice.measure.evaluate import STANDARD_TASKS
 from dynslice.measure.mirror import MIRROR_ENV
 from dynslice.store.jsonio import read_json
@@ -102,13 +104,27 @@ def test_every_phase_of_the_paper_profile_ran(dryrun):
         None,
     )
     assert pg19["stride"] == DRYRUN_BASE["lr_stride"] and pg19["windows"] > 1
-    # every run of the sweep, and the zero-shot runs of the best SB per calibration set
+    # every run of the sweep and every zero-shot run the profile asks for (the best SB's, or every SB's)
     records = [read_json(p) for p in sorted((root / prof.name / "runs").rglob("*.json"))]
-    sweep, best = sweep_configs(prof), zero_shot_configs(prof, records)
-    for cfg in sweep + best:
+    sweep, zs = sweep_configs(prof), zero_shot_configs(prof, records)
+    for cfg in sweep + zs:
         assert is_done(cfg, result_path(cfg, root, prof.name)), cfg
-    assert sorted(c.cal_dataset for c in best) == sorted(prof.cal_datasets)
-    assert all(0 <= c.sb < c.sp for c in best) and all(c.tasks == prof.tasks for c in best)
+    assert {c.cal_dataset for c in zs} == set(prof.cal_datasets) and all(c.tasks == prof.tasks for c in zs)
+    # the best SB per calibration set, on the perplexity the protocol chooses on, is the headline's
+    best = best_dynamic(records)
+    assert sorted(key[1] for key in best) == sorted(prof.cal_datasets)
+    headline = read_json(root / prof.name / "headline.json")
+    for key, rec in best.items():
+        chosen_on = best_sb_dataset("reference", key[1], prof.ppl_datasets[0])
+        group = [
+            r["ppl"][chosen_on]
+            for r in records
+            for c in [r["config"]]
+            if c["cal_dataset"] == key[1] and c["sp"] > 0 and c["sb"] != "auto" and c["sb"] < c["sp"]
+        ]
+        assert len(group) > 1 and rec["ppl"][chosen_on] == min(group)
+        rows = [h for h in headline if h["cal_dataset"] == key[1] and h["budget"] == key[2]]
+        assert [h["best_sb"] for h in rows] == [rec["config"]["sb"]], rows
     for rec in records:
         cfg = rec["config"]
         assert cfg["cal_sampler"] == "documents" and cfg["ppl_protocol"] == "documents", cfg

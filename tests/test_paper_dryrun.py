@@ -123,7 +123,7 @@ def test_every_phase_of_the_paper_profile_ran(dryrun):
             if c["cal_dataset"] == key[1] and c["sp"] > 0 and c["sb"] != "auto" and c["sb"] < c["sp"]
         ]
         assert len(group) > 1 and rec["ppl"][chosen_on] == min(group)
-        rows = [h for h in headline if h["cal_dataset"] == key[1] and h["budget"] == key[2]]
+        rows = [h for h in headline if h["cal_dataset"] == key[1] and h["sp"] == key[3]]  # one budget: width
         assert [h["best_sb"] for h in rows] == [rec["config"]["sb"]], rows
     for rec in records:
         cfg = rec["config"]

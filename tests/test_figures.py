@@ -161,6 +161,26 @@ def test_zero_shot_note_calls_a_difference_within_two_standard_errors_no_gain():
     assert "no measurable" not in text
 
 
+def test_zero_shot_bars_and_note_keep_calibration_sets_apart():
+    """The paper profile zero-shots several calibration sets at one SP: one group of bars each, named."""
+    import pandas as pd
+    from matplotlib.container import BarContainer
+
+    rows = [{"model": "m", "cal_dataset": "", "sp": 0.0, "method": "dense", "acc_average": 0.4, "se_average": 0.01}]
+    for cal, acc in (("ptb", 0.3), ("wikitext2", 0.35)):
+        for method, bump in (("constant", 0.0), ("dynamic (equal mean width (paper))", 0.02)):
+            rows.append({"model": "m", "cal_dataset": cal, "sp": 0.3, "method": method, "acc_average": acc + bump,
+                         "se_average": 0.01})  # fmt: skip
+    fig = plots.zero_shot_bars(pd.DataFrame(rows))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ptb\n0.30", "wikitext2\n0.30"]
+    bars = [p for c in ax.containers if isinstance(c, BarContainer) for p in c]
+    assert sorted(round(p.get_height(), 2) for p in bars) == [0.3, 0.32, 0.35, 0.37]
+    head = pd.concat([_head_and_acc(15.0, 4.0)[0].assign(cal_dataset=c) for c in ("ptb", "wikitext2")])
+    text = narrative.zero_shot_text(head)
+    assert "calibration ptb, SP 0.3" in text and "calibration wikitext2, SP 0.3" in text
+
+
 def test_published_zero_shot_table_carries_standard_errors():
     rows = json.loads((PROJECT_ROOT / "results" / "published" / "cpu" / "zero_shot.json").read_text())
     assert all(r["se_average"] is not None and 0 < r["se_average"] < 0.1 for r in rows)

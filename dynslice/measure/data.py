@@ -4,7 +4,8 @@ Two kinds of dataset:
 
 - **hub** (:data:`ONLINE_DATASETS`), loaded with ``datasets`` from the Hugging Face hub: ``wikitext2``, ``ptb``,
   ``c4`` and ``alpaca`` exactly as SliceGPT uses them, and ``pg19``, on which the paper computes Layer
-  Redundancy. :data:`HUB_SOURCES` records where each lives and which field holds its text.
+  Redundancy. :data:`HUB_SOURCES` records where each lives and which field holds its text. With
+  ``DYNSLICE_HUB_MIRROR`` set, the same calls read a local copy in the hub's format (:mod:`dynslice.measure.mirror`).
 - **offline** (:data:`OFFLINE_DATASETS`), built from text files inside the ``gensim`` wheel, so they work with no
   network: ``wiki`` (a real English Wikipedia dump, cleaned to prose) and ``news`` (Lee's corpus of Australian
   news articles). Both are split by article into train/validation/test, deterministically.
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 
 from dynslice.core.checks import check_choice, check_int
+from dynslice.measure.mirror import hub_location, hub_mirror, mirror_fingerprint
 from dynslice.store.outputs import atomic_write
 from dynslice.store.paths import cache_dir, configure_hf_cache
 
@@ -146,7 +148,8 @@ def _is_connection_error(exc: BaseException | None) -> bool:
 
 
 def _load_hub_split(src: HubSource, hub_split: str) -> list[str]:
-    """The text column of one split of a hub dataset (streamed and truncated when ``src.max_docs`` is set)."""
+    """The text column of one split of a hub dataset (streamed and truncated when ``src.max_docs`` is set), from
+    the hub or from its folder in the local mirror (:mod:`dynslice.measure.mirror`)."""
     configure_hf_cache()
     import datasets
     from tqdm.auto import tqdm
@@ -158,9 +161,10 @@ def _load_hub_split(src: HubSource, hub_split: str) -> list[str]:
         "data_dir": src.data_dir,
         "data_files": {hub_split: files[hub_split]} if files else None,
     }
+    path = hub_location(src.path)  # the repository id, or its folder in $DYNSLICE_HUB_MIRROR
     if src.max_docs is None or hub_split == "validation":
-        return list(datasets.load_dataset(src.path, split=hub_split, **kwargs)[src.text_field])
-    stream = datasets.load_dataset(src.path, split=hub_split, streaming=True, **kwargs)
+        return list(datasets.load_dataset(path, split=hub_split, **kwargs)[src.text_field])
+    stream = datasets.load_dataset(path, split=hub_split, streaming=True, **kwargs)
     rows = itertools.islice(stream, src.max_docs)
     return [row[src.text_field] for row in tqdm(rows, total=src.max_docs, desc=f"{src.path} {hub_split}")]
 
@@ -196,6 +200,7 @@ def c4_subset(texts: list[str], split: str) -> list[str]:
 def _hub_texts(name: str, split: str) -> list[str]:
     src = HUB_SOURCES[name]
     offline = hub_offline()
+    hub_mirror()  # a bad $DYNSLICE_HUB_MIRROR is its own error, before any loading
     try:
         if name == "alpaca":
             return alpaca_splits(_load_hub_split(src, "train"))[split]
@@ -376,7 +381,9 @@ def _source_identity(name: str) -> dict[str, Any]:
             "heldout_share": HELDOUT_SHARE,
         }
     extra = {"c4": [C4_TRAIN_DOCS, C4_EVAL_DOCS, C4_SAMPLE_SEED], "alpaca": [ALPACA_HOLDOUT, ALPACA_SPLIT_SEED]}
-    return {**asdict(HUB_SOURCES[name]), "split_rule": extra.get(name)}
+    identity = {**asdict(HUB_SOURCES[name]), "split_rule": extra.get(name)}
+    mirrored = mirror_fingerprint(HUB_SOURCES[name].path)
+    return identity if mirrored is None else {**identity, **mirrored}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dynslice.core.checks import check_choice, check_int
 from dynslice.measure import data
+from dynslice.measure.lm_tasks import task_manager
 from dynslice.measure.offline_tasks import OFFLINE_METRIC, OFFLINE_TASKS, build_offline_tasks
 from dynslice.store.paths import configure_hf_cache
 
@@ -219,19 +220,19 @@ def lm_eval_results(
 ) -> dict[str, Any]:
     """The raw ``lm_eval.simple_evaluate`` result for known ``tasks`` on a model object (see :func:`zero_shot`).
 
-    Offline tasks are (re)built first and found through ``TaskManager(include_path=...)``; the built-in task
-    index is only scanned when a standard task is asked for. All four lm-eval seeds are set to ``seed``.
+    Offline tasks are (re)built first; the built-in task index is scanned (once per process) only when a standard
+    task is asked for (:func:`dynslice.measure.lm_tasks.task_manager`). With ``$DYNSLICE_HUB_MIRROR`` set,
+    standard tasks whose datasets the mirror holds read them from it (:mod:`dynslice.measure.mirror`). All four
+    lm-eval seeds are set to ``seed``.
     """
     names = _check_zero_shot_args(tasks, limit, batch_size, num_fewshot, max_length)
     configure_hf_cache()  # before lm_eval imports datasets
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     offline = [t for t in names if t in OFFLINE_TASKS]
     hub = [t for t in names if t not in OFFLINE_TASKS]
-    include = str(build_offline_tasks()) if offline else None
-    manager = TaskManager(include_path=include, include_defaults=bool(hub))
+    manager = task_manager(hub, [build_offline_tasks()] if offline else [])
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     try:
         out = lm_eval.simple_evaluate(

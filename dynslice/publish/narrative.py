@@ -129,11 +129,17 @@ def zero_shot_text(head: pd.DataFrame, acc: pd.DataFrame | None = None) -> str:
     if head.empty or "acc_delta_points" not in head.columns or head["acc_delta_points"].isna().all():
         return "No zero-shot comparison in these runs."
     lines = []
-    for _, r in head[head["acc_delta_points"].notna()].iterrows():
+    rows = head[head["acc_delta_points"].notna()]
+    several = {k: rows[k].nunique() > 1 for k in ("model", "cal_dataset")}  # the paper profile: name the group
+    for _, r in rows.iterrows():
         d = r["acc_delta_points"]
         se = _delta_se(acc, r)
+        group = (f"{r['model']}, " if several["model"] else "") + (
+            f"calibration {r['cal_dataset']}, " if several["cal_dataset"] else ""
+        )
         head_ = (
-            f"- SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs {r['acc_constant']:.3f} "
+            f"- {group}SP {r['sp']:g}, {r['comparison']}: average accuracy {r['acc_dynamic']:.3f} vs "
+            f"{r['acc_constant']:.3f} "
         )
         if se is not None and abs(d) <= 2 * se:
             lines.append(

@@ -312,12 +312,16 @@ def _avg_se(row: Mapping[str, Any]) -> float:
 
 def zero_shot_bars(acc: pd.DataFrame, title: str | None = None):
     """Average accuracy per SP and method with ±1 standard error (lm-eval's, combined over the tasks); the dense
-    model as a dashed line with its band (one column). ``title`` is not drawn."""
+    model as a dashed line with its band (one column). With several models or calibration sets (the paper
+    profile), each (model, calibration set, SP) is its own group of bars, labelled with what varies. ``title`` is not
+    drawn."""
     del title
     fig, axes = new_figure(COLUMN, 2.6)
     ax = axes[0][0]
     sliced = acc[acc["method"] != "dense"].copy()
-    sps = sorted(sliced["sp"].unique())
+    groups = list(dict.fromkeys(zip(sliced["model"], sliced["cal_dataset"], sliced["sp"])))
+    groups.sort(key=lambda g: (g[0], g[1], g[2]))
+    several = {k: len({g[k] for g in groups}) > 1 for k in (0, 1)}
     methods = list(dict.fromkeys(sliced["method"]))
     width = 0.8 / max(len(methods), 1)
     colors = {
@@ -326,18 +330,25 @@ def zero_shot_bars(acc: pd.DataFrame, title: str | None = None):
     }
     with style():
         for k, m in enumerate(methods):
-            g = sliced[sliced["method"] == m].set_index("sp")
-            pos = [i + (k - (len(methods) - 1) / 2) * width for i, sp in enumerate(sps) if sp in g.index]
-            vals = [g.loc[sp, "acc_average"] for sp in sps if sp in g.index]
-            errs = [_avg_se(g.loc[sp]) for sp in sps if sp in g.index]
+            rows = {(r["model"], r["cal_dataset"], r["sp"]): r for _, r in sliced[sliced["method"] == m].iterrows()}
+            at = [i for i, g in enumerate(groups) if g in rows]
+            pos = [i + (k - (len(methods) - 1) / 2) * width for i in at]
+            vals = [rows[groups[i]]["acc_average"] for i in at]
+            errs = [_avg_se(rows[groups[i]]) for i in at]
             ax.bar(pos, vals, width=width * 0.95, yerr=errs, color=colors[m], label=m, capsize=2,
                    error_kw={"elinewidth": 0.8})  # fmt: skip
-        for _, d in acc[acc["method"] == "dense"].iterrows():
+        dense = acc[acc["method"] == "dense"]
+        for _, d in dense.iterrows():
             se = _avg_se(d)
-            ax.axhline(d["acc_average"], color="k", ls="--", lw=0.8, label="dense (band: ±1 s.e.)")
+            name = f"dense {d['model']}" if len(dense) > 1 else "dense"
+            ax.axhline(d["acc_average"], color="k", ls="--", lw=0.8, label=f"{name} (band: ±1 s.e.)")
             if se == se:
                 ax.axhspan(d["acc_average"] - se, d["acc_average"] + se, color="0.5", alpha=0.15, lw=0)
-        ax.set_xticks(range(len(sps)), [f"{v:.2f}" for v in sps])
+        labels = [
+            "\n".join([*([str(g[0])] if several[0] else []), *([str(g[1])] if several[1] else []), f"{g[2]:.2f}"])
+            for g in groups
+        ]
+        ax.set_xticks(range(len(groups)), labels)
         ax.set(xlabel="mean slice fraction SP", ylabel="average accuracy (fraction, ±1 s.e.)")
         ax.set_ylim(0, 1.0)
         ax.legend(loc="upper right")

@@ -41,7 +41,7 @@ from dynslice.core.params import ArchDims, dense_params, sliced_params
 from dynslice.core.shortgpt import delete_layers, deletion_order, params_after_deletion
 from dynslice.experiment import numerics, pipeline
 from dynslice.experiment.config import RunConfig
-from dynslice.experiment.finetune import FinetuneConfig, finetune
+from dynslice.experiment.finetune import FinetuneConfig, discard_checkpoints, finetune
 from dynslice.experiment.profiles.frontier import METHODS, RECORD_VERSION, FrontierConfig
 from dynslice.experiment.widths import allocation
 from dynslice.store.jsonio import read_json, write_json
@@ -183,7 +183,7 @@ def compute_point(
     checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build, evaluate, fine-tune and evaluate again one point; returns its record (without its name)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     model = build(cfg, bench, plan)
     t_build = time.perf_counter() - t0
     before = evaluate(cfg, bench, model, False)
@@ -203,6 +203,7 @@ def compute_point(
             "eval": round(t_eval, 2),
             "rft": round(t_rft, 2),
             "eval_after": round(time.perf_counter() - t0 - t_build - t_eval - t_rft, 2),
+            "cpu": round(_cpu_s() - c0, 2),  # CPU seconds of the whole point (every thread)
         },
     }
 
@@ -291,6 +292,8 @@ def run(
             )
 
         row = cached(name, compute)
+        if ckpt is not None and ckpt.is_dir():
+            discard_checkpoints(ckpt)  # the point is written: its fine-tuning checkpoints are not needed any more
         row = {
             "name": name,
             "method": method,

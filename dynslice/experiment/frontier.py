@@ -317,12 +317,17 @@ def run(
             row = next(p for p in points if p["name"] == f"{win}-k{size:02d}-seed{cfg.seeds[0]}")
             plan = plan_point(cfg, bench, win, size, cfg.seeds[0], sb_search.get(size, {}).get("best_sb"))
 
-            def tasks_of(plan=plan) -> dict[str, Any]:
-                model = build(cfg, bench, plan)
-                finetune(model, bench.tokenizer, rft, progress=False)
+            ckpt = None if folder is None else folder / "rft-checkpoints" / f"tasks-{row['name']}"
+
+            def tasks_of(plan=plan, ckpt=ckpt) -> dict[str, Any]:
+                model = build(cfg, bench, plan)  # the same model, fine-tuned the same way, again
+                key = {"identity": plan.identity, "parameters": plan.expected_params}
+                finetune(model, bench.tokenizer, rft, checkpoint_dir=ckpt, progress=False, model_key=key)
                 return evaluate(cfg, bench, model, True)
 
             row["after"] = {**row["after"], "tasks": cached(f"tasks-{row['name']}", tasks_of)["tasks"]}
+            if ckpt is not None and ckpt.is_dir():
+                discard_checkpoints(ckpt)
 
     record = {
         "record_version": RECORD_VERSION,

@@ -49,7 +49,14 @@ def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok):
     cfg = FinetuneConfig(
         nsamples=2, seqlen=32, steps=8, batch_size=2, grad_accum=1, learning_rate=1e-2, lora_dropout=0.0, eval_steps=0
     )
+    import random
+
+    import numpy as np
+
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     result = finetune(model, tok, cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]  # the caller's RNGs untouched
+    assert (np.random.get_state()[1] == rng[2]).all()
     losses = [e["loss"] for e in result["history"] if "loss" in e]
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.05, losses
@@ -86,8 +93,9 @@ def test_merged_model_is_the_same_plain_model_with_the_peft_logits(sliced_dir, t
     assert torch.equal(after["model.layers.0.attn_shortcut.weight"], before["model.layers.0.attn_shortcut.weight"])
     assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
     merged = _logits(model, ids)
-    # measured: max |diff| ~1e-6 on logits of size ~1 (fp32; W + BA merged vs x·W + x·A·B summed)
-    torch.testing.assert_close(merged, captured["peft"], rtol=0, atol=1e-4)
+    # measured: max |diff| 4.2e-7 to 4.8e-7 on logits up to 0.9 (fp32, lr 2e-4 and 1e-2): x·(W + s·BA) merged
+    # against x·W + s·x·A·B summed rounds differently, so not bit for bit
+    torch.testing.assert_close(merged, captured["peft"], rtol=0, atol=1e-5)
 
 
 def test_shortcut_targets_train_the_shortcut_matrices(sliced_dir, tok):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -344,7 +346,8 @@ def finetune(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # Trainer seeds globally
+    outer_rng = random.getstate(), np.random.get_state()  # Trainer seeds Python's, numpy's and torch's RNGs
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -392,6 +395,9 @@ def finetune(
             peft_model.unload()  # the model as it came in (the adapters dropped, not merged)
             model.eval()
             raise
+        finally:
+            random.setstate(outer_rng[0])
+            np.random.set_state(outer_rng[1])
     merged = peft_model.merge_and_unload()
     assert merged is model, "peft's merge_and_unload returned another module"
     merged.eval()

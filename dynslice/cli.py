@@ -1,4 +1,4 @@
-"""Command line: ``dynslice lr | allocate | slice | eval | run | plan | sweep | launch | submit``.
+"""Command line: ``dynslice lr | allocate | slice | eval | finetune | run | plan | sweep | launch | submit``.
 
 Every command checks its outputs before any work, writes atomically, never replaces a file it did not write, and
 on invalid input exits with status 2 and a one-line error that names the bad parameter (Ctrl-C: status 130).
@@ -241,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         _field_arg(ev, name)
     ev.add_argument("--out", required=True)
 
+    ft = sub.add_parser("finetune", help="recovery fine-tuning (LoRA, merged) of a sliced model folder")
+    _finetune_args(ft)
+
     rn = sub.add_parser("run", help="LR -> widths -> slice -> evaluate, one JSON record")
     _run_args(rn)
 
@@ -306,6 +309,39 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--timeout-min", type=_at_least(1, high=10**6), default=24 * 60)
     sb.add_argument("--wait", action="store_true", help="wait until every task has finished")
     return p
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    """``dynslice finetune``: the model and output, then every FinetuneConfig field as a flag (absent flags keep the
+    field's default)."""
+    from dynslice.experiment.config import DTYPES
+    from dynslice.experiment.finetune import OPTIONS, FinetuneConfig
+
+    p.add_argument("--model", required=True, help="a sliced model folder (written by `dynslice slice`)")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned sliced model")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights and compute dtype (default: the saved one)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.checkpoints); resumed")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints after the final save")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous dynslice model at --out")
+    defaults = FinetuneConfig()
+    for name, opt in OPTIONS.items():
+        spec: dict = {"dest": f"ft_{name}", "default": argparse.SUPPRESS, "metavar": name.upper()}
+        default = getattr(defaults, name)
+        if opt.kind == "int":
+            spec["type"] = _at_least(opt.low or 0, high=opt.high)
+        elif opt.kind == "float":
+            spec["type"] = _finite
+        elif opt.kind == "names":
+            spec.update(nargs="+", metavar="NAME")
+        if opt.choices and (opt.kind == "names" or not opt.cli_choices):
+            text = f"{opt.help}; one of {', '.join(opt.choices)}"
+        else:
+            text = opt.help
+            if opt.choices:
+                spec["choices"] = opt.choices
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        p.add_argument(f"--{name.replace('_', '-')}", help=f"{text} (default: {shown})", **spec)
 
 
 def _profile_names() -> str:
@@ -387,6 +423,22 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     bench = pipeline.Workbench.of(cfg)
     pipeline.check_context(bench.model.config, cfg, "ppl_seqlen")
     write_json(out, pipeline.evaluation_record(bench.model, bench.tokenizer, cfg))
+
+
+def _cmd_finetune(a: argparse.Namespace) -> None:
+    from dynslice.experiment.finetune import FinetuneConfig, finetune_to_folder
+
+    cfg = FinetuneConfig(**{k.removeprefix("ft_"): v for k, v in vars(a).items() if k.startswith("ft_")})
+    finetune_to_folder(
+        a.model,
+        a.out,
+        cfg,
+        dtype=a.dtype,
+        device=a.device,
+        checkpoint_dir=a.checkpoint_dir,
+        keep_checkpoints=a.keep_checkpoints,
+        overwrite=a.overwrite,
+    )
 
 
 def _cmd_run(a: argparse.Namespace) -> None:
@@ -517,6 +569,7 @@ COMMANDS = {
     "allocate": _cmd_allocate,
     "slice": _cmd_slice,
     "eval": _cmd_eval,
+    "finetune": _cmd_finetune,
     "run": _cmd_run,
     "plan": _cmd_plan,
     "sweep": _cmd_sweep,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -207,11 +209,11 @@ def _marker(folder: Path) -> dict | None:
     return obj if isinstance(obj, dict) and obj.get("dynslice_rft") == 1 else None
 
 
-def open_checkpoints(folder: str | Path, cfg: FinetuneConfig, model_key: dict) -> Path | None:
-    """Prepare ``folder`` for the checkpoints of (``cfg``, ``model_key``); the checkpoint to resume from, if any.
+def check_checkpoints(folder: str | Path, cfg: FinetuneConfig, model_key: dict) -> dict | None:
+    """Refuse a checkpoint folder that dynslice may not use for (``cfg``, ``model_key``), writing nothing; its
+    marker when it holds this fine-tuning's checkpoints.
 
-    A missing or empty folder gets a new marker; a folder with a marker of the same config and model resumes;
-    anything else is refused (``checkpoint_dir: ...``) before any work.
+    Allowed: a missing or empty folder, or one whose marker names the same config and model.
     """
     folder = Path(folder)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
@@ -229,7 +231,17 @@ def open_checkpoints(folder: str | Path, cfg: FinetuneConfig, model_key: dict) -
                 f"checkpoint_dir: {folder} holds checkpoints of another fine-tuning (config or model differ); "
                 "choose another folder, or delete it to start over"
             )
+    return marker
+
+
+def open_checkpoints(folder: str | Path, cfg: FinetuneConfig, model_key: dict) -> Path | None:
+    """Prepare ``folder`` (:func:`check_checkpoints`) for the checkpoints of (``cfg``, ``model_key``): a new
+    marker, or the checkpoint to resume from when it holds one of this fine-tuning's that is still intact."""
+    folder = Path(folder)
+    marker = check_checkpoints(folder, cfg, model_key)
+    if marker is not None:
         return latest_checkpoint(folder, marker)
+    want = {"config": cfg.to_json(), "model": model_key}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / MARKER, {"dynslice_rft": 1, "id": ownership.new_id(), **want, "files": {}})
     return None
@@ -334,7 +346,8 @@ def finetune(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # Trainer seeds globally
+    outer_rng = random.getstate(), np.random.get_state()  # Trainer seeds Python's, numpy's and torch's RNGs
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -382,6 +395,9 @@ def finetune(
             peft_model.unload()  # the model as it came in (the adapters dropped, not merged)
             model.eval()
             raise
+        finally:
+            random.setstate(outer_rng[0])
+            np.random.set_state(outer_rng[1])
     merged = peft_model.merge_and_unload()
     assert merged is model, "peft's merge_and_unload returned another module"
     merged.eval()
@@ -402,3 +418,61 @@ def finetune(
         "parameters": int(n_params),
         "time_s": time.perf_counter() - t0,
     }
+
+
+# ----------------------------------------------------------------------------------- dynslice finetune
+def checkpoint_dir_for(out: str | Path) -> Path:
+    """Where ``dynslice finetune --out OUT`` keeps its checkpoints by default: ``OUT.checkpoints`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def finetune_to_folder(
+    spec: str,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``dynslice finetune``: load the sliced model folder ``spec``, fine-tune it (:func:`finetune`), save it as a
+    sliced model folder at ``out`` (the fine-tuning's config and loss history under ``extra.finetune`` of its
+    ``dynslice.json``), then remove the checkpoints unless ``keep_checkpoints``.
+
+    Everything is checked before the model is loaded: the output, the model folder, dtype, device, the window length
+    against the model's context, and the checkpoint folder (default: :func:`checkpoint_dir_for` ``out``).
+    """
+    from transformers import AutoConfig
+
+    from dynslice.store.io import read_sliced_meta, save_sliced
+    from dynslice.store.models import load, parse_device, parse_dtype, resolve_spec
+    from dynslice.store.outputs import check_model_out
+
+    out = check_model_out(out, overwrite=overwrite)
+    r = resolve_spec(spec)
+    if r.kind != "sliced":
+        raise ValueError(f"model: {spec} is not a sliced model folder (one that `dynslice slice` writes)")
+    meta = read_sliced_meta(r.location)
+    dtype = dtype or {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[meta.get("dtype", "float32")]
+    parse_dtype(dtype)
+    parse_device(device)
+    ctx = getattr(AutoConfig.from_pretrained(r.location), "max_position_embeddings", None)
+    if ctx and cfg.seqlen > ctx:
+        raise ValueError(f"seqlen: {cfg.seqlen} is beyond the model's context of {ctx} tokens (allowed 2..{ctx})")
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_dir_for(out)
+    if ownership.inside(folder, out) or ownership.inside(out, folder):
+        raise ValueError(f"checkpoint_dir: {folder} must lie outside the output folder {out} (and not hold it)")
+    key = {"model": r.location, "save_id": meta.get("save_id"), "dtype": dtype}
+    check_checkpoints(folder, cfg, key)
+    model, tokenizer = load(spec, dtype, device)
+    result = finetune(model, tokenizer, cfg, checkpoint_dir=folder, progress=progress, model_key=key)
+    source = {"model": spec, "save_id": meta.get("save_id"), "num_parameters": meta.get("num_parameters")}
+    extra = {**meta.get("extra", {}), "finetune": {**result, "source": source}}
+    save_sliced(model, out, meta["base_model"], tokenizer, extra=extra, overwrite=overwrite)
+    if not keep_checkpoints:
+        discard_checkpoints(folder)
+    return result

@@ -27,6 +27,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,14 @@ def evaluate(cfg: FrontierConfig, bench: pipeline.Workbench, model: nn.Module, w
     return {"ppl": ppl, **({"tasks": tasks} if tasks else {})}
 
 
+def quiet_finetune(model: nn.Module, tokenizer, rft: FinetuneConfig, **kw: Any) -> dict[str, Any]:
+    """:func:`finetune` without its progress bar, and without the deprecation notice transformers' Trainer raises
+    about its own ``is_gradient_checkpointing`` on every call (dozens of identical lines in notebook 07)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return finetune(model, tokenizer, rft, progress=False, **kw)
+
+
 def compute_point(
     cfg: FrontierConfig,
     rft: FinetuneConfig,
@@ -189,7 +198,7 @@ def compute_point(
     before = evaluate(cfg, bench, model, False)
     t_eval = time.perf_counter() - t0 - t_build
     key = {"identity": plan.identity, "parameters": plan.expected_params}
-    tuned = finetune(model, bench.tokenizer, rft, checkpoint_dir=checkpoint_dir, progress=False, model_key=key)
+    tuned = quiet_finetune(model, bench.tokenizer, rft, checkpoint_dir=checkpoint_dir, model_key=key)
     t_rft = time.perf_counter() - t0 - t_build - t_eval
     after = evaluate(cfg, bench, model, with_tasks)
     del model
@@ -322,7 +331,7 @@ def run(
             def tasks_of(plan=plan, ckpt=ckpt) -> dict[str, Any]:
                 model = build(cfg, bench, plan)  # the same model, fine-tuned the same way, again
                 key = {"identity": plan.identity, "parameters": plan.expected_params}
-                finetune(model, bench.tokenizer, rft, checkpoint_dir=ckpt, progress=False, model_key=key)
+                quiet_finetune(model, bench.tokenizer, rft, checkpoint_dir=ckpt, model_key=key)
                 return evaluate(cfg, bench, model, True)
 
             row["after"] = {**row["after"], "tasks": cached(f"tasks-{row['name']}", tasks_of)["tasks"]}

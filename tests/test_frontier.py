@@ -337,7 +337,9 @@ def test_run_all_frontier_on_a_tiny_profile_end_to_end(tmp_path):
     import nbformat
 
     nb = nbformat.read(res / "executed" / "07_frontier.ipynb", as_version=4)
-    md = "".join(o.data.get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    md = "".join(
+        o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert PF.answer(rec) in md
     pub = tmp_path / "published"
     published = run_all("--publish", "--published", str(pub))

@@ -346,3 +346,21 @@ def test_run_all_frontier_on_a_tiny_profile_end_to_end(tmp_path):
     assert published.returncode == 0, published.stderr[-2000:]
     check = run_all("--check-only", "--published", str(pub))
     assert check.returncode == 0 and "reproduction check passed" in check.stdout + check.stderr
+
+
+def test_repro_reads_the_frontier_record(tmp_path):
+    rec = _record({"constant": {1: (50.0, 1.0), 4: (90.0, 2.0)}, "shortgpt": {1: (20.0, 0.0), 4: (200.0, 0.0)}})
+    rec["dense"]["tasks"] = {"dynslice_cloze": {"metric": "acc", "value": 0.55, "stderr": 0.1}}
+    rec["points"] = [
+        {"method": "shortgpt", "size": 1, "seed": 0, "after": {"tasks": {"dynslice_cloze": {"value": 0.5}}}},
+        {"method": "shortgpt", "size": 1, "seed": 1, "after": {"tasks": {"dynslice_cloze": {"value": 0.9}}}},
+    ]
+    write_json(tmp_path / "frontier.json", rec)
+    assert repro.is_results_folder(tmp_path)
+    numbers = repro.headline_numbers(tmp_path)
+    assert numbers["frontier constant 4 layers ppl wiki after RFT"] == ("ppl_sliced", 90.0)
+    assert numbers["frontier constant 4 layers ppl wiki before RFT"] == ("ppl_sliced", 180.0)
+    assert numbers["frontier dense ppl wiki"] == ("ppl_dense", 20.0)
+    assert numbers["frontier dense acc dynslice_cloze"] == ("acc", 0.55)
+    assert numbers["frontier shortgpt 1 layers acc dynslice_cloze"] == ("acc", 0.5)  # the first seed's
+    assert numbers["frontier shortgpt 1 layers params"] == ("params", 1e8)

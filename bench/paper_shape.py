@@ -1,9 +1,11 @@
 """The paper's setting at full size on one GPU: slice a random-init Llama-3-8B-shaped model (32 layers, bf16) at
-SP 0.3 with 128 × 2048 calibration tokens, and compare memory and speed with :mod:`dynslice.store.memory`'s predictions.
+SP 0.3 with 128 × 2048 calibration tokens (fp16, the authors' dtype, by default; ``--dtype bf16``), and compare memory and
+speed with :mod:`dynslice.store.memory`'s predictions.
 
 Steps (each slicing run in a fresh subprocess, so that its peaks are its own):
 
-1. build the random-init model (initialised on the GPU when there is one) and save it as safetensors;
+1. build the random-init model (initialised on the GPU when there is one) and save it as safetensors (``--src``: use a
+   folder built earlier, as ``bench/gpu_paper.py`` does);
 2. slice it resident on the GPU (``memory``: the model and the signals on the GPU) and streaming (``stream``: one
    layer at a time read from disk, computed on the GPU, signals in host RAM): wall time, engine time split, peak
    host RAM (``ru_maxrss`` above the imported baseline) and peak GPU memory (``max_memory_allocated``), each next
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
     p.add_argument("--new-tokens", type=int, default=128, help="decode length for tokens/s")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights and signals")
+    p.add_argument("--src", type=Path, default=None, help="a random-init model folder built earlier (skips the build)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--workdir", type=Path, default=None, help="where the dense and sliced models are written")
     p.add_argument("--out", type=Path, default=None)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     seqlen = a.seqlen or (128 if a.tiny else 2048)
     cfg = mm.shaped(mm.LLAMA3_8B, layers, 16 if a.tiny else 1)
     out = a.out or RESULTS / ("paper_shape_tiny.json" if a.tiny else "paper_shape_gpu.json")
-    dtype = "bf16"
+    dtype = a.dtype
 
     from transformers import AutoConfig
 
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        src = mm.build_model(cfg, tmp / "dense", dtype, init_device=device)
-        record["build_s"] = round(time.perf_counter() - t, 2)
+        src = a.src or mm.build_model(cfg, tmp / "dense", dtype, init_device=device)
+        record["build_s"] = None if a.src else round(time.perf_counter() - t, 2)
         record["weights_on_disk_bytes"] = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         for mode in a.modes:
             m = mm.measure(
@@ -155,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 "predicted_output_bytes": pr.output_bytes,
             }
             print(mode, json.dumps(record["runs"][mode]), flush=True)
+            write_json(out, record)  # kept if a later step runs out of time (bench/gpu_paper.py)
         if {"memory", "stream"} <= set(a.modes):
             record["logits_rel_diff_memory_vs_stream"] = mm._logits_diff(tmp / "memory", tmp / "stream", shapes.vocab)
         sliced_dir = tmp / a.modes[0]
-        tdt = torch.bfloat16
+        tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         record["decode_tokens_per_s"] = {
             "dense": round(decode_tokens_per_s(src, False, device, tdt, shapes.vocab, a.new_tokens), 2),
             "sliced": round(decode_tokens_per_s(sliced_dir, True, device, tdt, shapes.vocab, a.new_tokens), 2),

@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     _field_arg(lr, "lr_seqlen", "--seqlen", "--lr-seqlen", dest="lr_seqlen", default=keep)
     _field_arg(lr, "lr_stride", "--stride", "--lr-stride", dest="lr_stride", default=keep)
     _field_arg(lr, "lr_last_layer", "--last-layer", "--lr-last-layer", dest="lr_last_layer", default=keep)
+    _field_arg(lr, "lr_precision", "--precision", "--lr-precision", dest="lr_precision", default=keep)
     _field_arg(lr, "lr_metric", "--metric", "--lr-metric", dest="lr_metric", default=keep)
     lr.add_argument("--out", required=True)
 
@@ -227,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("rounding", "budget", "cal_dataset", "cal_nsamples", "cal_seqlen", "lr_dataset", "lr_nsamples"):
         _field_arg(sl, name, f"--{name.replace('_', '-')}")
     _field_arg(sl, "lr_seqlen", "--lr-seqlen")
+    _field_arg(sl, "lr_precision", "--lr-precision")
     sl.add_argument("--out", required=True, help="folder for the sliced model")
     sl.add_argument(
         "--stream",
@@ -248,7 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     _run_args(rn)
 
     pl = sub.add_parser(
-        "plan", help="predict peak memory of a slicing (--model), or the runs and GPU-hours of a profile (--profile)"
+        "plan",
+        help="predict peak memory of a slicing (--model), or the runs, GPU-hours and peak memory of a profile's "
+        "sweep (--profile)",
     )
     what = pl.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="model spec, or a folder holding only config.json")
@@ -373,7 +377,7 @@ def _cmd_lr(a: argparse.Namespace) -> None:
     cfg = _config_from(a)
     pipeline.check_run(cfg, a.command)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "lr_seqlen")
+    pipeline.check_context(bench.config, cfg, "lr_seqlen")
     write_json(out, pipeline.lr_record(bench, cfg))
 
 
@@ -421,8 +425,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     cfg = _config_from(a, sp=0.0, sb=0.0)
     pipeline.check_run(cfg, a.command, dense_only=False)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "ppl_seqlen")
-    write_json(out, pipeline.evaluation_record(bench.model, bench.tokenizer, cfg))
+    pipeline.check_context(bench.config, cfg, "ppl_seqlen")
+    write_json(out, pipeline.evaluation_record(bench.load(), bench.tokenizer, cfg))
 
 
 def _cmd_finetune(a: argparse.Namespace) -> None:
@@ -467,7 +471,7 @@ def _cmd_run(a: argparse.Namespace) -> None:
         check_model_out(cfg.save_dir, overwrite=a.overwrite, param="save_model")
     pipeline.check_run(cfg, a.command)
     bench = pipeline.Workbench.of(cfg)
-    pipeline.check_context(bench.model.config, cfg, "lr_seqlen", "cal_seqlen", "ppl_seqlen")
+    pipeline.check_context(bench.config, cfg, "lr_seqlen", "cal_seqlen", "ppl_seqlen")
     pipeline.run(cfg, out, bench=bench, force=True)
 
 
@@ -481,7 +485,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     if a.profile is not None:
         from dynslice.scale.cost import describe, profile_plan
 
-        plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops)
+        plan = profile_plan(a.profile, shards=a.shards, gpu_tflops=a.gpu_tflops, host_gib=a.host_gib, gpu_gib=a.gpu_gib)
         print(describe(plan, list_runs=a.list))
         if a.out:
             write_json(a.out, plan)

@@ -87,9 +87,80 @@ def test_bad_arguments():
         layer_redundancy(model, batch, metric="euclid", progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         layer_redundancy(model, batch, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="precision"):
+        layer_redundancy(model, batch, precision="fp8", progress=False)
     with pytest.raises(ValueError, match="masked out"):
         layer_redundancy(
             model,
             {"input_ids": batch["input_ids"], "attention_mask": torch.zeros_like(batch["input_ids"])},
             progress=False,
         )
+
+
+# ------------------------------------------------------------------------------- the authors' fp16 arithmetic
+def _loud_model():
+    """A tiny Llama whose embedding rows are scaled by 1 to ~3000, so that the residual stream's norms span
+    ~1 to ~10^4: products of norms overflow fp16 (> 65504) on some tokens and not on others."""
+    model = make_tiny_model("llama", layers=4)
+    emb = model.model.embed_tokens.weight
+    with torch.no_grad():
+        emb.mul_(torch.logspace(0, 3.5, emb.shape[0]).unsqueeze(1) / emb.norm(dim=1, keepdim=True))
+    return model
+
+
+def _their_formula(model, batch):
+    """The authors' LR, written independently of dynslice: HF hidden states (the last after the final norm) in
+    fp16, and per window (one row, its real tokens) and layer their `block_influence` (metrics_BI.py:13-26)
+    summed in fp16 (short_hf.py:84-88). Returns (1 - mean of the summed BI per layer, tokens whose cosine was NaN)."""
+    out = model(**batch, output_hidden_states=True)
+    hs = [h.half() for h in out.hidden_states]
+    sums, nans = [0.0] * (len(hs) - 1), 0
+    for row, mask in enumerate(batch["attention_mask"].bool()):
+        for i in range(len(hs) - 1):
+            x, y = hs[i][row][mask], hs[i + 1][row][mask]
+            sim = ((x @ y.T) / (x.norm(dim=-1, keepdim=True) * y.norm(dim=-1, keepdim=True))).diagonal()
+            nans += int(sim.isnan().sum())
+            sums[i] += (1 - sim.nan_to_num(nan=0.5)).sum().item()
+    count = int(batch["attention_mask"].sum())
+    return [1 - s / count for s in sums], nans
+
+
+def test_authors_fp16_arithmetic_matches_their_formula():
+    model = _loud_model()
+    batch = make_batch(padded=True, n=6, seqlen=32)
+    ours = layer_redundancy(model, batch, last_layer="final_norm", precision="authors_fp16", progress=False)
+    theirs, nans = _their_formula(model, batch)
+    assert nans > 0  # the overflow and the NaN rule are exercised
+    # fp16 reductions may round the last bit differently (CPU fp16 matmul vs fp32-accumulated sums): one fp16 ulp
+    # of a dot product or norm moves a token's cosine by ~1e-3, and a window's fp16 sum by one ulp of <= 64
+    assert ours.raw == pytest.approx(theirs, abs=2e-3)
+    fp32 = layer_redundancy(model, batch, last_layer="final_norm", progress=False)
+    assert max(abs(a - b) for a, b in zip(ours.raw, fp32.raw)) > 0.05  # the overflow changes the score
+
+
+def test_authors_fp16_cosine_rule():
+    """Their rule on hand-made tokens: an overflowing product of norms gives 0 (finite dot product) or NaN -> 0.5
+    (overflowing dot product); small vectors keep their cosine to fp16 precision."""
+    from dynslice.core.lr import authors_fp16_cosine
+
+    a = torch.tensor([[300.0, 0.0], [300.0, 0.0], [3.0, 4.0], [-300.0, 0.0]])
+    b = torch.tensor([[0.0, 300.0], [300.0, 1.0], [4.0, 3.0], [300.0, 0.0]])
+    sim = authors_fp16_cosine(a, b)
+    assert sim.dtype == torch.float16
+    assert sim.tolist() == [0.0, 0.5, pytest.approx(24 / 25, abs=1e-3), 0.5]
+
+
+def test_fp32_precision_is_the_previous_arithmetic_bit_for_bit():
+    """``precision="fp32"`` (the default) is the fp32 cosine clamped to [-1, 1], masked and summed in fp64: the
+    same bits as that rule written out over HF hidden states (one batch, so one summation order)."""
+    model = _loud_model()
+    batch = make_batch(padded=True, n=6, seqlen=32)
+    got = layer_redundancy(model, batch, batch_size=6, last_layer="final_norm", precision="fp32", progress=False)
+    assert got == layer_redundancy(model, batch, batch_size=6, last_layer="final_norm", progress=False)
+    hs = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].double()
+    expected = []
+    for i in range(len(hs) - 1):
+        cos = torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1, eps=1e-8)
+        expected.append(((cos.clamp(-1.0, 1.0).double() * mask).sum() / mask.sum()).item())
+    assert list(got.raw) == expected

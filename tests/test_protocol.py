@@ -165,6 +165,64 @@ def test_protocol_defaults_and_overrides():
     assert protocol_defaults("reference")["round_interval"] == 1
 
 
+#: Every setting of the reference protocol, as the authors' code has it (RazvanDu/DynamicSlicing at d026087; its
+#: SliceGPT fork under src/slicegpt/). A change of protocol_defaults("reference") that drifts from these fails.
+AUTHORS = {
+    # calculate_LR.py:45: load_dataset("pg19", split="validation")
+    "lr_split": "validation",
+    # short_hf.py:127-134: a window every `stride` tokens from 0 while start < length, short tail windows kept
+    "lr_sampler": "sliding",
+    # calculate_LR.py:67-75: every document of the split, every window (no cap)
+    "lr_nsamples": None,
+    # calculate_LR.py:52 (MAX_SEQ_LEN = 1024) and :73 (stride=256)
+    "lr_seqlen": 1024,
+    "lr_stride": 256,
+    # short_hf.py:76-78 compares hidden_states[i] with hidden_states[i+1]; HF's last entry is after the final norm
+    "lr_last_layer": "final_norm",
+    # short_hf.py:34 (torch_dtype=torch.float16) and metrics_BI.py:17-21 (no upcast, nan_to_num(nan=0.5))
+    "lr_precision": "authors_fp16",
+    # experiments/run_slicegpt_perplexity.py:209-217 -> src/slicegpt/data_utils.py:96-118 (documents joined)
+    "cal_sampler": "documents",
+    # experiments/run_slicegpt_perplexity.py:62-71: --cal-nsamples 128, --cal-max-seqlen 2048
+    "cal_nsamples": 128,
+    "cal_seqlen": 2048,
+    # experiments/run_slicegpt_perplexity.py:208,218-225: the validation split, through the same sampler
+    "ppl_protocol": "documents",
+    # experiments/run_slicegpt_perplexity.py:83-89: --ppl-eval-seqlen 2048, --ppl-eval-nsamples 128
+    "ppl_seqlen": 2048,
+    "ppl_nsamples": 128,
+    # src/slicegpt/layernorm_fusion.py:87-90: every embedding row's mean subtracted
+    "embedding_mean": True,
+    # src/slicegpt/rotate.py:32-37: np.round(vector_cut * D) per layer, no interval
+    "rounding": "reference",
+    "round_interval": 1,
+    # experiments/run_slicegpt_perplexity.py:54 (--dtype default fp16)
+    "dtype": "fp16",
+}
+
+
+def test_reference_protocol_is_the_authors_code():
+    assert protocol_defaults("reference") == AUTHORS
+    assert set(AUTHORS) == set(PROTOCOL_SETTINGS)
+    cfg = RunConfig(protocol="reference")
+    assert {k: getattr(cfg, k) for k in AUTHORS} == AUTHORS
+
+
+def test_explicit_values_win_and_none_is_a_value():
+    cfg = RunConfig(protocol="reference", lr_nsamples=4, cal_nsamples=8, lr_precision="fp32")
+    assert (cfg.lr_nsamples, cfg.cal_nsamples, cfg.lr_precision) == (4, 8, "fp32")
+    assert RunConfig(protocol="reference", ppl_nsamples=None).ppl_nsamples is None  # None: every sample
+    assert RunConfig(lr_sampler="sliding", lr_stride=8, lr_nsamples=None).lr_nsamples is None
+    # an earlier record (no lr_precision) keeps its identity; fp32 is left out of the identity, other values are in
+    assert (
+        "lr_precision" not in RunConfig().to_json()
+        and RunConfig().key() == RunConfig.from_json(RunConfig().to_json()).key()
+    )
+    assert cfg.to_json().get("lr_precision") is None and RunConfig.from_json(cfg.to_json()) == cfg
+    assert differences(cfg.to_json())["overrides"]["lr_precision"] == {"value": "fp32", "reference": "authors_fp16"}
+    assert RunConfig(protocol="reference").to_json()["lr_precision"] == "authors_fp16"
+
+
 def test_deviations_table_covers_every_setting():
     table = deviations_markdown()
     assert table.count("\n") == len(DEVIATIONS) + 1
@@ -212,6 +270,8 @@ def test_cli_run_reference_protocol(tmp_path):
     assert rec["protocol"]["differs_from_dynslice"]["lr_seqlen"] == {"value": 64, "dynslice": 512}
     assert rec["protocol"]["overrides"]["dtype"] == {"value": "fp32", "reference": "fp16"}
     assert rec["lr"]["split"] == "validation" and rec["lr"]["sampler"] == "sliding" and rec["lr"]["windows"] == 3
+    assert rec["lr"]["precision"] == "authors_fp16"
+    assert rec["protocol"]["differs_from_dynslice"]["lr_precision"] == {"value": "authors_fp16", "dynslice": "fp32"}
     assert rec["allocation"]["rounding"] == "reference" and rec["allocation"]["round_interval"] == 1
     assert rec["ppl"]["wiki"] > 1
     import jsonschema
@@ -251,3 +311,77 @@ def test_cli_slice_sp_reference_rounding(tmp_path):
     meta = json.loads((out / "dynslice.json").read_text())
     alloc = meta["extra"]["allocation"]
     assert alloc["rounding"] == "reference" and alloc["widths"] == [round(0.7 * 64)] * 4 == [45] * 4
+
+
+# ------------------------------------------------------------------------------------- best SB and zero-shot
+def _profile(protocol: str, every_sb: bool = False):
+    from dynslice.experiment import profiles
+
+    obj = {
+        "models": ["tiny-random"],
+        "base": {"protocol": protocol, "ppl_datasets": ["wiki", "news"]},
+        "cal_datasets": ["wiki", "news"],
+        "sp": [0.3],
+        "sb_step": 0.1,
+        "zero_shot": {"tasks": ["dynslice_cloze"], "limit": 1000, "every_sb": every_sb},
+    }
+    return profiles.parse_profile(obj, "t")
+
+
+def _records(profile):
+    """Fake finished records of the sweep: ppl on wiki falls with SB, ppl on news rises with it."""
+    from dynslice.experiment import profiles
+
+    out = []
+    for cfg in profiles.sweep_configs(profile):
+        sb = 0.0 if cfg.dense else cfg.sb
+        out.append({"config": cfg.to_json(), "ppl": {"wiki": 10 + sb, "news": 20 - sb}})
+    return out
+
+
+def test_best_sb_is_chosen_on_the_protocols_corpus():
+    from dynslice.experiment import profiles
+
+    for protocol, news_best in (("dynslice", 0.0), ("reference", 0.2)):
+        best = profiles.best_dynamic(_records(_profile(protocol)))
+        sbs = {key[1]: rec["config"]["sb"] for key, rec in best.items()}
+        # dynslice: the first perplexity corpus (wiki, lowest at SB 0) for both; reference: each set's own
+        assert sbs == {"wiki": 0.0, "news": news_best}, protocol
+        zs = profiles.zero_shot_configs(_profile(protocol), _records(_profile(protocol)))
+        assert sorted((c.cal_dataset, c.sb) for c in zs) == [("news", news_best), ("wiki", 0.0)]
+        assert all(c.task_limit == 1000 and c.tasks == ("dynslice_cloze",) for c in zs)
+
+
+def test_zero_shot_at_every_sb():
+    from dynslice.experiment import profiles
+
+    p = _profile("reference", every_sb=True)
+    zs = profiles.zero_shot_configs(p, _records(p))
+    assert sorted((c.cal_dataset, c.sb) for c in zs) == [
+        (cal, sb) for cal in ("news", "wiki") for sb in (0.0, 0.1, 0.2)
+    ]
+    with pytest.raises(ValueError, match="every_sb"):
+        profiles.parse_profile(
+            {"models": ["m"], "cal_datasets": ["wiki"], "sp": [0.3], "zero_shot": {"every_sb": 1}}, "t"
+        )
+    # reference chooses each calibration set's best SB on its own perplexity, so it needs that perplexity
+    with pytest.raises(ValueError, match=r"ppl_datasets: .*'news'"):
+        profiles.parse_profile(
+            {
+                "models": ["m"],
+                "base": {"protocol": "reference", "ppl_datasets": ["wiki"]},
+                "cal_datasets": ["news"],
+                "sp": [0.3],
+            },
+            "t",
+        )
+
+
+def test_paper_profile_is_the_authors_setup():
+    from dynslice.experiment import profiles
+
+    p = profiles.load_profile("paper")
+    assert dict(p.base)["protocol"] == "reference" and "c4" in p.cal_datasets
+    assert p.zero_shot_every_sb and p.task_limit == 1000
+    cfg = p.base_config(p.models[0], sp=0.3, sb=0.1, cal_dataset="c4")
+    assert {k: getattr(cfg, k) for k in AUTHORS} == AUTHORS

@@ -74,7 +74,9 @@ def test_plan_profile_paper(tmp_path, capsys):
     assert "CPU-scaled estimate" in text and "GPU-hours" in text and "sb: auto" in text
     plan = json.loads(out.read_text())
     assert plan["sweep_runs"] == len(profiles.sweep_configs(profiles.load_profile("paper")))
-    assert plan["zero_shot_runs"] == 2 * 3 * 3  # models x corpora x SP, width budget
+    paper = profiles.load_profile("paper")
+    every_sb = sum(len(profiles.dynamic_sbs(sp, paper.sb_step)) for sp in paper.sp)
+    assert plan["zero_shot_runs"] == 2 * 4 * every_sb  # models x corpora x every dynamic SB (zero_shot.every_sb)
     assert plan["device_hours"] == pytest.approx(sum(m["hours"] for m in plan["models"]))
     one, eight = plan["wall_hours"]["1"], plan["wall_hours"]["8"]
     assert one / 8 < eight < one / 4  # 8 shards: close to 1/8 of the time, plus one LR per shard

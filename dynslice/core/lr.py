@@ -10,6 +10,14 @@ channels), so taking its output would measure the norm, not the layer. ``last_la
 last layer's input with the final norm's output instead, as the authors' code does (it reads HF ``hidden_states``,
 whose last entry is taken after the final norm); it is part of the ``reference`` protocol.
 
+Arithmetic (``precision``): ``fp32`` upcasts both hidden states and takes the cosine in fp32, clamped to
+[-1, 1]. ``authors_fp16`` reproduces the authors' arithmetic (RazvanDu/DynamicSlicing ``metrics_BI.py:13-26``,
+summed by ``short_hf.py:84-88``), part of the ``reference`` protocol: in fp16 with no upcast, the cosine is the
+dot product over the product of the two norms; a product of norms above 65504 overflows to ``inf``, so the token's
+cosine becomes 0 (a finite dot product) or ``NaN`` (an overflowed one), and ``NaN`` is replaced by 0.5 (``inf``
+by fp16's largest value, as ``torch.nan_to_num`` does). Each window's sum of the per-token score is an fp16 number
+too. :func:`authors_fp16_cosine` states the rule.
+
 Options: ShortGPT's Block Influence (``bi = 1 - cos``) and the angular distance (``arccos(cos) / π``), averaged per
 token like the cosine. The ``normalized`` vector is always min-max normalised *redundancy* in [0, 1] (high =
 redundant): the cosine itself, or the negated distance for ``bi`` and ``angular``, as
@@ -30,6 +38,8 @@ from dynslice.core.allocate import redundancy_scores
 
 METRICS = ("cosine", "bi", "angular")
 LAST_LAYER = ("raw", "final_norm")
+#: How the per-token cosine is computed: in fp32, or with the authors' fp16 arithmetic (see the module docstring).
+PRECISIONS = ("fp32", "authors_fp16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,32 @@ def _token_metric(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch
     return torch.arccos(cos) / math.pi
 
 
+def authors_fp16_cosine(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine as the authors' ``block_influence`` computes it in fp16 (``metrics_BI.py:17-21``).
+
+    Both states are rounded to fp16 (their model's dtype). Each reduction (the two norms and the dot product, the
+    diagonal of their ``h_in @ h_out.T``) accumulates in fp32 and rounds its result to fp16, as torch's fp16
+    norm and matmul do; the product of the norms and the quotient are fp16 operations, so a product above 65504
+    is ``inf``. ``NaN`` becomes 0.5 and ``±inf`` fp16's largest finite value (``nan_to_num(nan=0.5)``). No clamp.
+    Returns fp16 values of shape ``h_in.shape[:-1]``.
+    """
+    a = h_in.to(torch.float16).float()
+    b = h_out.to(torch.float16).float()
+    norm_in = a.norm(dim=-1).to(torch.float16)
+    norm_out = b.norm(dim=-1).to(torch.float16)
+    dot = (a * b).sum(dim=-1).to(torch.float16)
+    return (dot / (norm_in * norm_out)).nan_to_num(nan=0.5)
+
+
+def _authors_token_score(h_in: torch.Tensor, h_out: torch.Tensor, metric: str) -> torch.Tensor:
+    """What the authors sum per token, in fp16: ``1 - cos`` for ``cosine`` and ``bi`` (``metrics_BI.py:26``),
+    ``arccos(cos) / π`` for ``angular`` (``metrics_BI.py:23-24``)."""
+    sim = authors_fp16_cosine(h_in, h_out)
+    if metric == "angular":
+        return torch.arccos(sim.float()).to(torch.float16) / math.pi
+    return 1 - sim
+
+
 @torch.no_grad()
 def layer_redundancy(
     model: nn.Module,
@@ -63,6 +99,7 @@ def layer_redundancy(
     batch_size: int = 8,
     progress: bool = True,
     last_layer: str = "raw",
+    precision: str = "fp32",
 ) -> LRScore:
     """LR score of every decoder layer of a dense model over the non-pad tokens of ``batch``.
 
@@ -73,7 +110,12 @@ def layer_redundancy(
         batch_size: sequences per forward.
         last_layer: ``raw`` (the last layer's own output) or ``final_norm`` (its output after the model's final
             norm, as HF ``hidden_states[-1]`` gives it).
+        precision: ``fp32``, or ``authors_fp16`` (the authors' fp16 arithmetic and NaN rule, each row's sum
+            rounded to fp16 as their per-window sum is; the raw score is then ``1 -`` the mean of their summed
+            ``1 - cos`` for ``cosine``).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     if last_layer not in LAST_LAYER:
         raise ValueError(f"last_layer: {last_layer!r} is not one of {', '.join(LAST_LAYER)}")
     if metric not in METRICS:
@@ -106,8 +148,13 @@ def layer_redundancy(
             h_out = output[0] if isinstance(output, tuple) else output
             if last_layer == "final_norm" and idx == n_layers - 1:
                 h_out = final_norm(h_out)
-            per_token = _token_metric(state.pop(idx), h_out, metric)
-            sums[idx] += (per_token.double() * state["mask"]).sum().cpu()
+            if precision == "fp32":
+                per_token = _token_metric(state.pop(idx), h_out, metric)
+                sums[idx] += (per_token.double() * state["mask"]).sum().cpu()
+            else:  # one fp16 sum per row, as the authors' `.sum()` of one window (short_hf.py:84-88)
+                per_token = _authors_token_score(state.pop(idx), h_out, metric)
+                rows = (per_token.float() * state["mask"].float()).sum(dim=-1).to(torch.float16)
+                sums[idx] += rows.double().sum().cpu()
 
         return hook
 
@@ -131,7 +178,8 @@ def layer_redundancy(
         model.train(was_training)
     if count == 0:
         raise ValueError("batch: every token is masked out")
-    raw = (sums / count).tolist()
+    mean = sums / count
+    raw = (1 - mean if precision == "authors_fp16" and metric == "cosine" else mean).tolist()
     if any(not math.isfinite(v) for v in raw):
-        raise RuntimeError(f"LR score is not finite: {raw}")
+        raise RuntimeError(f"LR score is not finite ({precision} arithmetic): {raw}")
     return LRScore(metric, tuple(raw), tuple(redundancy_scores(raw, metric).tolist()), count)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,6 @@ from dynslice.experiment.widths import allocation
 from dynslice.measure import data
 from dynslice.measure.evaluate import zero_shot
 from dynslice.store.jsonio import read_json, write_json
-from dynslice.store.models import load
 from dynslice.store.records import LRInput
 
 
@@ -170,7 +169,7 @@ def allocations(
 @dataclass
 class _Context:
     cfg: AblationConfig
-    model: nn.Module
+    fresh: Callable[[], nn.Module]  # a new dense copy (read from the checkpoint), never a resident second copy
     tokenizer: Any
     dims: ArchDims
     eval_chunks: dict[str, torch.Tensor]
@@ -197,7 +196,7 @@ class _Context:
             if not with_tasks and (seed, widths, True) in self.cache:
                 return self.cache[(seed, widths, True)]
             run_cfg = self.cfg.run_config(self.cfg.sp[0])  # the slicing settings (SP only sizes the record)
-            model = pipeline.slice_dense(copy.deepcopy(self.model), run_cfg, calibration, widths, progress=False)
+            model = pipeline.slice_dense(self.fresh(), run_cfg, calibration, widths, progress=False)
             actual = count_parameters(model)
             expected = sliced_params(self.dims, list(widths)).total
             if actual != expected:
@@ -237,13 +236,21 @@ def run(
             return existing
     t_start = time.perf_counter()
     if model is None or tokenizer is None:
-        model, tokenizer = load(cfg.model, cfg.dtype, cfg.device)
+        bench = pipeline.Workbench(cfg.model, cfg.dtype, cfg.device)
+        fresh, tokenizer = bench.load, bench.tokenizer
+    else:  # the caller's model: each slicing takes a copy of it
+        given = model
+
+        def fresh() -> nn.Module:
+            return copy.deepcopy(given)
+
+    model = fresh()  # the dense model for the scores and the dense row, dropped before the slicings
     dims = ArchDims.from_config(model.config)
     eval_chunks = {
         name: data.eval_chunks(name, tokenizer, cfg.ppl_seqlen, split="test", max_chunks=cfg.ppl_max_chunks)
         for name in cfg.ppl_datasets
     }
-    ctx = _Context(cfg, model, tokenizer, dims, eval_chunks)
+    ctx = _Context(cfg, fresh, tokenizer, dims, eval_chunks)
     cal_sets = disjoint_calibration(
         cfg.cal_dataset, tokenizer, cfg.cal_nsamples, cfg.cal_seqlen, cfg.seeds, cfg.window_seed
     )
@@ -278,6 +285,7 @@ def run(
             },
         )
     rows: list[dict[str, Any]] = [done["dense"]]
+    del model
 
     jobs: list[tuple[float, str, str, int]] = []  # (sp, key, budget, seed)
     vecs0 = score_vectors({m: s["normalized"] for m, s in scores[0].items()}, cfg.permutations, cfg.permutation_seed)
@@ -321,7 +329,7 @@ def run(
         drop = layers_to_delete(bi, dims, target)
         job = f"{sp}|shortgpt"
         if job not in done:
-            short = delete_layers(copy.deepcopy(model), drop)
+            short = delete_layers(fresh(), drop)
             save(
                 job,
                 {

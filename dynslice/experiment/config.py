@@ -13,6 +13,7 @@ metrics), which is the direction imports may go.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from dynslice.core.allocate import BUDGETS, COUNTS, ROUNDINGS
 from dynslice.core.checks import MAX_SAMPLES, MAX_SEQLEN
-from dynslice.core.lr import LAST_LAYER, METRICS
+from dynslice.core.lr import LAST_LAYER, METRICS, PRECISIONS
 
 AUTO = "auto"
 
@@ -35,20 +36,45 @@ CAL_SAMPLERS: tuple[str, ...] = ("windows", "documents")
 
 #: The two protocols of a run (see :mod:`dynslice.experiment.protocol` for what they mean and why they differ).
 PROTOCOLS: tuple[str, ...] = ("dynslice", "reference")
-#: ``field: (dynslice value, reference value)``: the RunConfig fields a protocol decides when left at ``None``.
+#: ``field: (dynslice value, reference value)``: the RunConfig fields a protocol decides when not given. The
+#: reference values are the authors' code's (each one's source, file:line, is in tests/test_protocol.py's
+#: ``AUTHORS``); dynslice's are its own defaults (the cpu profile's identity depends on them: change none).
 PROTOCOL_SETTINGS: dict[str, tuple[Any, Any]] = {
     "lr_split": ("train", "validation"),
     "lr_sampler": ("random", "sliding"),
+    "lr_nsamples": (32, None),  # reference: every window of every document
     "lr_seqlen": (512, 1024),
     "lr_stride": (None, 256),
     "lr_last_layer": ("raw", "final_norm"),
+    "lr_precision": ("fp32", "authors_fp16"),
     "cal_sampler": ("windows", "documents"),
+    "cal_nsamples": (32, 128),
+    "cal_seqlen": (512, 2048),
     "ppl_protocol": ("slicegpt", "documents"),
+    "ppl_seqlen": (512, 2048),
+    "ppl_nsamples": (None, 128),  # reference: at most 128 document-joined samples
     "embedding_mean": (False, True),
     "rounding": ("total", "reference"),
     "round_interval": (8, 1),
     "dtype": ("fp32", "fp16"),
 }
+
+
+class _Unset(enum.Enum):
+    """The default of a protocol setting whose ``None`` means something (``lr_nsamples: null`` = every window)."""
+
+    TOKEN = "the protocol's"
+
+    def __repr__(self) -> str:
+        return "PROTOCOL_DEFAULT"
+
+
+#: "Not given: the protocol's value", for the settings where ``None`` is itself a value.
+PROTOCOL_DEFAULT = _Unset.TOKEN
+
+#: Fields added after run records were published: :meth:`RunConfig.to_json` leaves each out at this value (and
+#: :meth:`RunConfig.from_json` reads its absence as this value), so that earlier records keep their identity.
+LATER_FIELDS: dict[str, Any] = {"lr_precision": "fp32"}
 
 KINDS = ("str", "int", "float", "bool", "names", "device", "sb")
 
@@ -155,8 +181,9 @@ class RunConfig:
     the same threads and SIMD level on one CPU) produce the same JSON (timings aside); elsewhere a sliced model's
     perplexity moves by up to about 1% (``bench/results/numerics_noise.json``).
 
-    ``protocol`` (``dynslice`` or ``reference``, see :mod:`dynslice.experiment.protocol`) fills every setting left at
-    ``None`` among :data:`PROTOCOL_SETTINGS`; a value given explicitly always wins. ``save_dir`` is the only field
+    ``protocol`` (``dynslice`` or ``reference``, see :mod:`dynslice.experiment.protocol`) fills every setting of
+    :data:`PROTOCOL_SETTINGS` that is not given (left at ``None``, or at :data:`PROTOCOL_DEFAULT` where ``None`` is a
+    value: ``lr_nsamples``, ``ppl_nsamples``); a value given explicitly always wins. ``save_dir`` is the only field
     a profile cannot set: it names one folder, and a profile's many runs would overwrite each other there.
     """
 
@@ -200,7 +227,7 @@ class RunConfig:
         None, "LR windows: random ones, or every lr_stride tokens of every document", choices=LR_SAMPLERS
     )
     lr_nsamples: int | None = _opt(
-        32,
+        PROTOCOL_DEFAULT,
         "LR windows (none: every window, with the sliding sampler)",
         kind="int",
         low=1,
@@ -212,6 +239,11 @@ class RunConfig:
         None, "tokens between sliding LR windows", kind="int", low=1, high=MAX_SEQLEN, optional=True
     )
     lr_last_layer: str | None = _opt(None, "the last layer's output: raw, or after the final norm", choices=LAST_LAYER)
+    lr_precision: str | None = _opt(
+        None,
+        "arithmetic of the LR cosine: fp32, or the authors' fp16 (overflowing norms, NaN -> 0.5)",
+        choices=PRECISIONS,
+    )
     # calibration and folding
     cal_dataset: str = _opt(
         "wiki", "calibration corpus of the slicing", choices=DATASETS, cli_choices=False, profile="cal_datasets"
@@ -219,8 +251,8 @@ class RunConfig:
     cal_sampler: str | None = _opt(
         None, "calibration windows: random windows, or joined documents", choices=CAL_SAMPLERS
     )
-    cal_nsamples: int = _opt(32, "calibration samples", kind="int", low=1, high=MAX_SAMPLES)
-    cal_seqlen: int = _opt(512, "tokens per calibration sample", kind="int", low=2, high=MAX_SEQLEN)
+    cal_nsamples: int | None = _opt(None, "calibration samples", kind="int", low=1, high=MAX_SAMPLES)
+    cal_seqlen: int | None = _opt(None, "tokens per calibration sample", kind="int", low=2, high=MAX_SEQLEN)
     embedding_mean: bool | None = _opt(None, "subtract each embedding row's mean before slicing", kind="bool")
     batch_size: int = _opt(8, "samples per forward pass", kind="int", low=1, high=MAX_SAMPLES)
     # automatic SB
@@ -253,7 +285,7 @@ class RunConfig:
         flags=("--ppl", "--ppl-datasets"),
     )
     ppl_protocol: str | None = _opt(None, "perplexity protocol", choices=PPL_PROTOCOLS)
-    ppl_seqlen: int = _opt(512, "tokens per perplexity chunk", kind="int", low=2, high=MAX_SEQLEN)
+    ppl_seqlen: int | None = _opt(None, "tokens per perplexity chunk", kind="int", low=2, high=MAX_SEQLEN)
     ppl_max_chunks: int | None = _opt(
         None,
         "at most this many chunks per corpus (slicegpt protocol)",
@@ -263,7 +295,12 @@ class RunConfig:
         optional=True,
     )
     ppl_nsamples: int | None = _opt(
-        None, "perplexity samples (paper and documents protocols)", kind="int", low=1, high=MAX_SAMPLES, optional=True
+        PROTOCOL_DEFAULT,
+        "perplexity samples (paper and documents protocols)",
+        kind="int",
+        low=1,
+        high=MAX_SAMPLES,
+        optional=True,
     )
     tasks: tuple[str, ...] = _opt(
         (),
@@ -294,7 +331,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         OPTIONS["protocol"].check("protocol", self.protocol)
         for name, value in protocol_defaults(self.protocol).items():
-            if getattr(self, name) is None:
+            given = getattr(self, name)
+            if given is PROTOCOL_DEFAULT or (given is None and name not in NONE_IS_A_VALUE):
                 object.__setattr__(self, name, value)
         for name, opt in OPTIONS.items():
             object.__setattr__(self, name, opt.coerce(getattr(self, name)))
@@ -327,9 +365,13 @@ class RunConfig:
             raise ValueError(f"auto_sb_step: {self.auto_sb_step!r} is outside 0.001 <= step < 1")
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that define the run (``save_dir`` excluded)."""
+        """The fields that define the run (``save_dir`` excluded, and a :data:`LATER_FIELDS` field at its
+        earlier value)."""
         d = dataclasses.asdict(self)
         d.pop("save_dir")
+        for name, value in LATER_FIELDS.items():
+            if d[name] == value:
+                del d[name]
         d["ppl_datasets"] = list(self.ppl_datasets)
         d["tasks"] = list(self.tasks)
         return d
@@ -339,7 +381,7 @@ class RunConfig:
         unknown = set(obj) - set(OPTIONS)
         if unknown:
             raise ValueError(f"config: unknown fields {sorted(unknown)}")
-        return cls(**obj)
+        return cls(**{**LATER_FIELDS, **obj})
 
     def key(self) -> str:
         """A short stable hash of :meth:`to_json`, used in result file names."""
@@ -351,6 +393,10 @@ class RunConfig:
 
 #: The :class:`Option` of every RunConfig field, in field order.
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(RunConfig)}
+
+
+#: The protocol settings where ``None`` is a value (their default is :data:`PROTOCOL_DEFAULT`).
+NONE_IS_A_VALUE = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.default is PROTOCOL_DEFAULT)
 
 
 def default_of(name: str, protocol: str = "dynslice") -> Any:

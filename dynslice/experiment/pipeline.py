@@ -19,7 +19,6 @@ batches) so that a sweep loads and scores the dense model once. It is an explici
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynslice.core.adapters import count_parameters, get_adapter
+from dynslice.core.adapters import count_parameters
 from dynslice.core.lr import layer_redundancy
 from dynslice.core.params import ArchDims, dense_params, sliced_params, validate_widths
 from dynslice.core.search import find_best_sb
@@ -43,7 +42,17 @@ from dynslice.experiment.widths import allocation
 from dynslice.measure import data
 from dynslice.measure.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.store.jsonio import read_json, write_json
-from dynslice.store.models import check_spec, load_model, load_tokenizer
+from dynslice.store.models import (
+    architecture_of,
+    check_spec,
+    checkpoint_folder,
+    checkpoint_spec,
+    load_model,
+    load_tokenizer,
+    model_config,
+    parse_dtype,
+)
+from dynslice.store.placement import fits_device, place, release
 from dynslice.store.records import LRInput
 
 RECORD_VERSION = 1
@@ -51,13 +60,19 @@ RECORD_VERSION = 1
 
 @dataclass
 class Workbench:
-    """Per-model caches shared by the runs of a sweep: the dense model and tokenizer, LR scores, calibration data."""
+    """What the runs of one model share: its config, tokenizer, LR scores and calibration batches.
+
+    It never holds the dense model. Every step that needs it (LR, slicing, the dense evaluation) reads a fresh copy
+    from the checkpoint (:func:`~dynslice.store.models.checkpoint_spec`: safetensors, memory-mapped; a GGUF is
+    exported there once) and drops it when done, so a sweep holds one model at a time and its peak memory is one
+    run's (:func:`dynslice.store.memory.plan_run`), whatever the number of runs.
+    """
 
     model_spec: str
     dtype: str = "fp32"
     device: str = "cpu"
-    _model: nn.Module | None = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
+    _config: Any = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -65,11 +80,33 @@ class Workbench:
         """The workbench of ``cfg``'s model, dtype and device (nothing is loaded yet)."""
         return cls(cfg.model, cfg.dtype, cfg.device)
 
+    def load(self, device: str | None = None) -> nn.Module:
+        """A fresh copy of the model, read from its checkpoint onto ``device`` (default: the workbench's; a GPU
+        when the model fits there, else host RAM with layers offloaded to the GPU as they run,
+        :func:`~dynslice.store.placement.place`). The caller owns it: slicing it in place leaves the checkpoint
+        untouched."""
+        release()  # what the previous model left in the heap, before the next one is read
+        if "source" not in self._memo:
+            self._memo["source"] = checkpoint_spec(self.model_spec)
+        target = self.device if device is None else device
+        if target != "cpu" and not fits_device(self.config, self.dtype, target):
+            return place(load_model(self._memo["source"], self.dtype, "cpu"), target)
+        return load_model(self._memo["source"], self.dtype, target)
+
     @property
-    def model(self) -> nn.Module:
-        if self._model is None:
-            self._model = load_model(self.model_spec, self.dtype, self.device)
-        return self._model
+    def config(self) -> Any:
+        """The model's config, read once (without the weights)."""
+        if self._config is None:
+            from dynslice.core.adapters import supported_architectures
+
+            try:
+                config = model_config(self.model_spec)
+            except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem in one line
+                config = None
+            if config is None or architecture_of(config) not in supported_architectures():
+                config = self.load().config  # loading names the problem (or the architecture's) in one line
+            self._config = config
+        return self._config
 
     @property
     def tokenizer(self):
@@ -78,7 +115,7 @@ class Workbench:
         return self._tokenizer
 
     def dims(self) -> ArchDims:
-        return ArchDims.from_config(self.model.config)
+        return ArchDims.from_config(self.config)
 
     def _cached(self, key: tuple, fn):
         if key not in self._memo:
@@ -119,6 +156,7 @@ class Workbench:
             cfg.lr_seqlen,
             cfg.lr_stride,
             cfg.lr_last_layer,
+            cfg.lr_precision,
             cfg.lr_metric,
             cfg.seed,
         )
@@ -140,9 +178,29 @@ class Workbench:
             ),
         )
 
+    def plan(self, cfg: RunConfig) -> Any:
+        """The memory plan of slicing with ``cfg`` (:func:`placement`), made once per calibration size."""
+        key = ("plan", cfg.cal_nsamples, cfg.cal_seqlen, cfg.batch_size, cfg.sp)
+        return self._cached(key, lambda: placement(cfg, config=self.config)[0])
+
     def sliced(self, cfg: RunConfig, widths: list[int]) -> nn.Module:
-        """A fresh sliced copy of the dense model (the dense model itself is left untouched)."""
-        return slice_dense(copy.deepcopy(self.model), cfg, self.calibration(cfg), widths)
+        """A sliced model, as the memory plan places it: a fresh dense copy read from the checkpoint and sliced in
+        place (on the GPU when it fits there, else in host RAM one layer on the GPU at a time), or streamed layer by
+        layer from the checkpoint into a temporary folder and read back. Never a second copy of the dense model."""
+        plan = self.plan(cfg)
+        if plan is not None and plan.mode == "stream":
+            import tempfile
+
+            from dynslice.store.io import load_sliced
+
+            with tempfile.TemporaryDirectory(prefix="dynslice-sliced-") as tmp:
+                out = Path(tmp) / "model"
+                slice_streamed(cfg, checkpoint_folder(cfg.model), self.calibration(cfg), widths, out)
+                model = load_sliced(out, dtype=parse_dtype(cfg.dtype))
+            return place(model, cfg.device)
+        on_gpu = plan is not None and plan.weights_on == "gpu"
+        model = slice_dense(self.load(cfg.device if on_gpu else "cpu"), cfg, self.calibration(cfg), widths)
+        return model if on_gpu else place(model, cfg.device)
 
 
 # ------------------------------------------------------------------------------------------- checks, once
@@ -177,9 +235,16 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
     normalised redundancy, what data gave them, and the model's width and depth)."""
     t = time.perf_counter()
     batch = bench.lr_batch(cfg)
+    model = bench.load()  # a fresh dense copy, dropped once scored
     score = layer_redundancy(
-        bench.model, batch, metric=cfg.lr_metric, batch_size=cfg.batch_size, last_layer=cfg.lr_last_layer
+        model,
+        batch,
+        metric=cfg.lr_metric,
+        batch_size=cfg.batch_size,
+        last_layer=cfg.lr_last_layer,
+        precision=cfg.lr_precision,
     )
+    del model
     dims = bench.dims()
     return {
         **score.to_json(),
@@ -194,6 +259,7 @@ def lr_record(bench: Workbench, cfg: RunConfig) -> dict[str, Any]:
         "seqlen": cfg.lr_seqlen,
         "stride": cfg.lr_stride,
         "last_layer": cfg.lr_last_layer,
+        "precision": cfg.lr_precision,
         "seed": cfg.seed,
         "time_s": time.perf_counter() - t,
     }
@@ -311,16 +377,16 @@ def save(
 
 
 # ------------------------------------------------------------------------------------------- dynslice slice
-def placement(cfg: RunConfig, stream: str = "auto") -> tuple[Any, Any]:
+def placement(cfg: RunConfig, stream: str = "auto", *, config: Any = None) -> tuple[Any, Any]:
     """``(plan, config)``: the memory plan of slicing ``cfg``'s model (in RAM or streamed) and the model config it
-    was read from (once: a GGUF's takes seconds), or ``(None, None)`` for a model whose architecture cannot be
-    sliced or whose config cannot be read (loading it names the reason)."""
+    was read from (once: a GGUF's takes seconds; pass ``config`` when it is known), or ``(None, None)`` for a model
+    whose architecture cannot be sliced or whose config cannot be read (loading it names the reason)."""
     from dynslice.core.adapters import supported_architectures
     from dynslice.store.memory import plan_for_spec
     from dynslice.store.models import config_of
 
     try:
-        config = config_of(cfg.model)
+        config = config_of(cfg.model) if config is None else config
     except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem
         if stream == "on":
             raise
@@ -364,13 +430,11 @@ def slice_to_folder(
     computed on ``cfg``'s LR data, as :func:`run` does (constant slicing needs none). Every input is checked
     before the model is loaded.
     """
-    from dynslice.store.models import resolve_spec
-
     check_run(cfg, "slice")
     plan, config = placement(cfg, stream)  # printed once every input has been checked, just before the work starts
     bench = Workbench.of(cfg)
     if config is None:
-        config = bench.model.config  # loading names why the model cannot be planned or sliced
+        config = bench.load().config  # loading names why the model cannot be planned or sliced
     check_context(config, cfg, "cal_seqlen")
     dims = ArchDims.from_config(config)
     extra: dict[str, Any] = {}
@@ -386,19 +450,14 @@ def slice_to_folder(
     if plan is not None:
         log(plan.describe())
     if plan is not None and plan.mode == "stream":
-        r = resolve_spec(cfg.model)
-        folder = r.location
-        if r.kind == "hub":
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        folder = checkpoint_folder(cfg.model)
         cal = bench.calibration(cfg)
         slice_streamed(cfg, folder, cal, widths, out, tokenizer=bench.tokenizer, extra=extra, overwrite=overwrite)
         return
     if widths is None:
         alloc = allocation(cfg, dims, bench.lr(cfg))
         widths, extra["allocation"] = list(alloc.widths), alloc.to_json()
-    model = slice_dense(bench.model, cfg, bench.calibration(cfg), widths)
+    model = slice_dense(bench.load(), cfg, bench.calibration(cfg), widths)
     save(model, cfg, out, bench.tokenizer, extra=extra, overwrite=overwrite)
 
 
@@ -466,23 +525,22 @@ def run(
         )
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    model = bench.model
-    timings["load"] = time.perf_counter() - t
     record: dict[str, Any] = {
         "record_version": RECORD_VERSION,
         "config": cfg.to_json(),
         "versions": versions(),
         "protocol": differences(cfg.to_json()),
         "model": cfg.model,
-        "architecture": type(model).__name__,
+        "architecture": architecture_of(bench.config),
         "sp": cfg.sp,
         "sb": cfg.sb,
         "budget": cfg.budget,
     }
     if cfg.dense:
-        record.update(widths=[get_adapter(model).hidden_size] * get_adapter(model).num_layers, lr=None)
-        eval_model, widths = model, None
+        t = time.perf_counter()
+        eval_model, widths = bench.load(), None
+        timings["load"] = time.perf_counter() - t
+        record.update(widths=[bench.dims().hidden] * bench.dims().layers, lr=None)
     else:
         # LR -> (SB search) -> widths -> slice
         t = time.perf_counter()
@@ -499,7 +557,18 @@ def run(
         t = time.perf_counter()
         eval_model = bench.sliced(cfg, widths)
         timings["slice"] = time.perf_counter() - t
-        keep = ("metric", "lr", "normalized", "dataset", "tokens", "split", "sampler", "windows", "last_layer")
+        keep = (
+            "metric",
+            "lr",
+            "normalized",
+            "dataset",
+            "tokens",
+            "split",
+            "sampler",
+            "windows",
+            "last_layer",
+            "precision",
+        )
         record.update(
             sb=sb,
             widths=widths,

@@ -199,8 +199,14 @@ def compute_lr_for_profile(
                 "metric": cfg.lr_metric,
                 "seed": cfg.seed,
                 "model": model.spec,
+                "precision": cfg.lr_precision,
             }
-            if not force and path.is_file() and all(read_json(path).get(k) == v for k, v in want.items()):
+            # an LR file written before LR precision was recorded was computed in fp32
+            if (
+                not force
+                and path.is_file()
+                and all({"precision": "fp32", **read_json(path)}.get(k) == v for k, v in want.items())
+            ):
                 log(f"skipped LR {model.spec}/{corpus}: {path} is up to date")
                 paths.append(path)
                 continue

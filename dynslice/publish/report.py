@@ -21,6 +21,7 @@ import pandas as pd
 
 from dynslice.core.search import best_sb_key
 from dynslice.experiment.config import AUTO, RunConfig
+from dynslice.experiment.protocol import best_sb_dataset
 from dynslice.store.outputs import atomic_write
 
 COMPARISON = {"width": "equal mean width (paper)", "params": "equal parameters"}
@@ -46,6 +47,7 @@ def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {
             "model": cfg["model"],
             "cal_dataset": cfg["cal_dataset"],
+            "protocol": cfg.get("protocol", "dynslice"),
             "budget": cfg["budget"],
             "sp": float(cfg["sp"]),
             "sb": float(rec["sb"]),
@@ -128,7 +130,9 @@ def _constants(frame: pd.DataFrame) -> dict[tuple, pd.Series]:
 
 
 def best_vs_constant(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Best fixed-SB dynamic run vs constant slicing per (model, cal_dataset, budget, sp), chosen on ``dataset``.
+    """Best fixed-SB dynamic run vs constant slicing per (model, cal_dataset, budget, sp), chosen on ``dataset``
+    under dynslice's protocol and on the group's own calibration corpus under ``reference``
+    (:func:`dynslice.experiment.protocol.best_sb_dataset`).
 
     Rows: per model, corpus and SP, the paper's comparison (width) first. Columns: the key, ``comparison`` (label
     of the budget), ``best_sb``, ``params_constant``, ``params_dynamic``,
@@ -140,14 +144,17 @@ def best_vs_constant(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     if col not in frame.columns:
         raise ValueError(f"dataset: {dataset!r} has no perplexity in these records ({', '.join(ppl_columns(frame))})")
     consts = _constants(frame)
-    dyn = frame[(frame["kind"] == "dynamic") & frame[col].notna() & ~frame["zero_shot"]]
+    dyn = frame[(frame["kind"] == "dynamic") & ~frame["zero_shot"]]
     rows = []
     for key, group in dyn.groupby(KEY, sort=True):
         model, cal, budget, sp = key
         const = consts.get((model, cal, sp))
-        if const is None:
+        protocol = group["protocol"].iloc[0] if "protocol" in group.columns else "dynslice"
+        choose = f"ppl_{best_sb_dataset(protocol, cal, dataset)}"
+        group = group[group[choose].notna()] if choose in group.columns else group.iloc[0:0]
+        if const is None or group.empty:
             continue
-        best = pick_best(group, col)
+        best = pick_best(group, choose)
         row = {
             "model": model,
             "cal_dataset": cal,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dynslice.experiment.config import RunConfig
-from dynslice.experiment.profiles import Profile, load_profile, run_name, sweep_configs
+from dynslice.experiment.profiles import Profile, dynamic_sbs, load_profile, run_name, sweep_configs
 from dynslice.store.memory import Shapes
 
 #: The measured CPU throughput: a copy of ``bench/results/slicing_cpu.json`` in the package (``dynslice.measured``).
@@ -234,18 +234,20 @@ def kind_of(cfg: RunConfig) -> str:
 
 
 def predicted_zero_shot(profile: Profile) -> list[RunConfig]:
-    """The best-SB zero-shot runs the profile will have (their SB is not known before the sweep: SP/2 stands in)."""
+    """The zero-shot runs the profile will have: one per dynamic SB with ``zero_shot.every_sb``, else the best SB's
+    (not known before the sweep: SP/2 stands in)."""
     if not profile.tasks:
         return []
     return [
         profile.base_config(
-            m, sp=sp, sb=round(sp / 2, 4), budget=b, cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit
+            m, sp=sp, sb=sb, budget=b, cal_dataset=cal, tasks=profile.tasks, task_limit=profile.task_limit
         )
         for m in profile.models
         for cal in profile.cal_datasets
         for sp in profile.sp
         for b in profile.zero_shot_budgets
         if b in profile.budgets
+        for sb in (dynamic_sbs(sp, profile.sb_step) if profile.zero_shot_every_sb else [round(sp / 2, 4)])
     ]
 
 
@@ -277,9 +279,55 @@ def _wall_hours(configs: Sequence[RunConfig], shards: int, tp_of, lr_h: Mapping[
     return worst
 
 
-def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) -> dict[str, Any]:
-    """The runs of a profile and their predicted hours (per model, in all, in ``shards`` shards), and what the
-    automatic SB search saves against the full fixed-SB grid. JSON-ready."""
+def run_memory(cfg: RunConfig, host_gib: float | None = None, gpu_gib: float | None = None) -> dict[str, Any]:
+    """The predicted peaks of the largest run of ``cfg``'s model in a sweep (:func:`dynslice.store.memory.plan_run`:
+    LR, slicing as the memory plan places it, evaluation), for ``host_gib`` of RAM and ``gpu_gib`` of GPU memory
+    (default: what this machine has free now). A sweep holds one model at a time: this is the sweep's peak."""
+    from dynslice.store.memory import GIB, available_gpu_bytes, plan, plan_run
+
+    for name, v in (("host-gib", host_gib), ("gpu-gib", gpu_gib)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name}: {v} is outside {name} > 0")
+    shapes = shapes_of(cfg.model)
+    streamable = cfg.model not in ("smollm2-135m", "tiny-random") and not cfg.model.endswith(".gguf")
+    slicing = plan(
+        shapes,
+        cfg.cal_nsamples,
+        cfg.cal_seqlen,
+        cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        sp=cfg.sp,
+        streamable=streamable,
+        host_bytes=None if host_gib is None else int(host_gib * GIB),
+        gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB),
+    )
+    lr_seqlen = cfg.lr_seqlen
+    gpu_bytes = 0
+    if cfg.device != "cpu":
+        gpu_bytes = available_gpu_bytes(cfg.device) if gpu_gib is None else int(gpu_gib * GIB)
+    rp = plan_run(
+        shapes,
+        slicing,
+        lr_batch_tokens=min(cfg.batch_size, cfg.lr_nsamples or cfg.batch_size) * lr_seqlen,
+        eval_batch_tokens=cfg.batch_size * cfg.ppl_seqlen,
+        eval_seqlen=cfg.ppl_seqlen,
+        gpu_bytes=gpu_bytes or None,
+    )
+    note = " (no GPU here: give --gpu-gib for the GPU's size)" if cfg.device != "cpu" and not gpu_bytes else ""
+    return {**rp.to_json(), "describe": rp.describe() + note, "host_gib": host_gib, "gpu_gib": gpu_gib}
+
+
+def profile_plan(
+    name: str,
+    shards: int = 1,
+    gpu_tflops: float | None = None,
+    host_gib: float | None = None,
+    gpu_gib: float | None = None,
+) -> dict[str, Any]:
+    """The runs of a profile and their predicted hours (per model, in all, in ``shards`` shards), the peak memory of
+    its sweep per model (:func:`run_memory`, for ``host_gib``/``gpu_gib``), and what the automatic SB search saves
+    against the full fixed-SB grid. JSON-ready."""
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards: {shards!r} is outside shards >= 1")
     profile = load_profile(name)
@@ -301,6 +349,8 @@ def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) ->
         for c in mine:
             kinds[kind_of(c)] = kinds.get(kind_of(c), 0) + 1
         hours = sum(run_seconds(c, tps[m.spec]) for c in mine) / 3600 + lr_h[m.spec]
+        sliced = [c for c in mine if not c.dense]
+        largest = min(sliced, key=lambda c: c.sp) if sliced else mine[0]  # the least sliced: the largest model
         models.append(
             {
                 "model": m.spec,
@@ -310,6 +360,7 @@ def profile_plan(name: str, shards: int = 1, gpu_tflops: float | None = None) ->
                 "hours": hours,
                 "lr_hours": lr_h[m.spec],
                 "estimate": tps[m.spec].source,
+                "memory": run_memory(largest, host_gib, gpu_gib),
             }
         )
     grid = [c for c in sweep if kind_of(c) == "dynamic" and c.budget in profile.auto_sb_budgets]
@@ -348,7 +399,7 @@ def describe(plan: Mapping[str, Any], list_runs: bool = False) -> str:
     lines = [
         (
             f"profile {plan['profile']}: {plan['runs']} runs ({plan['sweep_runs']} sweep, "
-            f"{plan['zero_shot_runs']} best-SB zero-shot, predicted)"
+            f"{plan['zero_shot_runs']} zero-shot, predicted)"
         )
     ]
     for m in plan["models"]:
@@ -357,6 +408,8 @@ def describe(plan: Mapping[str, Any], list_runs: bool = False) -> str:
             f"  {m['model']}: {m['runs']} runs ({kinds}): {m['hours']:.1f} {unit}-hours "
             f"(LR {m['lr_hours']:.2f} h once per process)"
         )
+        if "memory" in m:
+            lines.append(f"    memory: {m['memory']['describe']}")
     lines.append(f"  total: {plan['device_hours']:.1f} {unit}-hours")
     for n, h in plan["wall_hours"].items():
         lines.append(f"  wall clock with {n} shard(s) (one {unit} each): {h:.1f} h")

@@ -506,3 +506,107 @@ def plan_for_spec(
         host_bytes=None if host_gib is None else int(host_gib * GIB),
         gpu_bytes=None if gpu_gib is None else int(gpu_gib * GIB),
     )
+
+
+# ------------------------------------------------------------------------------------------- one run of a sweep
+def forward_bytes(shapes: Shapes, dtype: str, batch_tokens: int, seqlen: int, *, logits: bool) -> int:
+    """Working memory of one forward pass over ``batch_tokens`` tokens (rows of ``seqlen``): one layer's attention
+    and MLP temporaries, the residual stream, and with ``logits`` the batch's logits in the model's dtype plus the
+    fp32 copies that perplexity's per-row cross-entropy makes of one row (the copy, its log-softmax, the NLLs)."""
+    s, b = shapes, DTYPE_BYTES[dtype]
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    layer = batch_tokens * ((3 * s.intermediate + 2 * qkv + 4 * s.hidden) * b + 2 * s.hidden * 4)
+    head = batch_tokens * s.vocab * b + 2 * seqlen * s.vocab * 4 if logits else 0
+    return layer + head
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The predicted peaks of one run of a sweep (bytes above the process baseline): the LR score (the dense model
+    and a forward), the slicing (:class:`MemoryPlan`), and the evaluation of the sliced model (what the slicing
+    leaves held, and a forward with its logits). A sweep holds one model at a time, so its peak is the largest run's,
+    whatever the number of runs."""
+
+    slicing: MemoryPlan
+    phase_host_bytes: dict[str, int]
+    phase_gpu_bytes: dict[str, int]
+
+    @property
+    def peak_host_bytes(self) -> int:
+        return max(self.phase_host_bytes.values())
+
+    @property
+    def peak_gpu_bytes(self) -> int:
+        return max(self.phase_gpu_bytes.values(), default=0)
+
+    def to_json(self) -> dict:
+        return {
+            "peak_host_bytes": self.peak_host_bytes,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+            "phase_host_bytes": self.phase_host_bytes,
+            "phase_gpu_bytes": self.phase_gpu_bytes,
+            "slicing": self.slicing.to_json(),
+        }
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phase_host_bytes.items())
+        gpu = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phase_gpu_bytes.items())
+        return (
+            f"one run of the sweep: peak host RAM {self.peak_host_bytes / GIB:.2f} GiB ({parts})"
+            + (f"; peak GPU memory {self.peak_gpu_bytes / GIB:.2f} GiB ({gpu})" if gpu else "")
+            + f"; slicing {self.slicing.mode} (weights on {self.slicing.weights_on})"
+        )
+
+
+def plan_run(
+    shapes: Shapes,
+    slicing: MemoryPlan,
+    *,
+    lr_batch_tokens: int,
+    eval_batch_tokens: int,
+    eval_seqlen: int,
+    gpu_bytes: int | None = None,
+) -> RunPlan:
+    """:class:`RunPlan` of one run whose slicing is planned by ``slicing`` (:func:`plan`), its LR computed on
+    batches of ``lr_batch_tokens`` tokens and its perplexity on batches of ``eval_batch_tokens`` (rows of
+    ``eval_seqlen``). On a GPU of ``gpu_bytes``, a model whose weights and forward do not fit runs with its layers
+    offloaded from host RAM (:func:`dynslice.store.placement.place`): the GPU then holds the forward and as many
+    layers as fit, and the phase's name says ``offload``."""
+    dtype, gpu = slicing.dtype, slicing.device != "cpu"
+    dense, sliced = slicing.dense_bytes, slicing.output_bytes
+    lr_fwd = forward_bytes(shapes, dtype, lr_batch_tokens, lr_batch_tokens, logits=False)
+    ev_fwd = forward_bytes(shapes, dtype, eval_batch_tokens, eval_seqlen, logits=True)
+    held_after = slicing.phase_host_bytes.get("save", slicing.phase_host_bytes.get("head", 0))
+    budget = None if gpu_bytes is None else int(0.9 * gpu_bytes)
+    host: dict[str, int] = {}
+    gpu_phases: dict[str, int] = {}
+
+    def on_gpu(name: str, weights: int, fwd: int) -> bool:
+        """Place one forward phase on the GPU: whole when it fits the budget, else offloaded (True: whole)."""
+        if budget is None or weights + fwd <= budget:
+            gpu_phases[name] = weights + fwd
+            return True
+        gpu_phases[f"{name} (offload)"] = min(budget, weights + fwd)
+        return False
+
+    if slicing.weights_on == "gpu":  # everything resident on the GPU; the host only loads
+        host = {"load": dense}
+        gpu_phases = {"lr": dense + lr_fwd, "slicing": slicing.peak_gpu_bytes, "eval": sliced + ev_fwd}
+        return RunPlan(slicing, host, gpu_phases)
+    if not gpu:
+        host = {"lr": RUNTIME_BYTES + dense + lr_fwd, "slicing": slicing.peak_host_bytes}
+        # in RAM the dense pages a mapped checkpoint leaves resident are still held; streamed, the model is read
+        # back from the temporary folder
+        host["eval"] = (held_after if slicing.mode == "memory" else RUNTIME_BYTES + sliced) + ev_fwd
+        return RunPlan(slicing, host, gpu_phases)
+    lr_whole = on_gpu("lr", dense, lr_fwd)
+    gpu_phases["slicing"] = slicing.peak_gpu_bytes
+    ev_whole = on_gpu("eval", sliced, ev_fwd)
+    host = {
+        # loaded on the GPU directly when it fits; else memory-mapped in host RAM (clean file pages, which the
+        # kernel may evict and read again: a host smaller than this still works, more slowly)
+        "lr": RUNTIME_BYTES + (0 if lr_whole else dense),
+        "slicing": slicing.peak_host_bytes,
+        "eval": (held_after if slicing.mode == "memory" else RUNTIME_BYTES + sliced) if not ev_whole else RUNTIME_BYTES,
+    }
+    return RunPlan(slicing, host, gpu_phases)

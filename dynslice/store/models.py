@@ -263,6 +263,73 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch
     return model.eval()
 
 
+def architecture_of(config) -> str:
+    """The causal-LM class name of a config (``LlamaForCausalLM``), as ``AutoModelForCausalLM`` would build it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = getattr(config, "architectures", None) or []
+    return names[0] if names else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)
+
+
+def model_config(spec: str):
+    """The model config of any spec, a sliced folder included (its ``config.json`` holds the dense shapes)."""
+    from transformers import AutoConfig
+
+    r = resolve_spec(spec)
+    if r.kind == "sliced":
+        return AutoConfig.from_pretrained(r.location)
+    return config_of(spec)
+
+
+def checkpoint_spec(spec: str) -> str:
+    """A spec whose dense weights ``from_pretrained`` reads straight from a memory-mapped safetensors checkpoint.
+
+    A hub id or a model folder is such a spec already. A GGUF file has to be dequantised on every load (about
+    14 s for SmolLM2), so it is exported once, in fp32, to a safetensors folder in dynslice's cache
+    (``<cache>/dense/<key>``, keyed by the file's path, size and modification time) and that folder is returned;
+    loading it gives the same tensors, bit for bit. A sweep re-reads the dense weights from here for every
+    slicing instead of keeping a second copy. ``tiny-random`` is built in code and returned as it is.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    from dynslice.store.paths import cache_dir
+
+    r = resolve_spec(spec)
+    if r.kind != "gguf":
+        return spec
+    gguf = Path(r.location) / str(r.gguf_file)
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "dense" / key
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return str(folder)
+    tmp = folder.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (this process's name)
+    model = _load_dense(r, torch.float32, torch.device("cpu"))
+    model.save_pretrained(tmp)  # safetensors and config.json, written to a folder no one else reads
+    del model
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process exported it first: theirs is the same; drop ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def checkpoint_folder(spec: str) -> str:
+    """The local folder of safetensors files holding ``spec``'s dense weights, for streaming: the folder itself,
+    the hub snapshot (downloaded once into the Hugging Face cache), or a GGUF's export (:func:`checkpoint_spec`)."""
+    r = resolve_spec(checkpoint_spec(spec))
+    if r.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(r.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    if r.kind != "dir":
+        raise ValueError(f"model: {spec} has no safetensors checkpoint to stream from (it is {r.kind})")
+    return r.location
+
+
 def load(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` for a spec."""
     return load_model(spec, dtype, device), load_tokenizer(spec)

@@ -9,9 +9,10 @@ corpora, the SP values and the SB grid. :func:`sweep_configs` expands it into
   at every ``SB`` of ``sb_grid(SP, sb_step)`` below ``SP`` under each budget (``width``: the paper's equal mean
   width; ``params``: equal parameter count), and one automatic-SB run per budget when ``auto_sb`` is on.
 
-:func:`zero_shot_configs` adds the zero-shot runs of the best dynamic SB (lowest perplexity on the first
-perplexity corpus) once the sweep is done. Every run has a stable path
-``<root>/<profile>/runs/<model-slug>/<readable-name>-<cfg.key()>.json`` (:func:`result_path`).
+:func:`zero_shot_configs` adds, once the sweep is done, the zero-shot runs of the best dynamic SB (lowest
+perplexity on the corpus the protocol's rule names, :func:`dynslice.experiment.protocol.best_sb_dataset`), or of
+every dynamic SB with ``zero_shot: {every_sb: true}`` (the authors' protocol, with ``limit: 1000``). Every run
+has a stable path ``<root>/<profile>/runs/<model-slug>/<readable-name>-<cfg.key()>.json`` (:func:`result_path`).
 
 A profile's keys are checked against the run configuration's definition (:data:`dynslice.experiment.config.OPTIONS`):
 the
@@ -34,6 +35,7 @@ import yaml
 from dynslice.core.search import best_sb_key
 from dynslice.experiment.config import AUTO, OPTIONS, PROTOCOL_SETTINGS, RunConfig, default_of
 from dynslice.experiment.numerics import MODES as NUMERICS_MODES
+from dynslice.experiment.protocol import best_sb_dataset
 from dynslice.store.jsonio import read_json
 
 if TYPE_CHECKING:
@@ -77,7 +79,7 @@ MIN_STEP = 1e-3
 TOP_KEYS = PROFILE_ONLY_KEYS | {loc for loc in FIELD_KEYS.values() if "." not in loc}
 MODEL_KEYS = frozenset(_fields_in("models[]"))
 AUTO_KEYS = frozenset(_fields_in("auto_sb")) | {"budgets"}
-ZERO_SHOT_KEYS = frozenset(_fields_in("zero_shot")) | {"budgets"}
+ZERO_SHOT_KEYS = frozenset(_fields_in("zero_shot")) | {"budgets", "every_sb"}
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Profile:
     task_limit: int | None
     zero_shot_budgets: tuple[str, ...]
     description: str = ""
+    zero_shot_every_sb: bool = False  # zero-shot at every dynamic SB (the authors), not only the best one
     notebooks: tuple[str, ...] = ()  # the notebooks run_all.sh runs, as two-digit prefixes ("01"); () = all
     numerics: str = (
         "native"  # "pinned": run_all.sh exports dynslice.experiment.numerics.PINNED_ENV (bit-reproducible CPU runs)
@@ -270,6 +273,9 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     _check_section(f"{name}.auto_sb", "auto_sb", auto)
     zs = _check_keys(f"{name}.zero_shot", top.get("zero_shot") or {}, ZERO_SHOT_KEYS)
     _check_section(f"{name}.zero_shot", "zero_shot", zs)
+    every_sb = zs.get("every_sb", False)
+    if not isinstance(every_sb, bool):
+        raise ValueError(f"{name}.zero_shot.every_sb: {every_sb!r} must be true or false")
     budgets_allowed = OPTIONS["budget"].choices
     budgets = _str_list(f"{name}.budgets", top.get("budgets", [default_of("budget")]), budgets_allowed)
     mode = top.get("numerics", "native")
@@ -309,11 +315,20 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
             f"{name}.zero_shot.budgets", zs.get("budgets", ["width"]), budgets_allowed, empty_ok=True
         ),
         description=desc,
+        zero_shot_every_sb=every_sb,
         notebooks=_notebook_list(f"{name}.notebooks", top.get("notebooks", [])),
         numerics=mode,
         frontier=frontier,
         rft=rft,
     )
+    ppl = profile.ppl_datasets
+    for cal in profile.cal_datasets:
+        chooser = best_sb_dataset(base.get("protocol") or default_of("protocol"), cal, ppl[0])
+        if chooser not in ppl:
+            raise ValueError(
+                f"{name}.base.ppl_datasets: the protocol chooses the best SB of calibration corpus {cal!r} on "
+                f"{chooser!r} perplexity; add {chooser!r} to ppl_datasets ({', '.join(ppl)})"
+            )
     # Build one config of each kind so that the rules between fields are checked now, with RunConfig's messages.
     for model in profile.models:
         for cal in profile.cal_datasets:
@@ -432,15 +447,17 @@ def sweep_configs(profile: Profile) -> list[RunConfig]:
 def best_dynamic(records: Sequence[Mapping[str, Any]], dataset: str | None = None) -> dict[tuple, Mapping]:
     """The lowest-perplexity fixed-SB dynamic record per ``(model, cal_dataset, budget, sp)``.
 
-    Perplexity is read on ``dataset`` (default: each record's first ``ppl_datasets`` entry); ties go to the larger
-    SB (closer to constant slicing). Constant, dense and auto-SB records are not candidates.
+    Perplexity is read on ``dataset`` (default: the corpus the record's protocol chooses on,
+    :func:`~dynslice.experiment.protocol.best_sb_dataset`: its first ``ppl_datasets`` entry under ``dynslice``,
+    its calibration corpus under ``reference``); ties go to the larger SB (closer to constant slicing). Constant,
+    dense and auto-SB records are not candidates.
     """
     best: dict[tuple, Mapping] = {}
     for rec in records:
         cfg = rec["config"]
         if cfg["sp"] == 0 or cfg["sb"] == AUTO or math.isclose(cfg["sb"], cfg["sp"]):
             continue
-        ds = dataset or cfg["ppl_datasets"][0]
+        ds = dataset or best_sb_dataset(cfg.get("protocol", "dynslice"), cfg["cal_dataset"], cfg["ppl_datasets"][0])
         value = rec["ppl"].get(ds)
         if value is None:
             continue
@@ -455,11 +472,14 @@ def best_dynamic(records: Sequence[Mapping[str, Any]], dataset: str | None = Non
 def zero_shot_configs(
     profile: Profile, records: Sequence[Mapping[str, Any]], root: str | Path | None = None
 ) -> list[RunConfig]:
-    """Zero-shot runs of the best dynamic SB per model × corpus × SP × ``zero_shot.budgets`` (sweep done first).
+    """Zero-shot runs of the best dynamic SB per model × corpus × SP × ``zero_shot.budgets`` (sweep done first),
+    or of every fixed dynamic SB with ``zero_shot.every_sb`` (each a copy of its sweep run with the tasks added:
+    slicing is deterministic, so it slices the same model again).
 
-    The best SB is chosen by perplexity on the first of the profile's perplexity corpora. With ``root``, only the
-    groups whose fixed-SB sweep runs are all finished there (a record or an infeasibility note) are returned, so
-    that a shard never picks a best SB from part of a grid.
+    The best SB is chosen by perplexity on the corpus the protocol names
+    (:func:`~dynslice.experiment.protocol.best_sb_dataset`). With ``root``, only the groups whose fixed-SB sweep
+    runs are all finished there (a record or an infeasibility note) are returned, so that a shard never picks a
+    best SB from part of a grid.
     """
     if not profile.tasks:
         return []
@@ -470,10 +490,22 @@ def zero_shot_configs(
             for c in missing_runs(sweep_configs(profile), root, profile.name)
             if not c.dense and not c.auto_sb and not math.isclose(c.sb, c.sp)
         }
+    if profile.zero_shot_every_sb:
+        chosen = sorted(
+            (
+                ((c["model"], c["cal_dataset"], c["budget"], c["sp"], c["sb"]), rec)
+                for rec in records
+                for c in [rec["config"]]
+                if c["sp"] != 0 and c["sb"] != AUTO and not math.isclose(c["sb"], c["sp"]) and not c["tasks"]
+            ),
+            key=lambda item: item[0],
+        )
+    else:
+        chosen = sorted(best_dynamic(records).items())
     out = []
-    for key, rec in sorted(best_dynamic(records, profile.ppl_datasets[0]).items()):
+    for key, rec in chosen:
         budget = key[2]
-        if budget in profile.zero_shot_budgets and key not in waiting:
+        if budget in profile.zero_shot_budgets and key[:4] not in waiting:
             cfg = RunConfig.from_json(rec["config"])
             out.append(cfg.replace(tasks=profile.tasks, task_limit=profile.task_limit))
     return out

@@ -43,8 +43,10 @@ def _ids(tok, n: int = 2, seqlen: int = 32) -> torch.Tensor:
     return data.random_chunks("wiki", tok, n, seqlen, seed=7, split="test")
 
 
-def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok):
-    """One batch of 2 windows seen at every step (nsamples = batch size), no dropout: the loss falls."""
+def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok, tmp_path, monkeypatch):
+    """One batch of 2 windows seen at every step (nsamples = batch size), no dropout: the loss falls. Without a
+    checkpoint folder nothing is written to the working directory."""
+    monkeypatch.chdir(tmp_path)
     model = load_sliced(sliced_dir)
     cfg = FinetuneConfig(
         nsamples=2, seqlen=32, steps=8, batch_size=2, grad_accum=1, learning_rate=1e-2, lora_dropout=0.0, eval_steps=0
@@ -58,6 +60,7 @@ def test_loss_goes_down_on_a_fixed_batch(sliced_dir, tok):
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]  # the caller's RNGs untouched
     assert (np.random.get_state()[1] == rng[2]).all()
     losses = [e["loss"] for e in result["history"] if "loss" in e]
+    assert list(tmp_path.iterdir()) == []
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.05, losses
     assert result["final_loss"] == losses[-1] and result["trainable_parameters"] > 0
@@ -248,15 +251,18 @@ def test_config_from_a_profile_mapping_checks_like_the_cli():
 
 
 @pytest.mark.slow
-def test_rft_recovers_perplexity_of_sliced_smollm2(tmp_path):
-    """SmolLM2-135M sliced at SP 0.3, then 16 steps of the default RFT: the held-out wiki perplexity falls."""
+def test_rft_recovers_perplexity_of_sliced_smollm2():
+    """SmolLM2-135M sliced at SP 0.3 (constant widths), then 8 steps of RFT on 128-token windows: the held-out wiki
+    perplexity falls by more than 10% (measured on 2 loaded cores: a run of 2 steps took the training loss from
+    4.90 to 4.38 at 256 tokens)."""
     from dynslice.measure.evaluate import perplexity
     from dynslice.store.models import load
 
     model, tok = load("smollm2-135m")
-    slice_model(model, data.calibration_batch("wiki", tok, 16, 256), [404] * 30, progress=False)
-    chunks = data.eval_chunks("wiki", tok, 256, max_chunks=8)
+    slice_model(model, data.calibration_batch("wiki", tok, 8, 256), [404] * 30, progress=False)
+    chunks = data.eval_chunks("wiki", tok, 128, max_chunks=8)
     before = perplexity(model, chunks)
-    result = finetune(model, tok, FinetuneConfig(steps=16, eval_steps=0), progress=False)
+    cfg = FinetuneConfig(nsamples=32, seqlen=128, steps=8, eval_steps=0)
+    result = finetune(model, tok, cfg, progress=False)
     after = perplexity(model, chunks)
     assert after < 0.9 * before, (before, after, result["history"])

@@ -35,6 +35,7 @@ import dataclasses
 import math
 import random
 import re
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -346,13 +347,15 @@ def finetune(
         bias="none",
         task_type="CAUSAL_LM",
     )
+    scratch = None if folder is not None else tempfile.TemporaryDirectory(prefix="dynslice-rft-")  # Trainer makes
+    # its output folder even when it saves nothing: without checkpoints, a private one that is removed afterwards
     outer_rng = random.getstate(), np.random.get_state()  # Trainer seeds Python's, numpy's and torch's RNGs
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lora)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         args = TrainingArguments(
-            output_dir=str(folder) if folder is not None else "unused",
+            output_dir=str(folder) if folder is not None else scratch.name,
             max_steps=cfg.steps,
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size,
@@ -398,6 +401,8 @@ def finetune(
         finally:
             random.setstate(outer_rng[0])
             np.random.set_state(outer_rng[1])
+            if scratch is not None:
+                scratch.cleanup()
     merged = peft_model.merge_and_unload()
     assert merged is model, "peft's merge_and_unload returned another module"
     merged.eval()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import subprocess
@@ -119,7 +118,7 @@ def test_deleted_and_sliced_model_has_the_counted_parameters_and_the_dense_logit
     plan = FR.Plan("delete_slice", 1, 0, 0, drop, full, 0.01, 0.01, expected)
     model = FR.build(cfg, tiny_bench, plan)
     assert count_parameters(model) == expected
-    short = delete_layers(copy.deepcopy(tiny_bench.model), drop)
+    short = delete_layers(tiny_bench.load(), drop)
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, short(input_ids=ids).logits, atol=2e-4, rtol=1e-4)

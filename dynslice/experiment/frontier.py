@@ -20,7 +20,6 @@ written to ``<out>/points/`` as soon as it is done, so an interrupted run resume
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -150,12 +149,13 @@ def plan_point(
 
 
 def build(cfg: FrontierConfig, bench: pipeline.Workbench, plan: Plan) -> nn.Module:
-    """The model of ``plan``: a copy of the dense model with its layers deleted, then sliced through the pipeline."""
+    """The model of ``plan``: a fresh copy of the dense model with its layers deleted, then sliced through the
+    pipeline (:meth:`~dynslice.experiment.pipeline.Workbench.sliced` when nothing is deleted)."""
     run = cfg.run_config(plan.seed, plan.sp or 0.3, plan.sb)
     if plan.widths is not None and not plan.deleted:
         model = bench.sliced(run, list(plan.widths))
     else:
-        model = delete_layers(copy.deepcopy(bench.model), plan.deleted)
+        model = delete_layers(bench.load(), plan.deleted)  # a fresh dense copy from the checkpoint
         if plan.widths is not None:
             model = pipeline.slice_dense(model, run, bench.calibration(run), plan.widths, progress=False)
     actual = count_parameters(model)
@@ -272,9 +272,11 @@ def run(
             write_json(path, obj)
         return obj
 
-    dense = cached(
-        "dense", lambda: {"params": count_parameters(bench.model), **evaluate(cfg, bench, bench.model, True)}
-    )
+    def dense_point() -> dict[str, Any]:
+        model = bench.load()
+        return {"params": count_parameters(model), **evaluate(cfg, bench, model, True)}
+
+    dense = cached("dense", dense_point)
     sb_search: dict[int, dict[str, Any]] = {}
     if "lr" in cfg.methods:
         first = cfg.run_config(cfg.seeds[0])

@@ -299,7 +299,7 @@ def test_notebook_07_is_parameterised_and_clean():
     nb = nbformat.read(PROJECT_ROOT / "notebooks" / "07_frontier.ipynb", as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    for var in ('profile = "frontier"', 'root = "results"', 'figures = "figures/runs"', "force = False"):
+    for var in ('profile = "cpu"', 'root = "results"', 'figures = "figures/runs"', "force = False"):
         assert var in tagged[0].source
     assert all(c.outputs == [] for c in nb.cells if c.cell_type == "code")
     assert "frontier.run(" in "".join(c.source for c in nb.cells)

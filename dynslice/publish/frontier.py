@@ -189,7 +189,7 @@ def figure(record: dict[str, Any]):
     """Perplexity against the fraction of total parameters removed, one panel per corpus (full text width), one
     colour and marker per method; dashed: before RFT, solid: after; error bars: sd over the calibration seeds;
     the dense model as a dotted line. Log scale (deleting many layers costs orders of magnitude)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from dynslice.publish.plots import TEXT, new_figure, style
 
@@ -217,11 +217,12 @@ def figure(record: dict[str, Any]):
                     )
             ax.axhline(record["dense"]["ppl"][d], color="k", lw=0.8, ls=":", label="dense model")
             ax.set_yscale("log")  # plain numbers as tick labels (no superscripts below the smallest font)
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{d}")
             ax.set_xlabel("total parameters removed (%)")
-            ax.set_ylabel(f"{d} perplexity (mean ± sd over seeds)")
+            ax.set_ylabel(f"{d} perplexity (log scale; mean ± sd)")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=3)
     return fig

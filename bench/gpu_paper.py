@@ -110,13 +110,63 @@ def _reset_hwm() -> bool:
         return False
 
 
+def offload_check(cfg, bench) -> dict:
+    """Models larger than the GPU: the dense model read with only half of its layers allowed on the GPU (the rest
+    offloaded from host RAM), and a sliced model read back the same way, score the same perplexity as when resident."""
+    import tempfile
+
+    import torch
+
+    from dynslice.experiment.pipeline import save
+    from dynslice.measure.evaluate import perplexity
+    from dynslice.store.io import load_sliced
+    from dynslice.store.models import load_model, parse_dtype
+    from dynslice.store.placement import FORWARD_RESERVE, HEADROOM, model_bytes
+
+    chunks = torch.randint(0, 32000, (4, cfg.ppl_seqlen), generator=torch.Generator().manual_seed(0))
+    out: dict = {}
+    resident = load_model(cfg.model, cfg.dtype, cfg.device)
+    half = int((model_bytes(resident) / 2 + FORWARD_RESERVE) / HEADROOM)
+    t = time.perf_counter()
+    ppl_res = perplexity(resident, chunks, batch_size=1)
+    out["dense_resident"] = {"ppl": ppl_res, "s": round(time.perf_counter() - t, 2)}
+    del resident
+    torch.cuda.empty_cache()
+    offloaded = load_model(cfg.model, cfg.dtype, cfg.device, gpu_bytes=half)
+    t = time.perf_counter()
+    ppl_off = perplexity(offloaded, chunks, batch_size=1)
+    out["dense_offloaded"] = {
+        "ppl": ppl_off,
+        "s": round(time.perf_counter() - t, 2),
+        "devices": sorted({str(v) for v in getattr(offloaded, "hf_device_map", {}).values()}),
+        "rel_diff": abs(ppl_off / ppl_res - 1),
+    }
+    del offloaded
+    torch.cuda.empty_cache()
+    widths = [int(bench.dims().hidden * 0.7) // 8 * 8] * bench.dims().layers
+    with tempfile.TemporaryDirectory() as tmp:
+        save(bench.sliced(cfg, widths), cfg, Path(tmp) / "sliced")
+        torch.cuda.empty_cache()
+        a = load_sliced(Path(tmp) / "sliced", dtype=parse_dtype(cfg.dtype), device=cfg.device)
+        ppl_a = perplexity(a, chunks, batch_size=1)
+        small = int((model_bytes(a) / 2 + FORWARD_RESERVE) / HEADROOM)
+        del a
+        torch.cuda.empty_cache()
+        b = load_sliced(Path(tmp) / "sliced", dtype=parse_dtype(cfg.dtype), device=cfg.device, gpu_bytes=small)
+        ppl_b = perplexity(b, chunks, batch_size=1)
+        out["sliced"] = {"ppl_resident": ppl_a, "ppl_offloaded": ppl_b, "rel_diff": abs(ppl_b / ppl_a - 1)}
+    print(f"offload: {out}", flush=True)
+    return out
+
+
 def sweep_part(a: argparse.Namespace) -> int:
     """Three runs of one model folder through ``pipeline.run`` on a shared Workbench; per-run peaks vs the plan."""
     import torch
 
     from dynslice.experiment.config import RunConfig
     from dynslice.experiment.pipeline import Workbench, placement, run
-    from dynslice.store.memory import GIB
+    from dynslice.store.jsonio import write_json
+    from dynslice.store.memory import GIB, Shapes, available_gpu_bytes, plan_run
 
     gpu = a.device != "cpu"
     base = dict(
@@ -149,7 +199,17 @@ def sweep_part(a: argparse.Namespace) -> int:
         if time.perf_counter() > deadline:
             record["runs"].append({"sp": cfg.sp, "sb": cfg.sb, "skipped": "time budget"})
             continue
-        plan, _ = placement(cfg)
+        plan, config = placement(cfg)
+        run_plan = None
+        if plan is not None:
+            run_plan = plan_run(
+                Shapes.from_config(config),
+                plan,
+                lr_batch_tokens=cfg.batch_size * cfg.lr_seqlen,
+                eval_batch_tokens=cfg.batch_size * cfg.ppl_seqlen,
+                eval_seqlen=cfg.ppl_seqlen,
+                gpu_bytes=available_gpu_bytes(cfg.device) if gpu else None,
+            )
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -170,7 +230,10 @@ def sweep_part(a: argparse.Namespace) -> int:
             "peak_rss_bytes": _status_bytes("VmHWM"),
             "rss_at_start_bytes": rss0,
             "plan": None if plan is None else plan.to_json(),
+            "run_plan": None if run_plan is None else run_plan.to_json(),
         }
+        if run_plan is not None and gpu and run_plan.peak_gpu_bytes:
+            row["gpu_measured_over_run_plan"] = round(row["peak_gpu_bytes"] / run_plan.peak_gpu_bytes, 3)
         if plan is not None:
             row["predicted_peak_gpu_bytes"] = plan.peak_gpu_bytes
             row["predicted_peak_host_bytes"] = plan.peak_host_bytes
@@ -184,9 +247,11 @@ def sweep_part(a: argparse.Namespace) -> int:
             f"(plan {(plan.peak_gpu_bytes if plan else 0) / GIB:.2f}), ppl {rec['ppl']}",
             flush=True,
         )
-        from dynslice.store.jsonio import write_json
 
         write_json(a.out, record)  # what is done survives a later timeout
+    if gpu and time.perf_counter() < deadline:
+        record["offload"] = offload_check(configs[0], bench)
+        write_json(a.out, record)
     gpu_peaks = [r["peak_gpu_bytes"] for r in record["runs"] if "peak_gpu_bytes" in r]
     if len(gpu_peaks) > 1 and gpu:
         record["gpu_peak_growth_first_to_last"] = round(gpu_peaks[-1] / gpu_peaks[0], 3)

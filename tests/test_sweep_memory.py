@@ -108,3 +108,28 @@ def test_sweep_peak_within_15_percent_and_flat(tmp_path):
     row = memory_sweep.measure_sweep("llama3-8b-3l/8", "bf16", 16, 256, 4, 4, 1)
     assert abs(row["error"]) <= 0.15, row
     assert row["growth_second_vs_first_three"] <= 0.05, row
+
+
+def test_streamed_sweep_run_equals_the_in_ram_one(tmp_path):
+    """A workbench that streams (as the plan chooses when the model does not fit in RAM) slices through a temporary
+    folder and reads the model back: same widths, same logits as slicing in RAM, and the folder is gone."""
+    import tempfile
+
+    from dynslice.store.models import load_tokenizer, tiny_random_model
+
+    folder = tmp_path / "dense"
+    tiny_random_model().save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)
+    cfg = _cfg(model=str(folder))
+    before = set(Path(tempfile.gettempdir()).glob("dynslice-sliced-*"))
+    widths = [48, 40, 48, 40]
+    streamed = pipeline.Workbench(str(folder), stream="on")
+    in_ram = pipeline.Workbench(str(folder), stream="off")
+    assert streamed.plan(cfg).mode == "stream" and in_ram.plan(cfg).mode == "memory"
+    a, b = streamed.sliced(cfg, widths), in_ram.sliced(cfg, widths)
+    assert set(Path(tempfile.gettempdir()).glob("dynslice-sliced-*")) == before
+    assert list(a.dynslice_info.widths) == widths and a.dynslice_info.timings_s
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert torch.allclose(la, lb, rtol=0, atol=1e-4 * lb.abs().max().item())

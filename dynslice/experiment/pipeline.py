@@ -42,6 +42,7 @@ from dynslice.experiment.widths import allocation
 from dynslice.measure import data
 from dynslice.measure.evaluate import dataset_perplexity, perplexity, zero_shot
 from dynslice.store.jsonio import read_json, write_json
+from dynslice.store.memory import available_gpu_bytes
 from dynslice.store.models import (
     architecture_of,
     check_spec,
@@ -52,7 +53,7 @@ from dynslice.store.models import (
     model_config,
     parse_dtype,
 )
-from dynslice.store.placement import fits_device, place, release
+from dynslice.store.placement import place, release
 from dynslice.store.records import LRInput
 
 RECORD_VERSION = 1
@@ -71,6 +72,7 @@ class Workbench:
     model_spec: str
     dtype: str = "fp32"
     device: str = "cpu"
+    stream: str = "auto"  # slicing placement: "auto" streams when the model does not fit in RAM; "on" / "off" force
     _tokenizer: Any = field(default=None, repr=False)
     _config: Any = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
@@ -81,17 +83,16 @@ class Workbench:
         return cls(cfg.model, cfg.dtype, cfg.device)
 
     def load(self, device: str | None = None) -> nn.Module:
-        """A fresh copy of the model, read from its checkpoint onto ``device`` (default: the workbench's; a GPU
-        when the model fits there, else host RAM with layers offloaded to the GPU as they run,
-        :func:`~dynslice.store.placement.place`). The caller owns it: slicing it in place leaves the checkpoint
-        untouched."""
+        """A fresh copy of the model, read from its checkpoint onto ``device`` (default: the workbench's): whole on
+        a GPU when it fits there with a forward pass, else read layer by layer, as many on the GPU as fit and the
+        rest in host RAM, offloaded to the GPU as they run (:func:`~dynslice.store.models.load_model`). The caller
+        owns it: slicing it in place leaves the checkpoint untouched."""
         release()  # what the previous model left in the heap, before the next one is read
         if "source" not in self._memo:
             self._memo["source"] = checkpoint_spec(self.model_spec)
         target = self.device if device is None else device
-        if target != "cpu" and not fits_device(self.config, self.dtype, target):
-            return place(load_model(self._memo["source"], self.dtype, "cpu"), target)
-        return load_model(self._memo["source"], self.dtype, target)
+        gpu_bytes = available_gpu_bytes(target) if target != "cpu" else None
+        return load_model(self._memo["source"], self.dtype, target, gpu_bytes=gpu_bytes)
 
     @property
     def config(self) -> Any:
@@ -180,8 +181,8 @@ class Workbench:
 
     def plan(self, cfg: RunConfig) -> Any:
         """The memory plan of slicing with ``cfg`` (:func:`placement`), made once per calibration size."""
-        key = ("plan", cfg.cal_nsamples, cfg.cal_seqlen, cfg.batch_size, cfg.sp)
-        return self._cached(key, lambda: placement(cfg, config=self.config)[0])
+        key = ("plan", cfg.cal_nsamples, cfg.cal_seqlen, cfg.batch_size, cfg.sp, self.stream)
+        return self._cached(key, lambda: placement(cfg, self.stream, config=self.config)[0])
 
     def sliced(self, cfg: RunConfig, widths: list[int]) -> nn.Module:
         """A sliced model, as the memory plan places it: a fresh dense copy read from the checkpoint and sliced in
@@ -195,9 +196,11 @@ class Workbench:
 
             with tempfile.TemporaryDirectory(prefix="dynslice-sliced-") as tmp:
                 out = Path(tmp) / "model"
-                slice_streamed(cfg, checkpoint_folder(cfg.model), self.calibration(cfg), widths, out)
-                model = load_sliced(out, dtype=parse_dtype(cfg.dtype))
-            return place(model, cfg.device)
+                info = slice_streamed(cfg, checkpoint_folder(cfg.model), self.calibration(cfg), widths, out)
+                gpu_bytes = available_gpu_bytes(cfg.device) if cfg.device != "cpu" else None
+                model = load_sliced(out, dtype=parse_dtype(cfg.dtype), device=cfg.device, gpu_bytes=gpu_bytes)
+            model.dynslice_info = info  # the streaming's own timings
+            return model
         on_gpu = plan is not None and plan.weights_on == "gpu"
         model = slice_dense(self.load(cfg.device if on_gpu else "cpu"), cfg, self.calibration(cfg), widths)
         return model if on_gpu else place(model, cfg.device)
@@ -296,14 +299,15 @@ def slice_streamed(
     tokenizer: Any = None,
     extra: dict | None = None,
     overwrite: bool = False,
-) -> None:
+) -> Any:
     """Step 3, streamed: the same slicing, reading one layer at a time from the safetensors files in ``folder`` and
-    writing the sliced model to ``out`` as each layer is done (:mod:`dynslice.store.stream`)."""
+    writing the sliced model to ``out`` as each layer is done (:mod:`dynslice.store.stream`). Returns its
+    :class:`~dynslice.core.slicing.SliceInfo` (widths, timings)."""
     from dynslice.store.stream import slice_streaming
 
     if cfg.embedding_mean:
         raise ValueError("embedding_mean: not supported while streaming; slice in RAM (--stream off)")
-    slice_streaming(
+    return slice_streaming(
         folder,
         calibration,
         list(widths),

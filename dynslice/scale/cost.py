@@ -313,6 +313,7 @@ def run_memory(cfg: RunConfig, host_gib: float | None = None, gpu_gib: float | N
         eval_batch_tokens=cfg.batch_size * cfg.ppl_seqlen,
         eval_seqlen=cfg.ppl_seqlen,
         gpu_bytes=gpu_bytes or None,
+        host_bytes=None if host_gib is None else int(host_gib * GIB),
     )
     note = " (no GPU here: give --gpu-gib for the GPU's size)" if cfg.device != "cpu" and not gpu_bytes else ""
     return {**rp.to_json(), "describe": rp.describe() + note, "host_gib": host_gib, "gpu_gib": gpu_gib}

@@ -237,12 +237,20 @@ def read_sliced_meta(path: str | os.PathLike) -> dict:
 
 
 def load_sliced(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", verify: bool = True
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    *,
+    gpu_bytes: int | None = None,
 ) -> nn.Module:
     """Load a model saved by :func:`save_sliced`; logits match those before saving exactly (same dtype).
 
     ``verify`` checks the weights file's size and SHA-256 against ``dynslice.json`` first, so a truncated or
-    swapped file gives a clear error instead of garbage.
+    swapped file gives a clear error instead of garbage. On a GPU ``device`` with ``gpu_bytes`` free, a model that
+    does not fit there with a forward pass is read tensor by tensor straight to where it will run: as many whole
+    decoder layers on the GPU as fit, the rest in host RAM, offloaded to the GPU as they run
+    (:func:`dynslice.store.placement.offload_map`); the host never holds the whole model.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -287,11 +295,24 @@ def load_sliced(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
     build_sliced_structure(model, meta["widths"], meta["final_width"])
+    device_map = None
+    if torch.device(device).type == "cuda" and gpu_bytes is not None:
+        from dynslice.store.placement import fits, model_bytes, offload_map
+
+        if not fits(
+            model_bytes(model) * (saved_dtype if dtype is None else dtype).itemsize // saved_dtype.itemsize,
+            str(device),
+            gpu_bytes,
+        ):
+            device_map = offload_map(model, str(device), gpu_bytes)
     state = {}
     for entry in files:
         weights = path / entry["file"]
         try:
-            state.update(load_file(weights))
+            if device_map is None:
+                state.update(load_file(weights))
+            else:
+                state.update(_read_placed(weights, device_map, dtype))
         except SafetensorError as e:
             raise ValueError(f"model: {weights} could not be read as safetensors ({e})") from e
     expected = model.state_dict()
@@ -307,12 +328,35 @@ def load_sliced(
         raise ValueError(f"model: {weights} does not match the widths in {SLICED_META} ({detail})")
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_buffers(model)
-    if dtype is not None:
-        model.to(dtype)
-    model.to(device)
+    if device_map is not None:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device_map, main_device=str(device))
+    else:
+        if dtype is not None:
+            model.to(dtype)
+        model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _read_placed(weights: Path, device_map: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, each read straight to the device ``device_map`` gives its module
+    (the longest module prefix of its name) and cast to ``dtype``."""
+    from safetensors import safe_open
+
+    def target(name: str) -> str:
+        best = max((m for m in device_map if m == "" or name == m or name.startswith(m + ".")), key=len)
+        where = device_map[best]
+        return f"cuda:{where}" if isinstance(where, int) else str(where)
+
+    out = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            t = f.get_tensor(name)
+            out[name] = (t if dtype is None else t.to(dtype)).to(target(name))
+    return out
 
 
 def _rebuild_buffers(model: nn.Module) -> None:

@@ -566,6 +566,7 @@ def plan_run(
     eval_batch_tokens: int,
     eval_seqlen: int,
     gpu_bytes: int | None = None,
+    host_bytes: int | None = None,
 ) -> RunPlan:
     """:class:`RunPlan` of one run whose slicing is planned by ``slicing`` (:func:`plan`), its LR computed on
     batches of ``lr_batch_tokens`` tokens and its perplexity on batches of ``eval_batch_tokens`` (rows of
@@ -599,14 +600,21 @@ def plan_run(
         # back from the temporary folder
         host["eval"] = (held_after if slicing.mode == "memory" else RUNTIME_BYTES + sliced) + ev_fwd
         return RunPlan(slicing, host, gpu_phases)
+
+    def offloaded(weights: int) -> int:
+        """Host bytes of a model read layer by layer: what the GPU's share (its budget less the forward reserve
+        of :mod:`dynslice.store.placement`) leaves, at most 90% of the host (the rest goes to an offload folder)."""
+        rest = max(0, weights - max(0, (budget or 0) - 2 * GIB))
+        return rest if host_bytes is None else min(rest, int(0.9 * host_bytes))
+
     lr_whole = on_gpu("lr", dense, lr_fwd)
     gpu_phases["slicing"] = slicing.peak_gpu_bytes
     ev_whole = on_gpu("eval", sliced, ev_fwd)
+    in_ram = slicing.mode == "memory"  # the model was sliced in host RAM: it is there already
     host = {
-        # loaded on the GPU directly when it fits; else memory-mapped in host RAM (clean file pages, which the
-        # kernel may evict and read again: a host smaller than this still works, more slowly)
-        "lr": RUNTIME_BYTES + (0 if lr_whole else dense),
+        # read straight to the GPU when it fits; else layer by layer, the GPU's share there and the rest in RAM
+        "lr": RUNTIME_BYTES + (0 if lr_whole else offloaded(dense)),
         "slicing": slicing.peak_host_bytes,
-        "eval": (held_after if slicing.mode == "memory" else RUNTIME_BYTES + sliced) if not ev_whole else RUNTIME_BYTES,
+        "eval": held_after if in_ram else RUNTIME_BYTES + (0 if ev_whole else offloaded(sliced)),
     }
     return RunPlan(slicing, host, gpu_phases)

@@ -226,7 +226,7 @@ def _load_errors(spec: str, r: ResolvedSpec, what: str) -> Iterator[None]:
         raise ValueError(msg) from None
 
 
-def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device, max_memory: dict | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if r.kind == "tiny":
@@ -234,6 +234,27 @@ def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn
     kwargs: dict = {"dtype": dtype, **_hub_kwargs(r)}
     if r.gguf_file:
         kwargs["gguf_file"] = r.gguf_file
+    elif max_memory is not None:  # read layer by layer to where each runs: GPU, host RAM, or an offload folder
+        import shutil
+        import tempfile
+        import weakref
+
+        from dynslice.core.adapters import supported_architectures
+
+        folder = tempfile.mkdtemp(prefix="dynslice-offload-")
+        with _load_errors(r.location, r, "model"):
+            model = AutoModelForCausalLM.from_pretrained(
+                r.location,
+                device_map="auto",
+                max_memory=max_memory,
+                offload_folder=folder,
+                no_split_module_classes=[a.replace("ForCausalLM", "DecoderLayer") for a in supported_architectures()],
+                **kwargs,
+            )
+        weakref.finalize(model, shutil.rmtree, folder, True)  # the folder is this load's own
+        return model
+    elif device.type == "cuda":
+        kwargs["device_map"] = str(device)  # straight to the GPU, never a whole copy in host RAM
     with _load_errors(r.location if r.kind == "hub" else str(Path(r.location) / (r.gguf_file or "")), r, "model"):
         model = AutoModelForCausalLM.from_pretrained(r.location, **kwargs)
     if r.gguf_file:
@@ -247,18 +268,48 @@ def _load_dense(r: ResolvedSpec, dtype: torch.dtype, device: torch.device) -> nn
                 except AttributeError:
                     pass
         model.is_quantized = False
-    return model.to(device)
+    return model if getattr(model, "hf_device_map", None) else model.to(device)
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu") -> nn.Module:
-    """Load the model named by ``spec`` in eval mode: dense, or sliced if ``spec`` is a saved sliced folder."""
+def _name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    *,
+    gpu_bytes: int | None = None,
+    host_bytes: int | None = None,
+) -> nn.Module:
+    """Load the model named by ``spec`` in eval mode: dense, or sliced if ``spec`` is a saved sliced folder.
+
+    With ``gpu_bytes`` (a GPU ``device``), a model that does not fit there with a forward pass is read layer by
+    layer to where it will run: whole decoder layers on the GPU while they fit, the rest in host RAM (at most
+    ``host_bytes``; beyond it, an offload folder on disk), offloaded to the GPU as they run."""
     torch_dtype, dev = parse_dtype(dtype), parse_device(device)
     r = resolve_spec(spec)
     if r.kind == "sliced":
         from dynslice.store.io import load_sliced
 
-        return load_sliced(r.location, dtype=torch_dtype, device=dev)
-    model = _load_dense(r, torch_dtype, dev)
+        return load_sliced(r.location, dtype=torch_dtype, device=dev, gpu_bytes=gpu_bytes)
+    max_memory = None
+    if dev.type == "cuda" and gpu_bytes is not None and r.kind in ("dir", "hub"):
+        from dynslice.store.memory import available_host_bytes
+        from dynslice.store.placement import FORWARD_RESERVE, HEADROOM, dense_bytes, fits
+
+        if not fits(
+            dense_bytes(config_of(spec), str(dtype) if isinstance(dtype, str) else _name(torch_dtype)),
+            str(dev),
+            gpu_bytes,
+        ):
+            host = available_host_bytes() if host_bytes is None else host_bytes
+            max_memory = {
+                dev.index or 0: max(0, int(HEADROOM * gpu_bytes) - FORWARD_RESERVE),
+                "cpu": int(HEADROOM * host),
+            }
+    model = _load_dense(r, torch_dtype, dev, max_memory)
     get_adapter(model)  # fail early, with the reason, on an architecture that cannot be sliced
     return model.eval()
 

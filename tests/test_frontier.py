@@ -164,7 +164,7 @@ def _record(means: dict[str, dict[int, tuple[float, float]]], sizes=(1, 4)) -> d
             )
     return {
         "config": cfg.to_json(),
-        "rft": {"steps": 8, "batch_size": 4, "grad_accum": 1, "seqlen": 128},
+        "rft": {"steps": 8, "batch_size": 4, "grad_accum": 1, "seqlen": 128, "dataset": "wiki"},
         "dense": {"ppl": {"wiki": 20.0}, "params": 134_515_008},
         "dense_params": 134_515_008,
         "dims": SMOL.to_json(),

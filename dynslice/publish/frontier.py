@@ -291,6 +291,9 @@ def answer(record: dict[str, Any], rel_noise: float | None = None) -> str:
         f"RFT ({record['rft']['steps']} LoRA steps of {record['rft']['batch_size'] * record['rft']['grad_accum']} × "
         f"{record['rft']['seqlen']} tokens) wins back this share of the log-perplexity lost to compression, "
         "smallest to largest over the sizes: " + ", ".join(rec) + "."
+        f" RFT trains on the {record['rft']['dataset']} training split and the dense model is not fine-tuned, so "
+        f"part of a gain on {record['rft']['dataset']} may be adaptation to that corpus; "
+        + ("the other corpora are outside it." if len(cfg.ppl_datasets) > 1 else "no other corpus checks it.")
     )
     fr = [s["fraction_removed"] - s["target_fraction"] for s in record["summary"]]
     parts.append(

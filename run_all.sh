@@ -2,7 +2,7 @@
 # Reproduce the artifact: run notebooks/[0-9][0-9]_*.ipynb in order with papermill for one profile, then check
 # every headline number against the published reference.
 #
-#   ./run_all.sh [--profile cpu|smoke|ablations|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a run, then the check
+#   ./run_all.sh [--profile cpu|smoke|ablations|frontier|paper|FILE.yaml] [--root DIR] [--figures DIR]   # a run, then the check
 #   ./run_all.sh --resume [--only NN]   # continue an interrupted run (finished run records are kept)
 #   ./run_all.sh --force                # delete the previous run's own files (its ledger), then a new run
 #   ./run_all.sh --check-only           # compare <root>/<profile> with the published reference; runs nothing
@@ -22,7 +22,7 @@
 # publishes to) another folder, its figures then in DIR/figures unless --published-figures DIR names another.
 # The check exits 1 naming every number out of tolerance; bad options exit 2. --only NN runs one notebook of the
 # current run (no check). A profile runs the notebooks its `notebooks:` key lists (all when absent): cpu runs
-# 01-05, ablations runs 06 alone. The executed notebooks are documents: progress bars and terminal codes removed,
+# 01-05, ablations runs 06 alone, frontier 07 alone. The executed notebooks are documents: progress bars and terminal codes removed,
 # the machine's folders shown relative to the repository (or as <root>, <figures>), and a first line stating the
 # commit, date, numerics and wall time.
 # Environment: DYNSLICE_PYTHON picks the interpreter; DYNSLICE_ROOT / DYNSLICE_FIGURES set the default roots.
@@ -138,7 +138,7 @@ PY="$("$PY" -c 'import sys; print(sys.executable)')"
 export DYNSLICE_CACHE="${DYNSLICE_CACHE:-$HERE/.cache}"
 export HF_HOME="${HF_HOME:-$DYNSLICE_CACHE/huggingface}"
 export HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-$HF_HOME/datasets}"
-if [[ "$PROFILE" == "cpu" || "$PROFILE" == "smoke" || "$PROFILE" == "ablations" ]]; then
+if [[ "$PROFILE" == "cpu" || "$PROFILE" == "smoke" || "$PROFILE" == "ablations" || "$PROFILE" == "frontier" ]]; then
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 fi
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
@@ -178,7 +178,7 @@ if [[ -z "$PUBLISHED" && -z "$PUBLISHED_FIGURES" ]]; then
 fi
 PUBLISHED="${PUBLISHED:-$HERE/results/published/$NAME}"
 repro() { "$PY" -m dynslice.publish.repro "$@"; }
-has_reference() { [[ -d "$1/runs" || -f "$1/ablations.json" ]]; }  # sweep records or notebook 06's record
+has_reference() { [[ -d "$1/runs" || -f "$1/ablations.json" || -f "$1/frontier.json" ]]; }  # sweep records, notebook 06's or 07's record
 
 if [[ "$MODE" == check ]]; then
   if ! has_reference "$PUBLISHED"; then

@@ -213,7 +213,7 @@ def test_null_means_the_protocols_value_in_a_profile():
 
 
 def test_a_users_profile_file_and_the_shipped_names(tmp_path):
-    assert {"smoke", "cpu", "paper", "ablations"} <= set(profiles.shipped_profiles())
+    assert {"smoke", "cpu", "paper", "ablations", "frontier"} <= set(profiles.shipped_profiles())
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump(profile_obj("seed", 7) | {"name": "mine"}))
     assert profiles.load_profile(mine).name == "mine"

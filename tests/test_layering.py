@@ -80,7 +80,12 @@ GROUPS: dict[str, set[str]] = {
 #: Top-level modules and the group they belong to; everything else lives in a sub-package named for its group.
 TOP_LEVEL = {"dynslice": None, "dynslice.cli": "face", "dynslice.__main__": "face", "dynslice.measured": None}
 #: Experiment modules that load and run models: publishing reads their records and never imports them.
-RUNNERS = {"dynslice.experiment.pipeline", "dynslice.experiment.sweep", "dynslice.experiment.ablations"}
+RUNNERS = {
+    "dynslice.experiment.pipeline",
+    "dynslice.experiment.sweep",
+    "dynslice.experiment.ablations",
+    "dynslice.experiment.frontier",
+}
 
 
 def group_of(module: str) -> str | None:

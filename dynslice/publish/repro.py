@@ -66,10 +66,13 @@ RESULT_ITEMS = (
     "summary.json",
     "ablations.json",
     "ablations.partial.json",
+    "frontier.json",
     MARKER,
 )
 #: Notebook 06's record: its summary numbers are checked like the run records' (ablations profile).
 ABLATIONS = "ablations.json"
+#: Notebook 07's record (frontier profile): its summary numbers are checked the same way.
+FRONTIER = "frontier.json"
 #: The measured noise (a copy of ``bench/results/numerics_noise.json``), read for the different-arithmetic regime.
 NOISE = "numerics_noise.json"
 #: The quantities of the check.
@@ -133,8 +136,7 @@ def arithmetic_keys(results: str | Path) -> set[str | None]:
     """The arithmetic keys (:func:`dynslice.experiment.numerics.arithmetic_key`) of every record in a results folder."""
     results = Path(results)
     records = sorted((results / "runs").rglob("*.json")) if (results / "runs").is_dir() else []
-    if (results / ABLATIONS).is_file():
-        records.append(results / ABLATIONS)
+    records += [results / name for name in (ABLATIONS, FRONTIER) if (results / name).is_file()]
     keys = set()
     for path in records:
         rec = read_json(path)
@@ -172,7 +174,8 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
     runs = results / "runs"
     if not is_results_folder(results):
         raise ValueError(
-            f"results: {results} has no runs/ folder and no {ABLATIONS} (not a results folder of run_all.sh)"
+            f"results: {results} has no runs/ folder, no {ABLATIONS} and no {FRONTIER} (not a results folder of "
+            "run_all.sh)"
         )
     out: dict[str, tuple[str, float]] = {}
     for path in sorted(runs.rglob("*.json")) if runs.is_dir() else []:
@@ -187,6 +190,7 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
         if rec.get("config", {}).get("sb") == "auto":
             out[f"{label} chosen SB"] = ("sb", float(rec["sb"]))
     out.update(ablation_numbers(results / ABLATIONS))
+    out.update(frontier_numbers(results / FRONTIER))
     head = results / "headline.json"
     for row in read_json(head) if head.is_file() else []:
         label = f"headline {row['model']} cal {row['cal_dataset']} SP {row['sp']:g} {row['comparison']}"
@@ -205,8 +209,8 @@ def headline_numbers(results: str | Path) -> dict[str, tuple[str, float]]:
 
 
 def is_results_folder(path: str | Path) -> bool:
-    """Whether ``path`` holds sweep run records (``runs/``) or notebook 06's record."""
-    return (Path(path) / "runs").is_dir() or (Path(path) / ABLATIONS).is_file()
+    """Whether ``path`` holds sweep run records (``runs/``) or notebook 06's or 07's record."""
+    return any((Path(path) / name).exists() for name in ("runs", ABLATIONS, FRONTIER))
 
 
 def ablation_numbers(path: str | Path) -> dict[str, tuple[str, float]]:
@@ -224,6 +228,33 @@ def ablation_numbers(path: str | Path) -> dict[str, tuple[str, float]]:
         out[f"{label} params"] = ("params", float(row["params"]))
         for task, res in (row.get("tasks") or {}).items():
             out[f"{label} acc {task}"] = ("acc", float(res["value"]))
+    return out
+
+
+def frontier_numbers(path: str | Path) -> dict[str, tuple[str, float]]:
+    """Notebook 07's summary numbers: the dense perplexities and accuracies, and per method and size the mean
+    parameter count and the mean perplexity before and after RFT, plus the first seed's accuracies after RFT;
+    empty when ``path`` does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rec = read_json(path)
+    out: dict[str, tuple[str, float]] = {}
+    for ds, value in rec["dense"]["ppl"].items():
+        out[f"frontier dense ppl {ds}"] = ("ppl_dense", float(value))
+    for task, res in (rec["dense"].get("tasks") or {}).items():
+        out[f"frontier dense acc {task}"] = ("acc", float(res["value"]))
+    for row in rec["summary"]:
+        label = f"frontier {row['method']} {row['size']} layers"
+        out[f"{label} params"] = ("params", float(row["params"]))
+        for stage, by_ds in row["ppl"].items():
+            for ds, stats in by_ds.items():
+                out[f"{label} ppl {ds} {stage} RFT"] = ("ppl_sliced", float(stats["mean"]))
+    first = rec["config"]["seeds"][0]
+    for p in rec["points"]:
+        if p["seed"] == first:
+            for task, res in (p["after"].get("tasks") or {}).items():
+                out[f"frontier {p['method']} {p['size']} layers acc {task}"] = ("acc", float(res["value"]))
     return out
 
 

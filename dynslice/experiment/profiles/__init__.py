@@ -41,13 +41,28 @@ from dynslice.store.jsonio import read_json
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    from dynslice.experiment.finetune import FinetuneConfig
+    from dynslice.experiment.profiles.frontier import FrontierConfig
+
 #: RunConfig fields a profile sets in ``base:``.
 BASE_KEYS = frozenset(name for name, opt in OPTIONS.items() if opt.profile == "base")
 #: Where a profile sets each of the other fields (``models[].spec``, ``sp``, ``auto_sb.step``, ...).
 FIELD_KEYS = {name: opt.profile for name, opt in OPTIONS.items() if opt.profile not in (None, "base")}
 #: Keys of a profile that are not RunConfig fields: names, the sweep's lists and grids, the notebooks.
 PROFILE_ONLY_KEYS = frozenset(
-    {"name", "description", "models", "base", "lr_datasets", "auto_sb", "zero_shot", "notebooks", "numerics"}
+    {
+        "name",
+        "description",
+        "models",
+        "base",
+        "lr_datasets",
+        "auto_sb",
+        "zero_shot",
+        "notebooks",
+        "numerics",
+        "frontier",  # notebook 07's settings (profiles/frontier.py: FrontierConfig)
+        "rft",  # recovery fine-tuning (dynslice.experiment.finetune.FinetuneConfig, key for key)
+    }
 )
 
 
@@ -106,6 +121,8 @@ class Profile:
     numerics: str = (
         "native"  # "pinned": run_all.sh exports dynslice.experiment.numerics.PINNED_ENV (bit-reproducible CPU runs)
     )
+    frontier: FrontierConfig | None = None  # notebook 07 (the compression frontier); None: the notebook skips
+    rft: FinetuneConfig | None = None  # recovery fine-tuning settings (a profile's rft: section)
 
     def runs_notebook(self, name: str) -> bool:
         """Whether run_all.sh runs ``notebooks/<name>.ipynb`` (e.g. ``06_ablations``) for this profile."""
@@ -264,6 +281,9 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
     mode = top.get("numerics", "native")
     if mode not in NUMERICS_MODES:
         raise ValueError(f"{name}.numerics: {mode!r} is not one of {', '.join(NUMERICS_MODES)}")
+    from dynslice.experiment.profiles.frontier import parse_sections
+
+    frontier, rft = parse_sections(name, top)
     sb_step = top.get("sb_step", 0.02)
     if isinstance(sb_step, bool) or not isinstance(sb_step, int | float) or not MIN_STEP <= sb_step < 1:
         raise ValueError(
@@ -298,6 +318,8 @@ def parse_profile(obj: Mapping[str, Any], name: str) -> Profile:
         zero_shot_every_sb=every_sb,
         notebooks=_notebook_list(f"{name}.notebooks", top.get("notebooks", [])),
         numerics=mode,
+        frontier=frontier,
+        rft=rft,
     )
     ppl = profile.ppl_datasets
     for cal in profile.cal_datasets:

@@ -116,7 +116,7 @@ def test_installed_package_is_the_one_imported_and_carries_its_data(venv, tmp_pa
     where, root, names, ablations, schema = res.stdout.splitlines()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where
     assert root == "None"  # an installed package knows it has no checkout
-    assert names == str(["ablations.yaml", "cpu.yaml", "frontier.yaml", "paper.yaml", "smoke.yaml"])
+    assert names == str(["ablations.yaml", "colab.yaml", "cpu.yaml", "frontier.yaml", "paper.yaml", "smoke.yaml"])
     assert ablations == schema == "True"
 
 

@@ -102,6 +102,8 @@ class Workbench:
 
             try:
                 config = model_config(self.model_spec)
+            except ValueError:
+                raise  # already one line naming the spec (a hub id that cannot be reached, say)
             except Exception:  # noqa: BLE001 - an unreadable model: loading it names the problem in one line
                 config = None
             if config is None or architecture_of(config) not in supported_architectures():

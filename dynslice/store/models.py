@@ -410,5 +410,8 @@ def config_of(spec: str):
         raise ValueError(f"model: {spec} is already sliced; plan the slicing of its base model")
     if r.kind == "tiny":
         return tiny_random_model().config
-    kw = {"gguf_file": r.gguf_file} if r.gguf_file else {}
-    return AutoConfig.from_pretrained(r.location, **kw)
+    kw = {"gguf_file": r.gguf_file} if r.gguf_file else _hub_kwargs(r)  # no retries when the hub is unreachable
+    if r.kind != "hub":
+        return AutoConfig.from_pretrained(r.location, **kw)
+    with _load_errors(spec, r, "config"):  # one line naming the spec, as loading the model gives
+        return AutoConfig.from_pretrained(r.location, **kw)

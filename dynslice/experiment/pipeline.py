@@ -13,8 +13,9 @@ this module and the core only:
 - :func:`evaluate_model` measures perplexity and zero-shot accuracy; :func:`save` writes a sliced model;
 - :func:`run` chains them into one run record; :func:`slice_to_folder` is ``dynslice slice``.
 
-:class:`Workbench` holds what many runs of one model share (the dense model, its tokenizer, LR scores, calibration
-batches) so that a sweep loads and scores the dense model once. It is an explicit object, never global state.
+:class:`Workbench` holds what many runs of one model share (its config, tokenizer, LR scores, calibration batches),
+never the dense model: each step reads a fresh copy from the checkpoint, so a sweep holds one model at a time. It is
+an explicit object, never global state.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from typing import Any
 
 from dynslice.core.checks import check_choice, check_int, check_real
 from dynslice.core.slicing import EMBEDDING_CHUNK_ROWS, forms_in_input_basis
-from dynslice.store.placement import available_gpu_bytes, available_host_bytes
+from dynslice.store.placement import available_gpu_bytes, available_host_bytes, weights_budget
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1 << 30
@@ -582,7 +582,7 @@ def plan_run(
     def offloaded(weights: int) -> int:
         """Host bytes of a model read layer by layer: what the GPU's share (its budget less the forward reserve
         of :mod:`dynslice.store.placement`) leaves, at most 90% of the host (the rest goes to an offload folder)."""
-        rest = max(0, weights - max(0, (budget or 0) - 2 * GIB))
+        rest = max(0, weights - weights_budget(gpu_bytes or 0))
         return rest if host_bytes is None else min(rest, int(0.9 * host_bytes))
 
     lr_whole = on_gpu("lr", dense, lr_fwd)

@@ -296,18 +296,12 @@ def load_model(
         return load_sliced(r.location, dtype=torch_dtype, device=dev, gpu_bytes=gpu_bytes)
     max_memory = None
     if dev.type == "cuda" and gpu_bytes is not None and r.kind in ("dir", "hub"):
-        from dynslice.store.placement import FORWARD_RESERVE, HEADROOM, available_host_bytes, dense_bytes, fits
+        from dynslice.store.placement import HEADROOM, available_host_bytes, fits_device, weights_budget
 
-        if not fits(
-            dense_bytes(config_of(spec), str(dtype) if isinstance(dtype, str) else _name(torch_dtype)),
-            str(dev),
-            gpu_bytes,
-        ):
+        name = dtype if isinstance(dtype, str) else _name(torch_dtype)
+        if not fits_device(config_of(spec), name, str(dev), gpu_bytes):
             host = available_host_bytes() if host_bytes is None else host_bytes
-            max_memory = {
-                dev.index or 0: max(0, int(HEADROOM * gpu_bytes) - FORWARD_RESERVE),
-                "cpu": int(HEADROOM * host),
-            }
+            max_memory = {dev.index or 0: weights_budget(gpu_bytes), "cpu": int(HEADROOM * host)}
     model = _load_dense(r, torch_dtype, dev, max_memory)
     get_adapter(model)  # fail early, with the reason, on an architecture that cannot be sliced
     return model.eval()

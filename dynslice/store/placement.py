@@ -67,6 +67,12 @@ def fits(n_bytes: int, device: str, gpu_bytes: int | None = None) -> bool:
     return n_bytes + FORWARD_RESERVE <= HEADROOM * free
 
 
+def weights_budget(gpu_bytes: int) -> int:
+    """The bytes of weights a layer-by-layer load may put on a GPU with ``gpu_bytes`` free: the headroom's share,
+    less the forward reserve."""
+    return max(0, int(HEADROOM * gpu_bytes) - FORWARD_RESERVE)
+
+
 def fits_device(config: Any, dtype: str, device: str, gpu_bytes: int | None = None) -> bool:
     """:func:`fits` for the dense model of ``config`` in ``dtype``."""
     return fits(dense_bytes(config, dtype), device, gpu_bytes)
@@ -79,9 +85,8 @@ def offload_map(model: nn.Module, device: str, gpu_bytes: int) -> dict[str, Any]
 
     index = torch.device(device).index or 0
     layer_classes = sorted({type(layer).__name__ for layer in get_adapter(model).layers})
-    budget = max(0, int(HEADROOM * gpu_bytes) - FORWARD_RESERVE)
     return infer_auto_device_map(
-        model, max_memory={index: budget, "cpu": 1 << 50}, no_split_module_classes=layer_classes
+        model, max_memory={index: weights_budget(gpu_bytes), "cpu": 1 << 50}, no_split_module_classes=layer_classes
     )
 
 
